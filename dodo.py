@@ -1,0 +1,35 @@
+"""haswarm: highly available Home Assistant on a handful of Raspberry Pis.
+
+The graph in one screen. `doit list` shows every task; `doit setup` deploys, `doit clean`
+removes. The cluster file: `doit config=PATH ...`, else $HASWARM_CONFIG, else config/cluster.yml,
+else the local lab (config/lab.yml).
+"""
+
+import sys
+
+from tasks.config import ConfigError, current, two_node_warning
+
+try:
+    CLUSTER = current()
+except ConfigError as error:
+    sys.exit(f"haswarm: invalid cluster file\n{error}")
+if warning := two_node_warning(CLUSTER):
+    print(warning, file=sys.stderr)
+
+from tasks.render import task_render  # noqa: E402
+from tasks.secrets import task_secrets  # noqa: E402
+
+DOIT_CONFIG = {
+    "default_tasks": ["setup"],
+    "dep_file": ".doit.db",
+    "backend": "json",
+    "verbosity": 2,
+    "minversion": "0.36.0",
+}
+
+__all__ = ["task_render", "task_secrets", "task_setup"]
+
+
+def task_setup():
+    """Deploy the whole cluster (everything below, in order)."""
+    return {"actions": None, "task_dep": ["secrets", "render"]}

@@ -1,0 +1,455 @@
+"""The cluster file: which one is used, its model, and every validation rule.
+
+Data flows one way: cluster YAML -> `Cluster` (validated here) -> rendered files -> remote steps.
+Nothing in this module opens a connection; a bad file fails here, before any node is touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+USER_CLUSTER_FILE = PROJECT_ROOT / "config" / "cluster.yml"
+LAB_CLUSTER_FILE = PROJECT_ROOT / "config" / "lab.yml"
+ENV_VAR = "HASWARM_CONFIG"
+
+PLATFORMS = ("linux/arm/v7", "linux/arm64", "linux/amd64")
+# Home Assistant dropped 32-bit ARM after this release (year, month).
+HA_LAST_ARMV7 = (2025, 11)
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+_SIZE = re.compile(r"^[1-9][0-9]*[KMG]$")
+_IMAGE = re.compile(
+    r"^(?P<repo>[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
+)
+
+
+class ConfigError(Exception):
+    """A cluster file that cannot be used; str() is the message shown to the user."""
+
+    def __init__(self, file: Path | str, problems: list[tuple[str, str]]):
+        self.file = str(file)
+        self.problems = problems
+        lines = [f"{self.file}: {where}: {what}" if where else f"{self.file}: {what}"
+                 for where, what in problems]
+        super().__init__("\n".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class SSH(_Strict):
+    user: str = Field("root", description="login user; sudo is used when it is not root")
+    port: int = Field(22, ge=1, le=65535)
+    key: Path | None = Field(None, description="private key file (relative to the cluster file)")
+
+
+class SSHDefaults(SSH):
+    known_hosts: Path = Field(
+        Path("~/.ssh/known_hosts"),
+        description="host keys checked on every connection (relative to the cluster file)",
+    )
+    connect_timeout: float = Field(5, gt=0, le=120)
+
+
+class Node(_Strict):
+    name: str
+    address: str
+    ssh: SSH | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid node name (lower-case letters, digits and '-', "
+                "1-32 characters, as a Docker node label)"
+            )
+        return v
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+            return v
+        except ValueError:
+            pass
+        if _HOSTNAME.match(v) and not re.fullmatch(r"[0-9.]+", v):
+            return v
+        raise ValueError(f"{v!r} is neither an IP address nor a valid host name")
+
+
+class Image(_Strict):
+    image: str = Field(description="pinned image reference, NAME:TAG (never latest)")
+    build: Path | None = Field(
+        None, description="build context (relative to the project root); built instead of pulled"
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _pinned(cls, v: str) -> str:
+        m = _IMAGE.match(v)
+        if not m:
+            raise ValueError(f"{v!r} is not a valid image reference")
+        if not m["tag"]:
+            raise ValueError(f"{v!r} has no tag: pin a version, e.g. {v}:1.2.3")
+        if m["tag"] == "latest":
+            raise ValueError(f"{v!r} is tagged 'latest': pin a version so every node runs the same")
+        return v
+
+    @property
+    def repository(self) -> str:
+        return _IMAGE.match(self.image)["repo"]  # type: ignore[index]
+
+    @property
+    def tag(self) -> str:
+        return _IMAGE.match(self.image)["tag"]  # type: ignore[index]
+
+
+class Images(_Strict):
+    homeassistant: Image
+    mariadb: Image
+    mosquitto: Image
+    portainer: Image | None = None
+    portainer_agent: Image | None = None
+
+
+class Gluster(_Strict):
+    volume: str = "haswarm"
+    brick_dir: Path = Path("/srv/gluster/haswarm")
+    mount_point: Path = Path("/mnt/haswarm")
+    ping_timeout: int = Field(5, ge=1, le=1800, description="seconds to drop a silent peer")
+
+    @field_validator("brick_dir", "mount_point")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        if not v.is_absolute() or str(v) == "/":
+            raise ValueError(f"{str(v)!r} must be an absolute path below /")
+        return v
+
+    @field_validator("volume")
+    @classmethod
+    def _volume(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v):
+            raise ValueError(f"{v!r} is not a valid Gluster volume name")
+        return v
+
+
+class Swarm(_Strict):
+    dispatcher_heartbeat: float = Field(1, gt=0, le=60, description="seconds")
+    publish_mode: Literal["ingress", "host"] = "ingress"
+    restart_delay: float = Field(0, ge=0, le=300, description="seconds")
+
+
+class HomeAssistant(_Strict):
+    time_zone: str = "UTC"
+    port: int = Field(8123, ge=1, le=65535)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*", v):
+            raise ValueError(f"{v!r} is not a time zone name such as Europe/Berlin")
+        return v
+
+
+class MQTT(_Strict):
+    port: int = Field(1883, ge=1, le=65535)
+    users: list[str] = Field(default_factory=lambda: ["homeassistant"], min_length=1)
+    autosave_interval: int = Field(10, ge=1, le=3600, description="seconds")
+
+    @field_validator("users")
+    @classmethod
+    def _users(cls, v: list[str]) -> list[str]:
+        for user in v:
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", user):
+                raise ValueError(f"{user!r} is not a valid MQTT user name")
+        if len(set(v)) != len(v):
+            raise ValueError("MQTT user names must be unique")
+        if "homeassistant" not in v:
+            raise ValueError("the user 'homeassistant' is required (Home Assistant connects as it)")
+        return v
+
+
+class MDNS(_Strict):
+    name: str = "hacluster"
+    restart_cron: bool = True
+    restart_command: str = "systemctl restart avahi-daemon"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r} is not a valid mDNS host name (without .local)")
+        return v
+
+
+class Galera(_Strict):
+    buffer_pool: str = Field("64M", description="innodb_buffer_pool_size")
+    gcache: str = Field("32M", description="gcache.size")
+    sst_method: Literal["mariabackup", "rsync"] = "mariabackup"
+
+    @field_validator("buffer_pool", "gcache")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        if not _SIZE.match(v):
+            raise ValueError(f"{v!r} is not a size such as 64M or 1G")
+        return v
+
+
+class Portainer(_Strict):
+    enabled: bool = False
+    port: int = Field(9000, ge=1, le=65535)
+
+
+class Cluster(_Strict):
+    name: str = Field("haswarm", description="stack name; prefixes every swarm object")
+    platform: str
+    allow_two_nodes: bool = False
+    ssh: SSHDefaults = Field(default_factory=SSHDefaults)
+    nodes: list[Node]
+    images: Images
+    gluster: Gluster = Field(default_factory=Gluster)
+    swarm: Swarm = Field(default_factory=Swarm)
+    homeassistant: HomeAssistant = Field(default_factory=HomeAssistant)
+    mqtt: MQTT = Field(default_factory=MQTT)
+    mdns: MDNS = Field(default_factory=MDNS)
+    galera: Galera = Field(default_factory=Galera)
+    portainer: Portainer = Field(default_factory=Portainer)
+    build_dir: Path = Field(Path("build"), description="rendered files (relative to project root)")
+    secrets_dir: Path = Field(Path("secrets"), description="generated secrets (relative to root)")
+    lab: bool = Field(False, description="this cluster is the local lab (see tasks/lab.py)")
+
+    def ssh_for(self, node: Node) -> SSH:
+        """The SSH settings for one node: its own keys override the cluster-wide ones."""
+        own = node.ssh.model_dump(include=node.ssh.model_fields_set) if node.ssh else {}
+        base = self.ssh.model_dump(include={"user", "port", "key"})
+        return SSH(**(base | own))
+
+    def node(self, name: str) -> Node:
+        """The node called `name` (KeyError naming the known ones otherwise)."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node {name!r} in the cluster (nodes: {', '.join(self.names)})")
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    @field_validator("name")
+    @classmethod
+    def _stack_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r} is not a valid stack name")
+        return v
+
+    @field_validator("platform")
+    @classmethod
+    def _platform(cls, v: str) -> str:
+        if v not in PLATFORMS:
+            close = difflib.get_close_matches(v, PLATFORMS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{v!r} is not supported{hint}; choose one of {', '.join(PLATFORMS)}")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules that span several fields: reported with the YAML path of the offending value
+
+
+def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    n = len(c.nodes)
+    if n < 2 or (n == 2 and not c.allow_two_nodes):
+        problems.append((
+            "nodes",
+            f"{n} node(s) given, at least 3 are needed: a replica 3 volume, a Galera quorum and "
+            "3 swarm managers each survive one lost node. Two nodes work only with "
+            "'allow_two_nodes: true', which gives up that protection.",
+        ))
+    seen_names: dict[str, int] = {}
+    seen_addrs: dict[str, int] = {}
+    for i, node in enumerate(c.nodes):
+        if node.name in seen_names:
+            first = seen_names[node.name]
+            problems.append((f"nodes[{i}].name",
+                             f"duplicate node name {node.name!r} (also nodes[{first}])"))
+        seen_names.setdefault(node.name, i)
+        addr = node.address.lower()
+        if addr in seen_addrs:
+            first = seen_addrs[addr]
+            problems.append((f"nodes[{i}].address",
+                             f"duplicate address {node.address!r} (also nodes[{first}])"))
+        seen_addrs.setdefault(addr, i)
+    if c.platform == "linux/arm/v7":
+        version = _calver(c.images.homeassistant.tag)
+        if version and version[:2] > HA_LAST_ARMV7:
+            problems.append((
+                "images.homeassistant.image",
+                f"{c.images.homeassistant.image!r} does not exist for linux/arm/v7: Home Assistant "
+                "publishes no 32-bit ARM images after 2025.11. Pin 2025.11.x or older, or run a "
+                "64-bit OS on the Pis and set platform: linux/arm64.",
+            ))
+    if c.portainer.enabled and not (c.images.portainer and c.images.portainer_agent):
+        problems.append(("images.portainer",
+                         "portainer.enabled is true: images.portainer and images.portainer_agent "
+                         "must be pinned"))
+    return problems
+
+
+def _calver(tag: str) -> tuple[int, int, int] | None:
+    m = re.match(r"^(\d{4})\.(\d{1,2})(?:\.(\d+))?", tag)
+    return (int(m[1]), int(m[2]), int(m[3] or 0)) if m else None
+
+
+def two_node_warning(c: Cluster) -> str | None:
+    """What a two-node cluster gives up, printed when the user opts in."""
+    if len(c.nodes) != 2:
+        return None
+    return ("warning: 2 nodes: Gluster runs replica 2 (split-brain possible, manual repair), "
+            "Galera and swarm lose quorum when either node dies: the survivor stops writing.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def cluster_file(override: str | None = None) -> Path:
+    """The cluster file in effect: `doit config=PATH`, else $HASWARM_CONFIG, else
+    config/cluster.yml when it exists, else the lab (config/lab.yml)."""
+    chosen = override or os.environ.get(ENV_VAR)
+    if chosen:
+        return Path(chosen).expanduser().resolve()
+    return USER_CLUSTER_FILE if USER_CLUSTER_FILE.exists() else LAB_CLUSTER_FILE
+
+
+def load_cluster(path: Path | str) -> Cluster:
+    """Read, parse and validate a cluster file; raise ConfigError naming file and YAML path."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(path, [("", f"cannot read: {e.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(path, [(where, f"YAML syntax error: {problem}")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, [("", "expected a mapping of settings at the top level")])
+    try:
+        cluster = Cluster.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(path, [_describe(err) for err in e.errors()]) from None
+    problems = _cross_checks(cluster)
+    if problems:
+        raise ConfigError(path, problems)
+    return _resolve_paths(cluster, path.parent)
+
+
+def _resolve_paths(c: Cluster, base: Path) -> Cluster:
+    """Make SSH key and known_hosts paths absolute (relative to the cluster file)."""
+
+    def fix(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    ssh = c.ssh.model_copy(update={"key": fix(c.ssh.key), "known_hosts": fix(c.ssh.known_hosts)})
+    nodes = [n.model_copy(update={"ssh": n.ssh.model_copy(update={"key": fix(n.ssh.key)})})
+             if n.ssh and n.ssh.key else n for n in c.nodes]
+    return c.model_copy(update={"ssh": ssh, "nodes": nodes})
+
+
+def yaml_path(loc: tuple[Any, ...]) -> str:
+    """('nodes', 2, 'address') -> 'nodes[2].address'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _describe(err: dict[str, Any]) -> tuple[str, str]:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    where = yaml_path(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = _known_keys(Cluster, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(known)}"
+        return where, f"unknown key {loc[-1]!r}{hint}"
+    if kind == "missing":
+        return where, "required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        msg = f"wrong type: {msg} (got {type(err['input']).__name__} {err['input']!r})"
+    return where, msg
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the model accepts at `loc` (for 'did you mean')."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(part, int):
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            current = field.annotation if field else None
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Optional[X] / list[X] / Annotated[X, ...] -> X."""
+    while get_origin(annotation) is not None:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if get_origin(annotation) is Annotated:
+            args = args[:1]
+        if not args:
+            return None
+        annotation = args[0]
+    if hasattr(annotation, "__args__") and type(None) in getattr(annotation, "__args__", ()):
+        annotation = next(a for a in annotation.__args__ if a is not type(None))
+    return annotation
+
+
+@functools.cache
+def current() -> Cluster:
+    """The cluster of this doit run: `doit config=PATH ...`, else see `cluster_file()`."""
+    from doit import get_var
+
+    return load_cluster(cluster_file(get_var("config")))

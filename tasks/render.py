@@ -1,0 +1,242 @@
+"""Rendering: cluster model -> every file the cluster needs, in the build directory.
+
+Each output is one doit subtask (`render:stack.yml`, ...). Its context is computed here, in Python;
+templates in `stack/` only place values. A subtask re-runs when its template changes or when the
+values it uses change (`config_changed` on its context), so editing one value of the cluster file
+re-renders only the files that use it.
+
+Docker configs and secrets are created outside the stack under names that carry a fingerprint of
+their content (`haswarm_mosquitto_conf_1a2b3c4d5e`): a changed file is a new object, and
+`docker stack deploy` then updates only the services that use it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from doit.tools import config_changed
+
+from tasks import secrets
+from tasks.config import PROJECT_ROOT, Cluster
+
+if TYPE_CHECKING:
+    import jinja2
+
+TEMPLATES = PROJECT_ROOT / "stack"
+DB_NAME = "homeassistant"
+DB_USER = "homeassistant"
+HA_PURGE_KEEP_DAYS = 10
+HA_DB_WAIT_SECONDS = 300
+# Mosquitto 2.x password hashes: PBKDF2-SHA512, 101 iterations, 12-byte salt ($7$ format).
+_MQTT_ITERATIONS = 101
+
+
+def build_dir(c: Cluster) -> Path:
+    return (PROJECT_ROOT / c.build_dir).resolve()
+
+
+def volume_paths(c: Cluster) -> dict[str, str]:
+    """Where each service keeps its state on the replicated Gluster mount."""
+    m = c.gluster.mount_point
+    return {"homeassistant": str(m / "homeassistant"),
+            "mosquitto_data": str(m / "mosquitto" / "data"),
+            "portainer": str(m / "portainer")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Docker objects: key in the stack file -> file holding the content
+
+
+def config_sources(c: Cluster) -> dict[str, Path]:
+    b = build_dir(c)
+    return {"mosquitto_conf": b / "mosquitto" / "mosquitto.conf",
+            "galera_cnf": b / "galera.cnf",
+            "ha_entrypoint": b / "homeassistant" / "haswarm-entrypoint.sh"}
+
+
+def secret_sources(c: Cluster) -> dict[str, Path]:
+    out = {name: secrets.path(c, name) for name in secrets.names(c)}
+    out["mosquitto_passwd"] = build_dir(c) / "mosquitto" / "passwd"
+    return out
+
+
+def object_name(c: Cluster, key: str, source: Path) -> str:
+    """The Docker object name for `key`: stack name, key and a fingerprint of the content."""
+    fp = hashlib.sha256(b"haswarm:" + source.read_bytes()).hexdigest()[:10]
+    return f"{c.name}_{key}_{fp}"
+
+
+def docker_objects(c: Cluster) -> dict[str, dict[str, tuple[str, Path]]]:
+    """{'configs': {key: (name, path)}, 'secrets': {...}} as the stack file names them."""
+    return {kind: {key: (object_name(c, key, p), p) for key, p in sources.items()}
+            for kind, sources in (("configs", config_sources(c)), ("secrets", secret_sources(c)))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Contexts: everything a template uses, computed here
+
+
+def mosquitto_password_line(user: str, password: str) -> str:
+    """One line of a Mosquitto 2.x password file, as `mosquitto_passwd` writes it.
+
+    The salt is derived from the password (HMAC), so re-rendering gives the same file and the
+    Docker secret's name stays the same while the password does."""
+    salt = hmac.new(password.encode(), b"haswarm-mosquitto:" + user.encode(),
+                    hashlib.sha256).digest()[:12]
+    dk = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _MQTT_ITERATIONS)
+    return (f"{user}:$7${_MQTT_ITERATIONS}${base64.b64encode(salt).decode()}"
+            f"${base64.b64encode(dk).decode()}")
+
+
+def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
+    """Values for stack.yml. `bootstrap` renders the first-deploy variant (seed only)."""
+    n = len(c.nodes)
+    replicas = ({"db_seed": 1, "db": 0, "homeassistant": 0} if bootstrap
+                else {"db_seed": 0, "db": n, "homeassistant": 1})
+    images = {k: v.image for k, v in c.images if v is not None}
+    return {
+        "name": c.name,
+        "images": images,
+        "time_zone": c.homeassistant.time_zone,
+        "ha_port": c.homeassistant.port,
+        "mqtt_port": c.mqtt.port,
+        "portainer": c.portainer.enabled,
+        "portainer_port": c.portainer.port,
+        "publish_mode": c.swarm.publish_mode,
+        "host_publish": c.swarm.publish_mode == "host",
+        "restart_delay": _seconds(c.swarm.restart_delay),
+        "node_count": n,
+        "replicas": replicas,
+        "db_name": DB_NAME,
+        "db_user": DB_USER,
+        "healthcheck_user": secrets.HEALTHCHECK_MQTT_USER,
+        "paths": volume_paths(c),
+    }
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _stack_objects(c: Cluster) -> dict[str, dict[str, str]]:
+    return {kind: {k: name for k, (name, _) in objs.items()}
+            for kind, objs in docker_objects(c).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The outputs
+
+
+@dataclass(frozen=True)
+class Output:
+    """One rendered file: template, static context, and files whose content it also reads."""
+
+    target: str  # relative to the build directory; also the subtask name
+    template: str
+    context: dict[str, Any]
+    reads: list[Path] = field(default_factory=list)
+    late_context: Callable[[], dict[str, Any]] | None = None  # needs files made by other tasks
+    mode: int = 0o644
+
+
+def outputs(c: Cluster) -> list[Output]:
+    """Every file `doit render` writes for this cluster."""
+    outs = [
+        Output("mosquitto/mosquitto.conf", "mosquitto.conf.j2",
+               {"autosave_interval": c.mqtt.autosave_interval}),
+        Output("galera.cnf", "galera.cnf.j2",
+               {"buffer_pool": c.galera.buffer_pool, "gcache": c.galera.gcache,
+                "sst_method": c.galera.sst_method}),
+        Output("homeassistant/packages/haswarm/haswarm.yaml", "homeassistant-package.yaml.j2",
+               {"purge_keep_days": HA_PURGE_KEEP_DAYS}),
+        Output("homeassistant/configuration.yaml", "configuration.yaml.j2",
+               {"time_zone": c.homeassistant.time_zone}),
+        Output("homeassistant/haswarm-entrypoint.sh", "haswarm-entrypoint.sh.j2",
+               {"db_wait_seconds": HA_DB_WAIT_SECONDS}, mode=0o755),
+    ]
+    if c.mdns.restart_cron:
+        outs.append(Output("avahi-restart.cron", "avahi-restart.cron.j2",
+                           {"mdns_name": c.mdns.name, "restart_command": c.mdns.restart_command}))
+    for node in c.nodes:
+        others = [n.address for n in c.nodes if n.name != node.name]
+        outs.append(Output(f"nodes/{node.name}/fstab", "fstab.j2",
+                           {"volume": c.gluster.volume, "mount_point": str(c.gluster.mount_point),
+                            "backup_servers": ":".join(others)}))
+
+    users = secrets.mqtt_users(c)
+    outs.append(Output(
+        "mosquitto/passwd", "mosquitto-passwd.j2", {"users": users},
+        reads=[secrets.path(c, f"mqtt_{u}") for u in users],
+        late_context=lambda: {"lines": [mosquitto_password_line(u, secrets.read(c, f"mqtt_{u}"))
+                                        for u in users]},
+        mode=0o600,
+    ))
+    objects_inputs = [*config_sources(c).values(), *secret_sources(c).values()]
+    for target, bootstrap in (("stack.yml", False), ("stack.bootstrap.yml", True)):
+        outs.append(Output(target, "stack.yml.j2", stack_context(c, bootstrap=bootstrap),
+                           reads=objects_inputs, late_context=lambda: _stack_objects(c)))
+    return outs
+
+
+def environment() -> jinja2.Environment:
+    """The template environment (jinja2 imported here, so `doit list` stays fast)."""
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def render(c: Cluster, out: Output) -> str:
+    """The text of one output (reads secrets / other outputs when it needs them)."""
+    context = dict(out.context)
+    if out.late_context:
+        context |= out.late_context()
+    return environment().get_template(out.template).render(**context)
+
+
+def write(path: Path, text: str, mode: int) -> None:
+    """Write atomically with `mode` from the start (no window where a secret is world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def task_render():
+    """Render the stack file and every config file into the build directory."""
+    from tasks.config import current
+
+    c = current()
+    base = build_dir(c)
+    for out in outputs(c):
+        target = base / out.target
+
+        def action(out: Output = out, target: Path = target) -> None:
+            write(target, render(c, out), out.mode)
+            print(f"render: wrote {target}")
+
+        yield {
+            "name": out.target,
+            "doc": f"render {out.target}",
+            "actions": [action],
+            "file_dep": [str(TEMPLATES / out.template), *map(str, out.reads)],
+            "targets": [str(target)],
+            "uptodate": [config_changed(json.dumps(out.context, sort_keys=True))],
+            "clean": True,
+            "verbosity": 2,
+        }

@@ -1,0 +1,196 @@
+"""Rendering: valid stack file (real Docker CLI), every secret reaches its consumer, up-to-date."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks import render, secrets
+from tasks.config import LAB_CLUSTER_FILE, PROJECT_ROOT, Cluster, load_cluster
+
+EXAMPLE = PROJECT_ROOT / "config" / "cluster.example.yml"
+
+
+def cluster_in(tmp_path: Path, source: Path = LAB_CLUSTER_FILE, **changes) -> Path:
+    data = yaml.safe_load(source.read_text())
+    data["build_dir"] = str(tmp_path / "build")
+    data["secrets_dir"] = str(tmp_path / "secrets")
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        d = data
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[leaf] = value
+    out = tmp_path / "cluster.yml"
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+def render_all(c: Cluster) -> dict[str, str]:
+    secrets.ensure(c)
+    texts = {}
+    for out in render.outputs(c):  # in order: the stack reads files rendered before it
+        text = render.render(c, out)
+        render.write(render.build_dir(c) / out.target, text, out.mode)
+        texts[out.target] = text
+    return texts
+
+
+@pytest.fixture(params=["lab", "example-ingress-portainer"])
+def rendered(request, tmp_path):
+    if request.param == "lab":
+        c = load_cluster(cluster_in(tmp_path))
+    else:
+        c = load_cluster(cluster_in(tmp_path, EXAMPLE, portainer__enabled=True))
+    return c, render_all(c)
+
+
+@pytest.mark.skipif(not shutil.which("docker"), reason="needs the docker CLI")
+@pytest.mark.parametrize("target", ["stack.yml", "stack.bootstrap.yml"])
+def test_stack_file_is_valid_for_docker(rendered, target):
+    c, _ = rendered
+    r = subprocess.run(["docker", "stack", "config", "-c", str(render.build_dir(c) / target)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "services:" in r.stdout
+
+
+def stack(c: Cluster, target: str = "stack.yml") -> dict:
+    return yaml.safe_load((render.build_dir(c) / target).read_text())
+
+
+def test_every_secret_reaches_its_consumer(rendered):
+    c, texts = rendered
+    s = stack(c)
+    services = s["services"]
+
+    def secrets_of(service):
+        return {x if isinstance(x, str) else x["source"] for x in services[service]["secrets"]}
+
+    for db in ("db", "db-seed"):
+        assert {"db_root_password", "db_password", "galera_sst_password"} <= secrets_of(db)
+        env = services[db]["environment"]
+        for var in ("MARIADB_ROOT_PASSWORD_FILE", "MARIADB_PASSWORD_FILE",
+                    "GALERA_SST_PASSWORD_FILE"):
+            assert env[var].startswith("/run/secrets/")
+    assert {"db_password", "mqtt_homeassistant"} <= secrets_of("homeassistant")
+    assert "mosquitto_passwd" in secrets_of("mosquitto")
+    # The HA entrypoint turns the db_password secret into the !secret used by the recorder.
+    assert "/run/secrets/db_password" in texts["homeassistant/haswarm-entrypoint.sh"]
+    assert "haswarm_recorder_db_url" in texts["homeassistant/haswarm-entrypoint.sh"]
+    assert "!secret haswarm_recorder_db_url" in texts["homeassistant/packages/haswarm/haswarm.yaml"]
+    # Every secret in the stack is an external object named after its content.
+    objects = render.docker_objects(c)
+    for key, (name, _) in objects["secrets"].items():
+        assert s["secrets"][key] == {"external": True, "name": name}
+    for key, (name, _) in objects["configs"].items():
+        assert s["configs"][key] == {"external": True, "name": name}
+    # Mosquitto: one hashed line per user, each verifying against its generated password.
+    lines = dict(line.split(":", 1) for line in texts["mosquitto/passwd"].split())
+    assert set(lines) == set(secrets.mqtt_users(c))
+    for user, stored in lines.items():
+        _, seven, iterations, salt, digest = stored.split("$")
+        assert seven == "7"
+        pw = secrets.read(c, f"mqtt_{user}").encode()
+        dk = hashlib.pbkdf2_hmac("sha512", pw, base64.b64decode(salt), int(iterations))
+        assert base64.b64encode(dk).decode() == digest
+
+
+def test_no_secret_value_in_any_rendered_file_but_the_hashed_one(rendered):
+    c, texts = rendered
+    values = [secrets.read(c, n) for n in secrets.names(c)]
+    for target, text in texts.items():
+        for v in values:
+            assert v not in text, f"a secret is in {target}"
+    assert (render.build_dir(c) / "mosquitto/passwd").stat().st_mode & 0o777 == 0o600
+
+
+def test_stack_shape(rendered):
+    c, _ = rendered
+    s, boot = stack(c), stack(c, "stack.bootstrap.yml")
+    svc = s["services"]
+    assert svc["db"]["deploy"]["placement"]["max_replicas_per_node"] == 1
+    assert svc["db"]["deploy"]["replicas"] == len(c.nodes)
+    assert (svc["db-seed"]["deploy"]["replicas"], svc["homeassistant"]["deploy"]["replicas"]) == \
+        (0, 1)
+    b = boot["services"]
+    assert (b["db-seed"]["deploy"]["replicas"], b["db"]["deploy"]["replicas"],
+            b["homeassistant"]["deploy"]["replicas"]) == (1, 0, 0)
+    assert "ports" not in svc["db"] and "ports" not in svc["db-seed"]  # MariaDB stays inside
+    assert svc["db"]["environment"]["GALERA_PEERS"] == "tasks.db-seed,tasks.db"
+    for name, service in svc.items():
+        assert "restart_policy" in service["deploy"], name
+        if not name.startswith("portainer"):
+            assert "healthcheck" in service, name
+    mode = c.swarm.publish_mode
+    for name in ("homeassistant", "mosquitto"):
+        assert {p["mode"] for p in svc[name]["ports"]} == {mode}
+        assert (svc[name]["deploy"].get("endpoint_mode") == "dnsrr") == (mode == "host")
+    assert ("portainer" in svc) == c.portainer.enabled
+    assert svc["homeassistant"]["volumes"][0]["source"] == f"{c.gluster.mount_point}/homeassistant"
+
+
+def test_mosquitto_conf(rendered):
+    c, texts = rendered
+    conf = texts["mosquitto/mosquitto.conf"]
+    assert "listener 1883 0.0.0.0" in conf and "allow_anonymous false" in conf
+    assert f"autosave_interval {c.mqtt.autosave_interval}\n" in conf
+    assert "persistence_location /mosquitto/data/" in conf
+
+
+def test_node_files(rendered):
+    c, texts = rendered
+    for node in c.nodes:
+        line = texts[f"nodes/{node.name}/fstab"].strip()
+        others = ":".join(n.address for n in c.nodes if n is not node)
+        assert line == (f"localhost:/{c.gluster.volume} {c.gluster.mount_point} glusterfs "
+                        f"defaults,_netdev,backup-volfile-servers={others} 0 0")
+    assert re.search(r"^\* \* \* \* \* root .*avahi", texts["avahi-restart.cron"], re.M)
+    assert "innodb_buffer_pool_size = " + c.galera.buffer_pool in texts["galera.cnf"]
+
+
+def test_secrets_are_generated_once_0600_and_strong(tmp_path):
+    c = load_cluster(cluster_in(tmp_path))
+    made = secrets.ensure(c)
+    assert set(made) == set(secrets.names(c))
+    before = {n: secrets.read(c, n) for n in made}
+    assert secrets.ensure(c) == []
+    assert {n: secrets.read(c, n) for n in made} == before
+    assert len(set(before.values())) == len(before)
+    for n in made:
+        assert secrets.path(c, n).stat().st_mode & 0o777 == 0o600
+        assert len(base64.urlsafe_b64decode(before[n] + "=")) * 8 >= 128
+    assert secrets.directory(c).stat().st_mode & 0o777 == 0o700
+
+
+def doit(tmp_path: Path, cfg: Path, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "doit", "--db-file", str(tmp_path / "doit.db"),
+                        f"config={cfg}", *args], cwd=PROJECT_ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def ran(output: str) -> set[str]:
+    return {line[3:].strip() for line in output.splitlines() if line.startswith(".  ")}
+
+
+def test_up_to_date_and_only_what_depends_on_a_value_re_renders(tmp_path):
+    cfg = cluster_in(tmp_path)
+    first = doit(tmp_path, cfg, "render")
+    assert "render:stack.yml" in ran(first) and "secrets" in ran(first)
+    assert ran(doit(tmp_path, cfg, "render")) == set()  # all up to date
+    cluster_in(tmp_path, mqtt__autosave_interval=7)
+    again = ran(doit(tmp_path, cfg, "render"))
+    assert again == {"render:mosquitto/mosquitto.conf", "render:stack.yml",
+                     "render:stack.bootstrap.yml"}
+    cluster_in(tmp_path, galera__buffer_pool="48M")  # autosave back to 5, buffer pool changed
+    assert "render:nodes/pi1/fstab" not in ran(doit(tmp_path, cfg, "render"))
