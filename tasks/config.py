@@ -453,3 +453,10 @@ def current() -> Cluster:
     from doit import get_var
 
     return load_cluster(cluster_file(get_var("config")))
+
+
+def purge_requested() -> bool:
+    """`doit purge=yes clean`: also remove user data (bricks, database volumes, HA config)."""
+    from doit import get_var
+
+    return str(get_var("purge", "")).lower() in {"1", "yes", "true"}
