@@ -16,6 +16,9 @@ except ConfigError as error:
 if warning := two_node_warning(CLUSTER):
     print(warning, file=sys.stderr)
 
+from tasks.avahi import task_avahi  # noqa: E402
+from tasks.gluster import task_gluster  # noqa: E402
+from tasks.homeassistant import task_ha_files  # noqa: E402
 from tasks.render import task_render  # noqa: E402
 from tasks.secrets import task_secrets  # noqa: E402
 
@@ -27,9 +30,10 @@ DOIT_CONFIG = {
     "minversion": "0.36.0",
 }
 
-__all__ = ["task_render", "task_secrets", "task_setup"]
+__all__ = ["task_avahi", "task_gluster", "task_ha_files", "task_render", "task_secrets",
+           "task_setup"]
 
 
 def task_setup():
     """Deploy the whole cluster (everything below, in order)."""
-    return {"actions": None, "task_dep": ["secrets", "render"]}
+    return {"actions": None, "task_dep": ["secrets", "render", "gluster", "ha-files", "avahi"]}

@@ -152,7 +152,8 @@ def test_node_files(rendered):
         line = texts[f"nodes/{node.name}/fstab"].strip()
         others = ":".join(n.address for n in c.nodes if n is not node)
         assert line == (f"localhost:/{c.gluster.volume} {c.gluster.mount_point} glusterfs "
-                        f"defaults,_netdev,backup-volfile-servers={others} 0 0")
+                        "defaults,_netdev,x-systemd.requires=glusterd.service,"
+                        f"backup-volfile-servers={others} 0 0")
     assert re.search(r"^\* \* \* \* \* root .*avahi", texts["avahi-restart.cron"], re.M)
     assert "innodb_buffer_pool_size = " + c.galera.buffer_pool in texts["galera.cnf"]
 
