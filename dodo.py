@@ -19,6 +19,15 @@ if warning := two_node_warning(CLUSTER):
 from tasks.avahi import task_avahi  # noqa: E402
 from tasks.gluster import task_gluster  # noqa: E402
 from tasks.homeassistant import task_ha_files  # noqa: E402
+from tasks.lab import (  # noqa: E402
+    task_lab_boot,
+    task_lab_cut,
+    task_lab_down,
+    task_lab_heal,
+    task_lab_kill,
+    task_lab_status,
+    task_lab_up,
+)
 from tasks.render import task_render  # noqa: E402
 from tasks.secrets import task_secrets  # noqa: E402
 
@@ -30,10 +39,15 @@ DOIT_CONFIG = {
     "minversion": "0.36.0",
 }
 
-__all__ = ["task_avahi", "task_gluster", "task_ha_files", "task_render", "task_secrets",
-           "task_setup"]
+__all__ = [
+    "task_avahi", "task_gluster", "task_ha_files", "task_render", "task_secrets", "task_setup",
+    "task_lab_up", "task_lab_down", "task_lab_kill", "task_lab_cut", "task_lab_heal",
+    "task_lab_boot", "task_lab_status",
+]
 
 
 def task_setup():
     """Deploy the whole cluster (everything below, in order)."""
-    return {"actions": None, "task_dep": ["secrets", "render", "gluster", "ha-files", "avahi"]}
+    lab = ["lab-up"] if CLUSTER.lab else []  # the lab starts itself when it is the target
+    return {"actions": None,
+            "task_dep": [*lab, "secrets", "render", "gluster", "ha-files", "avahi"]}

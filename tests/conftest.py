@@ -1,0 +1,39 @@
+"""Shared pytest fixtures.
+
+`lab`: the local lab of config/lab.yml (see tasks/lab.py), up for the whole session. If no node
+of it was running when the session started, the fixture brings it up and takes it down at the
+end; if the lab (or part of it) was already running (someone is using it), the missing nodes
+are started and the lab is left running afterwards. Tests that use it skip when this machine
+cannot run the lab (not root, missing packages).
+
+Tests must leave the lab as they found it (other people and sessions may be using it): faults
+that end nodes belong on a private lab (`tasks.lab.instance_lab`, see tests/lab/test_lab.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def lab():
+    from tasks.config import LAB_CLUSTER_FILE, load_cluster
+    from tasks.lab import Lab, LabError
+
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root")
+    lab = Lab(load_cluster(LAB_CLUSTER_FILE))
+    try:
+        lab.check_host()
+    except LabError as e:
+        pytest.skip(f"this machine cannot run the lab: {e}")
+    was_running = [n for n in lab.names if lab.pid(n) is not None]
+    try:
+        lab.up()
+    except LabError as e:
+        pytest.fail(f"lab-up failed:\n{e}", pytrace=False)
+    yield lab
+    if not was_running:
+        lab.down()
