@@ -28,6 +28,7 @@ from tasks.lab import (  # noqa: E402
     task_lab_status,
     task_lab_up,
 )
+from tasks.preflight import task_preflight  # noqa: E402
 from tasks.render import task_render  # noqa: E402
 from tasks.secrets import task_secrets  # noqa: E402
 
@@ -40,7 +41,8 @@ DOIT_CONFIG = {
 }
 
 __all__ = [
-    "task_avahi", "task_gluster", "task_ha_files", "task_render", "task_secrets", "task_setup",
+    "task_avahi", "task_gluster", "task_ha_files", "task_preflight", "task_render",
+    "task_secrets", "task_setup",
     "task_lab_up", "task_lab_down", "task_lab_kill", "task_lab_cut", "task_lab_heal",
     "task_lab_boot", "task_lab_status",
 ]
@@ -50,4 +52,4 @@ def task_setup():
     """Deploy the whole cluster (everything below, in order)."""
     lab = ["lab-up"] if CLUSTER.lab else []  # the lab starts itself when it is the target
     return {"actions": None,
-            "task_dep": [*lab, "secrets", "render", "gluster", "ha-files", "avahi"]}
+            "task_dep": [*lab, "preflight", "secrets", "render", "gluster", "ha-files", "avahi"]}

@@ -27,7 +27,7 @@ sys.exit(DoitMain(DodoTaskLoader()).run(sys.argv[1:]))
 def unreachable_cluster(tmp_path):
     data = yaml.safe_load((PROJECT_ROOT / "config" / "cluster.example.yml").read_text())
     for i, node in enumerate(data["nodes"]):
-        node["address"] = f"192.0.2.{i + 1}"  # TEST-NET-1: never answers
+        node["address"] = f"pi{i + 1}.invalid"  # RFC 2606: never resolves, never answers
     p = tmp_path / "cluster.yml"
     p.write_text(yaml.safe_dump(data))
     return p

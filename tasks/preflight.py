@@ -1,0 +1,268 @@
+"""`doit preflight`: is every node ready for haswarm? Reads facts, changes nothing.
+
+For every node at once: SSH works (host key checked), a Docker engine answers, its architecture
+matches the cluster's `platform`, Docker's disk has room, and its clock agrees with this
+computer's. Prints one table; fails naming each node that is not ready and why.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from doit.exceptions import TaskFailed
+
+from tasks.config import Cluster
+from tasks.remote import Remote, RemoteError
+
+# Free space needed where Docker keeps images: the stack's images unpacked (Home Assistant alone
+# is ~1.5 GB, MariaDB/Galera ~400 MB, Mosquitto small) plus one spare copy during an upgrade.
+MIN_DISK_FREE = 2 * 1024**3
+# Galera, Gluster and swarm's TLS certificates need clocks that agree; 5 s is far inside what
+# they tolerate and far outside what NTP leaves.
+MAX_CLOCK_SKEW = 5.0
+# Seconds a node may take to answer the fact-gathering commands once connected.
+COMMAND_TIMEOUT = 20.0
+
+# platform -> (Docker's GOARCH, uname -m values that fit). A Pi 4 with 32-bit Raspberry Pi OS
+# may run a 64-bit kernel (uname aarch64) under a 32-bit Docker (arch arm): Docker's view counts.
+ARCH = {
+    "linux/arm/v7": ("arm", ("armv7l", "aarch64")),
+    "linux/arm64": ("arm64", ("aarch64",)),
+    "linux/amd64": ("amd64", ("x86_64",)),
+}
+PLATFORM_FOR_DOCKER_ARCH = {"arm": "linux/arm/v7", "arm64": "linux/arm64", "amd64": "linux/amd64"}
+
+# One round trip collects every fact but the clock. POSIX sh; read-only.
+_FACTS = r"""
+printf 'machine=%s\n' "$(uname -m)"
+root=
+if ! command -v docker >/dev/null 2>&1; then
+  echo 'docker_error=docker: command not found'
+elif v=$(docker version --format '{{.Server.Version}} {{.Server.Os}}/{{.Server.Arch}}' 2>&1); then
+  printf 'docker=%s\n' "$v"
+  info=$(docker info --format '{{.DockerRootDir}} {{.ID}}' 2>/dev/null)
+  root=${info%% *}
+  printf 'engine_id=%s\n' "${info#* }"
+else
+  printf 'docker_error=%s\n' "$(printf '%s' "$v" | grep -v '^Client' | tr '\n' ' ')"
+fi
+d=${root:-/var/lib/docker}
+[ -d "$d" ] || d=/
+df -Pk "$d" | awk -v d="$d" 'NR==2 {print "disk_free_kb=" $4; print "disk_path=" d}'
+"""
+
+
+@dataclass
+class Facts:
+    """What preflight learned about one node (None: could not be found out)."""
+
+    node: str
+    address: str
+    ssh_error: str | None = None
+    ssh_hint: str | None = None
+    machine: str | None = None
+    docker_version: str | None = None
+    docker_arch: str | None = None
+    docker_error: str | None = None
+    engine_id: str | None = None
+    disk_free: int | None = None
+    disk_path: str | None = None
+    clock_skew: float | None = None
+    clock_error: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathering
+
+
+def parse_facts(facts: Facts, stdout: str) -> Facts:
+    """Fill `facts` from the output of the fact-gathering script."""
+    values = dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
+    facts.machine = values.get("machine") or None
+    if "docker" in values:
+        version, _, os_arch = values["docker"].strip().partition(" ")
+        facts.docker_version = version or None
+        facts.docker_arch = os_arch.partition("/")[2] or None
+    facts.docker_error = (values.get("docker_error") or "").strip() or None
+    facts.engine_id = (values.get("engine_id") or "").strip() or None
+    if values.get("disk_free_kb", "").isdigit():
+        facts.disk_free = int(values["disk_free_kb"]) * 1024
+    facts.disk_path = values.get("disk_path") or None
+    return facts
+
+
+def gather(r: Remote) -> dict[str, Facts]:
+    """Facts of every node, in parallel. Never raises for a node's problem: it is recorded."""
+
+    def one(n):  # noqa: ANN001, ANN202 - a Node
+        f = Facts(n.name, n.address)
+        try:
+            res = r.run(n, "preflight: facts", _FACTS, check=False, timeout=COMMAND_TIMEOUT)
+        except RemoteError as e:
+            failure = e.failures[0]
+            f.ssh_error = f"{failure.kind}: {failure.detail}"
+            f.ssh_hint = failure.hint
+            return f
+        parse_facts(f, res.stdout)
+        try:
+            f.clock_skew, f.clock_error = r.clock_offset(n, "preflight: clock")
+        except RemoteError:
+            pass  # judged as "could not read the node's clock"
+        return f
+
+    return r.on_all("preflight", one)
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging
+
+
+def judge(c: Cluster, facts: dict[str, Facts]) -> dict[str, Facts]:
+    """Fill every node's `problems` (empty: ready). Returns `facts`."""
+    want_docker_arch, want_machines = ARCH[c.platform]
+    for f in facts.values():
+        f.problems = []
+        if f.ssh_error:
+            f.problems.append(f"ssh: {f.ssh_error}" + (f" -> {f.ssh_hint}" if f.ssh_hint else ""))
+            continue
+        if f.docker_error or not f.docker_version:
+            f.problems.append(_docker_problem(f.docker_error or "no answer"))
+        if f.docker_arch:
+            if f.docker_arch != want_docker_arch:
+                f.problems.append(_arch_problem(c, f.docker_arch, f.machine))
+        elif f.machine not in want_machines:
+            f.problems.append(f"arch: the CPU is {f.machine or 'unknown'}, but the cluster file "
+                              f"says platform: {c.platform} (which runs on "
+                              f"{' or '.join(want_machines)})")
+        if f.disk_free is None:
+            f.problems.append("disk: could not read free space (df)")
+        elif f.disk_free < MIN_DISK_FREE:
+            f.problems.append(f"disk: only {_size(f.disk_free)} free in {f.disk_path}, "
+                              f"{_size(MIN_DISK_FREE)} needed for the images: free some space "
+                              "(docker system prune) or use a bigger SD card/SSD")
+        if f.clock_skew is None:
+            f.problems.append("clock: could not read the node's clock (date +%s.%N)")
+        elif abs(f.clock_skew) - f.clock_error > MAX_CLOCK_SKEW:
+            way = "ahead of" if f.clock_skew > 0 else "behind"
+            f.problems.append(f"clock: {abs(f.clock_skew):.1f} s {way} this computer's (at most "
+                              f"{MAX_CLOCK_SKEW:g} s allowed): turn on time sync on the node "
+                              "(timedatectl set-ntp true) and check this computer's clock too")
+    by_engine: dict[str, list[str]] = {}
+    for f in facts.values():
+        if f.engine_id:
+            by_engine.setdefault(f.engine_id, []).append(f.node)
+    for names in by_engine.values():
+        for name in names if len(names) > 1 else []:
+            others = ", ".join(n for n in names if n != name)
+            facts[name].problems.append(
+                f"docker: same Docker engine ID as {others}: the same Pi listed twice, or a "
+                "cloned SD card (remove /var/lib/docker/engine-id and restart Docker on clones)")
+    return facts
+
+
+def _docker_problem(error: str) -> str:
+    if "command not found" in error:
+        return ("docker: Docker is not installed: install it (e.g. apt install docker.io, or "
+                "Docker's convenience script)")
+    if "Cannot connect to the Docker daemon" in error or "docker.sock" in error:
+        return f"docker: the engine does not answer ({error}): systemctl start docker"
+    return f"docker: {error}"
+
+
+def _arch_problem(c: Cluster, docker_arch: str, machine: str | None) -> str:
+    seen = f"Docker runs as {docker_arch}" + (f" (CPU {machine})" if machine else "")
+    fits = PLATFORM_FOR_DOCKER_ARCH.get(docker_arch)
+    fix = (f"set platform: {fits} in the cluster file (all nodes must agree)" if fits
+           else "this architecture is not supported (Pi 2 or newer is needed)")
+    if c.platform == "linux/arm64" and docker_arch == "arm":
+        fix += ", or install a 64-bit OS on the Pi"
+    return f"arch: {seen}, but the cluster file says platform: {c.platform}: {fix}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Presenting
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
+
+
+def _short(problem: str) -> str:
+    """The verdict column: the problem's kind and first clause."""
+    head = problem.split(" -> ")[0]
+    return head if len(head) <= 60 else head[:57] + "..."
+
+
+def table(c: Cluster, facts: dict[str, Facts]) -> str:
+    """One line per node: node, address, ssh, docker, arch, disk free, clock skew, verdict."""
+    rows = [("node", "address", "ssh", "docker", "arch", "disk free", "clock skew", "verdict")]
+    for n in c.nodes:
+        f = facts.get(n.name) or Facts(n.name, n.address, ssh_error="not checked")
+        if f.ssh_error:
+            rows.append((f.node, f.address, "FAIL", "-", "-", "-", "-",
+                         "NOT READY: " + f.ssh_error.split(":")[0]))
+            continue
+        arch = f.machine or "?"
+        if f.docker_arch:
+            arch += f" ({f.docker_arch})"
+        verdict = "ok" if not f.problems else "NOT READY: " + "; ".join(
+            p.split(":")[0] for p in f.problems)
+        rows.append((
+            f.node, f.address, "ok",
+            f.docker_version or "FAIL",
+            arch,
+            _size(f.disk_free) if f.disk_free is not None else "?",
+            f"{round(f.clock_skew, 2) + 0.0:+.2f} s" if f.clock_skew is not None else "?",
+            verdict,
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def report(c: Cluster, facts: dict[str, Facts]) -> str | None:
+    """None when every node is ready; else the failure message naming each bad node and why."""
+    bad = [facts[n.name] for n in c.nodes if facts[n.name].problems]
+    if not bad:
+        return None
+    lines = [f"preflight: {len(bad)} of {len(c.nodes)} nodes not ready: "
+             + ", ".join(f.node for f in bad)]
+    for f in bad:
+        lines.append(f"  {f.node} ({f.address}):")
+        lines += [f"    - {p}" for p in f.problems]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+
+
+def preflight(c: Cluster) -> TaskFailed | None:
+    """Check every node of `c`, print the table, and return TaskFailed if any is not ready."""
+    t0 = time.monotonic()
+    with Remote(c) as r:
+        facts = judge(c, gather(r))
+    print(table(c, facts), flush=True)
+    message = report(c, facts)
+    took = time.monotonic() - t0
+    if message:
+        return TaskFailed(message)
+    print(f"preflight: all {len(c.nodes)} nodes ready ({took:.1f} s)", flush=True)
+    return None
+
+
+def _run() -> TaskFailed | None:
+    from tasks.config import ConfigError, current
+
+    try:
+        c = current()
+    except ConfigError as e:
+        return TaskFailed(f"preflight: invalid cluster file\n{e}")
+    return preflight(c)
+
+
+def task_preflight() -> dict[str, object]:
+    """Check every node (SSH, Docker, architecture, disk, clock) without changing anything."""
+    return {"basename": "preflight", "actions": [_run], "uptodate": [False], "verbosity": 2}

@@ -1,0 +1,853 @@
+"""The only place that speaks SSH: node connections, parallel fan-out, errors per node.
+
+    with Remote(cluster) as r:
+        r.run_all("docker: version", "docker version --format '{{.Server.Version}}'")
+        changed = r.put("pi1", "mosquitto: config", text, "/etc/haswarm/mosquitto.conf")
+
+- One Fabric `Connection` per node, opened lazily on first use (never at import or task-load
+  time) with the cluster's `connect_timeout` (TCP connect, SSH banner, authentication and channel
+  opening each), the node's key file, and **host keys checked** against `cluster.ssh.known_hosts`
+  (Fabric's AutoAddPolicy is replaced: an unknown or changed key is an error with instructions).
+- Every command runs under `/bin/sh -c`, as root: through `sudo -n` when the login user is not root.
+- Failures are `RemoteError`s holding one `Failure` per node (node, address, step, command, exit
+  code, stderr tail, and a hint of what to do next); `str()` is the message for the user.
+  `on_all`/`run_all` run every node in parallel, let each finish, and raise one `RemoteError`
+  carrying every failed node.
+- Secrets: `secret=True` keeps the command text out of errors; pass secret values on `stdin`
+  (never in the command line, where `ps` on the node shows them) and they are scrubbed from any
+  stderr quoted in an error. `Remote.redact()` registers further values to scrub.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import re
+import selectors
+import shlex
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
+
+import paramiko
+from fabric import Config, Connection
+from paramiko.ssh_exception import (
+    AuthenticationException,
+    BadHostKeyException,
+    NoValidConnectionsError,
+    PasswordRequiredException,
+    SSHException,
+)
+
+from tasks.config import Cluster, Node
+
+if TYPE_CHECKING:
+    import docker
+
+T = TypeVar("T")
+
+# Lines of stderr quoted in an error, and the width each is cut to.
+STDERR_TAIL_LINES = 15
+STDERR_LINE_WIDTH = 300
+# Seconds an SFTP read/write may stall before the upload is given up (not a limit on its length).
+SFTP_IO_TIMEOUT = 60.0
+# Exit code `read` uses for "no such file" (unlikely to come from `cat`, which exits 1).
+_MISSING = 77
+HIDDEN = "(command hidden: it carries a secret)"
+_REDACTED = "***"
+# Docker relay channels: a larger window than paramiko's 2 MiB keeps image uploads streaming.
+WINDOW = 16 * 1024 * 1024
+PACKET = 64 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Results and errors
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a command printed and how it exited."""
+
+    stdout: str
+    stderr: str
+    exit_code: int
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class Kind:
+    """What went wrong, coarsely (`Failure.kind`)."""
+
+    UNREACHABLE = "unreachable"
+    AUTH = "authentication failed"
+    HOST_KEY = "host key not trusted"
+    SUDO = "sudo refused"
+    COMMAND = "command failed"
+    TIMEOUT = "command timed out"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One node's failure in one step. `str()` is a block of text for the user."""
+
+    node: str
+    address: str
+    step: str
+    kind: str
+    detail: str
+    hint: str
+    command: str | None = None
+    exit_code: int | None = None
+    stderr: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"{self.node} ({self.address}) failed at {self.step!r}: {self.kind}"]
+        if self.detail:
+            lines.append(f"  {self.detail}")
+        if self.command is not None and self.kind in (Kind.COMMAND, Kind.TIMEOUT, Kind.SUDO):
+            lines.append(f"  command: {self.command}")
+        if self.stderr:
+            lines.append("  stderr:")
+            lines += [f"    | {line}" for line in self.stderr.splitlines()]
+        if self.hint:
+            lines.append(f"  what to do: {self.hint}")
+        return "\n".join(lines)
+
+
+class RemoteError(Exception):
+    """One or more nodes failed; `failures` holds one entry per failed node (and step)."""
+
+    def __init__(self, failures: Sequence[Failure]):
+        self.failures = list(failures)
+        super().__init__(self._message())
+
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[list[Failure]]]:
+        return (RemoteError, (self.failures,))  # survives pickling (doit -n N runs processes)
+
+    @property
+    def nodes(self) -> list[str]:
+        """Names of the failed nodes, without repeats, in order."""
+        return list(dict.fromkeys(f.node for f in self.failures))
+
+    def _message(self) -> str:
+        blocks = [str(f) for f in self.failures]
+        if len(self.nodes) > 1:
+            blocks.insert(0, f"{len(self.nodes)} nodes failed: {', '.join(self.nodes)}")
+        return "\n\n".join(blocks)
+
+    def __str__(self) -> str:
+        return self._message()
+
+
+class UnknownHostKey(SSHException):
+    """The node offered a host key that known_hosts does not list."""
+
+    def __init__(self, hostname: str, key: paramiko.PKey):
+        self.hostname = hostname
+        self.key = key
+        super().__init__(f"host key for {hostname} not in known_hosts")
+
+
+class _RejectUnknown(paramiko.MissingHostKeyPolicy):
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> None:
+        raise UnknownHostKey(hostname, key)
+
+
+class KeyFileProblem(Exception):
+    """The private key named in the cluster file cannot be used."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+_print_lock = threading.Lock()
+
+
+def progress(node: Node | str, msg: str) -> None:
+    """Print one progress line such as "pi2: loading image 3/5" (flushed, whole lines)."""
+    name = node if isinstance(node, str) else node.name
+    with _print_lock:
+        print(f"{name}: {msg}", flush=True)
+
+
+def tail(text: str, lines: int = STDERR_TAIL_LINES, width: int = STDERR_LINE_WIDTH) -> str:
+    """The last `lines` non-empty lines of `text`, each cut to `width` characters."""
+    kept = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
+    return "\n".join(line if len(line) <= width else line[: width - 3] + "..." for line in kept)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret value (and every line of a multi-line one) replaced by ***."""
+    pieces: set[str] = set()
+    for s in secrets:
+        if not s:
+            continue
+        pieces.add(s.strip())
+        pieces.update(line.strip() for line in s.splitlines())
+    # Longest first, so a secret containing another is replaced whole; very short pieces
+    # (blank lines, "1") would shred ordinary text and reveal little.
+    for piece in sorted((p for p in pieces if len(p) >= 4), key=len, reverse=True):
+        text = text.replace(piece, _REDACTED)
+    return text
+
+
+def _host_pattern(address: str, port: int) -> str:
+    """How known_hosts (and ssh-keygen -R) name a host: `addr`, or `[addr]:port` off port 22."""
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+def _sudo_problem(res: Result) -> str | None:
+    """Why sudo refused to run the command, if it did."""
+    err = res.stderr
+    if res.exit_code == 127 and "sudo" in err and "not found" in err:
+        return "sudo is not installed"
+    for marker in ("a password is required", "a terminal is required", "no tty present"):
+        if "sudo:" in err and marker in err:
+            return "sudo wants a password (haswarm runs sudo non-interactively: sudo -n)"
+    if "is not in the sudoers file" in err or "is not allowed to execute" in err:
+        return "the user may not use sudo"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The connection pool
+
+
+class Remote:
+    """Connections to the cluster's nodes, opened on first use; a context manager closing them.
+
+    Thread-safe: `on_all` calls its function for every node at once.
+    """
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self._conns: dict[str, Connection] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._keys: dict[Path, paramiko.PKey] = {}
+        self._guard = threading.Lock()
+        self._secrets: set[str] = set()
+        self._relays: list[_DockerRelay] = []
+        self._docker: dict[tuple[str, float], docker.DockerClient] = {}
+        # No ~/.ssh/config or /etc/ssh/ssh_config: the cluster file alone says how to connect.
+        self._config = Config(overrides={"load_ssh_configs": False})
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def __enter__(self) -> Remote:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every connection (and Docker relay) opened so far."""
+        with self._guard:
+            relays, self._relays = self._relays, []
+            self._docker = {}
+            conns, self._conns = list(self._conns.values()), {}
+        for relay in relays:
+            relay.close()
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a dead connection may raise anything
+                pass
+
+    def redact(self, *values: str) -> None:
+        """Register secret values: they are replaced by *** in every error this Remote raises."""
+        self._secrets.update(v for v in values if v)
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def run(self, node: Node | str, step: str, cmd: str, *, check: bool = True,
+            stdin: str | None = None, timeout: float | None = None, secret: bool = False,
+            sudo: bool = True, hint: str | None = None) -> Result:
+        """Run `cmd` with /bin/sh on `node` (as root, via `sudo -n` unless the user is root).
+
+        `step` is a short label for errors ("gluster: create volume"). With `check`, a non-zero
+        exit raises `RemoteError`; connection problems always do. `stdin` is sent to the command
+        (secrets, payloads; `put` for files). `timeout` (seconds) ends the wait for the command
+        (the remote process may go on); None waits as long as it runs. `secret` hides the
+        command text in errors. `sudo=False` runs as the login user. `hint` is shown when the
+        command fails.
+        """
+        n = self._node(node)
+        shown = HIDDEN if secret else cmd
+        secrets = [*self._secrets, *([stdin] if stdin else [])]
+        conn = self._connection(n, step, shown)
+        try:
+            res = self._exec(conn, self._wrap(n, cmd, sudo), stdin, timeout)
+        except _CommandTimeout:
+            raise RemoteError([self._failure(
+                n, step, Kind.TIMEOUT, f"no result within {timeout:g} s", command=shown,
+                hint=hint or "the node may be overloaded or the command stuck; run it by hand "
+                "on the node to see what it waits for",
+            )]) from None
+        except Exception as e:  # connection lost in the middle, channel refused...
+            self._forget(n)
+            raise RemoteError([self._from_exception(n, step, shown, e)]) from e
+        if check and not res.ok:
+            raise RemoteError([self._command_failure(n, step, shown, res, secrets, hint)])
+        return res
+
+    def run_all(self, step: str, cmd: str, nodes: Iterable[Node | str] | None = None, *,
+                check: bool = True, stdin: str | None = None, timeout: float | None = None,
+                secret: bool = False, sudo: bool = True) -> dict[str, Result]:
+        """`run` on every node (default: all) in parallel; one `RemoteError` for all failures."""
+        return self.on_all(step, lambda n: self.run(n, step, cmd, check=check, stdin=stdin,
+                                                    timeout=timeout, secret=secret, sudo=sudo),
+                           nodes)
+
+    def on_all(self, step: str, fn: Callable[[Node], T],
+               nodes: Iterable[Node | str] | None = None) -> dict[str, T]:
+        """Call `fn(node)` for every node (default: all) in parallel threads.
+
+        Returns {node name: result} in cluster order. Every node runs to its end; then, if any
+        failed, raises one `RemoteError` with every failure (a `RemoteError` raised by `fn`
+        keeps its own failures; any other exception is attributed to its node under `step`).
+        """
+        targets = [self._node(n) for n in (self.cluster.nodes if nodes is None else nodes)]
+        if not targets:
+            return {}
+        results: dict[str, T] = {}
+        failures: list[Failure] = []
+        with ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="remote") as pool:
+            futures = [(n, pool.submit(fn, n)) for n in targets]
+            for n, fut in futures:
+                try:
+                    results[n.name] = fut.result()
+                except RemoteError as e:
+                    failures.extend(e.failures)
+                except Exception as e:  # noqa: BLE001 - attributed to the node, reported below
+                    failures.append(self._from_exception(n, step, None, e))
+        if failures:
+            raise RemoteError(failures)
+        return results
+
+    def clock_offset(self, node: Node | str, step: str = "clock",
+                     timeout: float = 10) -> tuple[float, float]:
+        """(node's clock - this computer's clock, uncertainty), in seconds.
+
+        A shell is started first and only then asked for the time, so the measured round trip
+        is the network's (plus one `date`), not SSH session and shell start-up.
+        """
+        n = self._node(node)
+        conn = self._connection(n, step, None)
+        try:
+            chan = conn.transport.open_session(timeout=self.cluster.ssh.connect_timeout)
+            try:
+                chan.settimeout(timeout)
+                chan.exec_command(self._wrap(n, "echo ready; read x; date +%s.%N", sudo=False))
+                out = b""
+                while b"ready\n" not in out:
+                    data = chan.recv(256)
+                    if not data:
+                        raise SSHException("the shell ended before the clock was read")
+                    out += data
+                t0 = time.time()
+                chan.sendall(b"\n")
+                out = b""
+                while data := chan.recv(256):
+                    out += data
+                t1 = time.time()
+            finally:
+                chan.close()
+        except Exception as e:
+            self._forget(n)
+            raise RemoteError([self._from_exception(n, step, "date +%s.%N", e)]) from e
+        m = re.match(rb"\s*(\d+)(\.\d+)?", out)
+        if not m:
+            raise RemoteError([self._failure(
+                n, step, Kind.ERROR, f"cannot read the clock: `date +%s.%N` printed {out[:80]!r}",
+                hint="is GNU coreutils' date installed on the node?")])
+        # %N unsupported (busybox): whole seconds, one more second of uncertainty.
+        remote = float(m[1] + (m[2] or b""))
+        return remote - (t0 + t1) / 2, (t1 - t0) / 2 + (0 if m[2] else 1)
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def put(self, node: Node | str, step: str, data: bytes | str,
+            remote_path: str | PurePosixPath, *, mode: int = 0o644,
+            owner: str | None = None) -> bool:
+        """Make `remote_path` on `node` hold `data` with `mode` (and `owner`: "user" or
+        "user:group"; None leaves ownership to root/as is). Returns whether anything changed.
+
+        Compares sha256, mode and owner on the node first and touches nothing when they match.
+        Otherwise uploads to a private temp file (mktemp, 0600) and moves it into place as root
+        (parent directories created), so readers never see a half-written file.
+        """
+        n = self._node(node)
+        content = data.encode() if isinstance(data, str) else data
+        path = str(remote_path)
+        q = shlex.quote(path)
+        want = hashlib.sha256(content).hexdigest()
+        state = self.run(n, step, f"if [ -e {q} ]; then stat -L -c '%a %U %G' -- {q} && "
+                                  f"sha256sum -- {q}; else echo missing; fi").stdout.split()
+        same_content = len(state) >= 4 and state[3] == want
+        if same_content and _meta_ok(state, mode, owner):
+            return False
+        chown = f"chown {shlex.quote(owner)} -- {{f}} && " if owner else ""
+        if same_content:
+            self.run(n, step, f"chmod {mode:o} -- {q} && " + chown.format(f=q) + "true")
+            return True
+        tmp = self.run(n, step, "mktemp /tmp/.haswarm-put.XXXXXXXXXX", sudo=False).stdout.strip()
+        try:
+            self._upload(n, step, content, tmp)
+        except RemoteError:
+            self.run(n, step, f"rm -f -- {shlex.quote(tmp)}", check=False, sudo=False)
+            raise
+        new = shlex.quote(path + ".haswarm-new")
+        self.run(n, step,
+                 f"trap 'rm -f -- {shlex.quote(tmp)}' EXIT; set -e; "
+                 f"mkdir -p -- {shlex.quote(str(PurePosixPath(path).parent))}; "
+                 f"cp -- {shlex.quote(tmp)} {new}; chmod {mode:o} -- {new}; "
+                 + chown.format(f=new) + f"mv -f -- {new} {q}")
+        return True
+
+    def read(self, node: Node | str, path: str | PurePosixPath,
+             step: str = "read file") -> str | None:
+        """The text of `path` on `node` (read as root), or None if it does not exist."""
+        q = shlex.quote(str(path))
+        res = self.run(node, step, f"[ -e {q} ] || exit {_MISSING}; cat -- {q}", check=False)
+        if res.exit_code == _MISSING:
+            return None
+        if not res.ok:
+            raise RemoteError([self._command_failure(self._node(node), step, f"cat {path}", res,
+                                                     self._secrets, None)])
+        return res.stdout
+
+    # -- Docker ----------------------------------------------------------------------------------
+
+    def docker(self, node: Node | str, timeout: float = 60) -> docker.DockerClient:
+        """A Docker SDK client for `node`'s engine, tunnelled through SSH (one per node and
+        `timeout`, reused on later calls; closed with this Remote). `timeout`: seconds for one
+        API call (raise it for `images.load`).
+
+        Each HTTP connection of the client runs `docker system dial-stdio` on the node through
+        a dedicated, host-key checked SSH connection, relayed by a private local unix socket.
+        Every distinct API URL gets its own HTTP connection in the SDK, so the first call of each
+        kind costs one `dial-stdio` start; at most `_DockerRelay.MAX_CHANNELS` stay open.
+        """
+        import docker as docker_sdk
+
+        n = self._node(node)
+        with self._lock(n.name):  # one client per node and timeout, even from many threads
+            client = self._docker.get((n.name, timeout))
+            if client is not None:
+                return client
+            try:
+                conn = self._open(n)
+            except Exception as e:
+                raise RemoteError([self._from_exception(n, "docker: connect", None, e)]) from e
+            relay = _DockerRelay(conn, self._wrap(n, "exec docker system dial-stdio", True))
+            try:
+                client = docker_sdk.DockerClient(base_url=f"unix://{relay.path}",
+                                                 timeout=int(timeout))
+            except Exception as e:  # version negotiation: the engine did not answer
+                relay.close()
+                raise RemoteError([self._failure(
+                    n, "docker: connect", Kind.ERROR, f"the Docker engine does not answer ({e})",
+                    hint="is Docker installed and running on the node? (systemctl status docker)",
+                )]) from e
+            relay.clients.append(client)
+            self._docker[(n.name, timeout)] = client
+        with self._guard:
+            self._relays.append(relay)
+        return client
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _node(self, node: Node | str) -> Node:
+        return self.cluster.node(node) if isinstance(node, str) else node
+
+    def _lock(self, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def _wrap(self, n: Node, cmd: str, sudo: bool) -> str:
+        """Always /bin/sh (login shells differ); as root via sudo -n when needed."""
+        if sudo and self._needs_sudo(n):
+            return f"sudo -n -- sh -c {shlex.quote(cmd)}"
+        return f"sh -c {shlex.quote(cmd)}"
+
+    def _exec(self, conn: Connection, command: str, stdin: str | None,
+              timeout: float | None) -> Result:
+        """Run `command` on a new session channel: stdin sent whole (then EOF), stdout and
+        stderr collected until the command exits. Raises _CommandTimeout after `timeout`.
+
+        (Not Fabric's `run`: invoke feeds stdin at ~100 KB/s and fails when a command exits
+        without reading it.)
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chan = conn.transport.open_session(timeout=self.cluster.ssh.connect_timeout)
+        try:
+            chan.exec_command(command)
+            if stdin:
+                threading.Thread(target=_feed, args=(chan, stdin.encode()), daemon=True,
+                                 name="remote-stdin").start()
+            else:
+                chan.shutdown_write()
+            out, err = bytearray(), bytearray()
+            with selectors.DefaultSelector() as sel:
+                sel.register(chan, selectors.EVENT_READ)  # readable: stdout, stderr or EOF
+                while True:
+                    while chan.recv_ready():
+                        out += chan.recv(65536)
+                    while chan.recv_stderr_ready():
+                        err += chan.recv_stderr(65536)
+                    if chan.eof_received or chan.closed:
+                        if not (chan.recv_ready() or chan.recv_stderr_ready()):
+                            break
+                        continue
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise _CommandTimeout()
+                    sel.select(timeout=1.0 if left is None else min(left, 1.0))
+            # The exit status follows EOF (a command may also close its output and go on).
+            while not chan.status_event.wait(1.0):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise _CommandTimeout()
+                if not conn.transport.is_active():
+                    break
+            if not chan.exit_status_ready() and not conn.transport.is_active():
+                raise EOFError("the connection closed before the command ended")
+            return Result(out.decode(errors="replace"), err.decode(errors="replace"),
+                          chan.recv_exit_status())
+        finally:
+            chan.close()
+
+    def _needs_sudo(self, n: Node) -> bool:
+        return self.cluster.ssh_for(n).user != "root"
+
+    def _forget(self, n: Node) -> None:
+        with self._lock(n.name):
+            conn = self._conns.pop(n.name, None)
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _connection(self, n: Node, step: str, shown: str | None) -> Connection:
+        """The open connection to `n` (opened now if needed); RemoteError if that fails."""
+        with self._lock(n.name):
+            conn = self._conns.get(n.name)
+            if conn is not None and conn.is_connected:
+                return conn
+            if conn is not None:
+                conn.close()
+            try:
+                conn = self._open(n)
+            except Exception as e:
+                raise RemoteError([self._from_exception(n, step, shown, e)]) from e
+            self._conns[n.name] = conn
+            return conn
+
+    def _open(self, n: Node) -> Connection:
+        ssh = self.cluster.ssh_for(n)
+        timeout = self.cluster.ssh.connect_timeout
+        kwargs: dict[str, object] = {
+            "timeout": timeout, "banner_timeout": timeout, "auth_timeout": timeout,
+            "channel_timeout": timeout,
+        }
+        if ssh.key is not None:
+            kwargs.update(pkey=self._key(ssh.key), look_for_keys=False, allow_agent=False)
+        conn = Connection(n.address, user=ssh.user, port=ssh.port, config=self._config,
+                          connect_kwargs=kwargs)
+        # Fabric installs AutoAddPolicy; trust only what known_hosts lists.
+        conn.client.set_missing_host_key_policy(_RejectUnknown())
+        known = self.cluster.ssh.known_hosts
+        if known.is_file():
+            conn.client.load_system_host_keys(str(known))
+        try:
+            conn.open()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _key(self, path: Path) -> paramiko.PKey:
+        with self._guard:
+            if path in self._keys:
+                return self._keys[path]
+        try:
+            key = paramiko.PKey.from_path(path)
+        except FileNotFoundError:
+            raise KeyFileProblem(f"the key file {path} does not exist") from None
+        except PermissionError:
+            raise KeyFileProblem(f"the key file {path} cannot be read (permissions)") from None
+        except PasswordRequiredException:
+            raise KeyFileProblem(f"the key file {path} is protected by a passphrase") from None
+        except (SSHException, ValueError, OSError) as e:
+            raise KeyFileProblem(f"the key file {path} is not a usable private key ({e})") from None
+        with self._guard:
+            self._keys[path] = key
+        return key
+
+    def _upload(self, n: Node, step: str, content: bytes, tmp: str) -> None:
+        conn = self._connection(n, step, None)
+        try:
+            with self._lock(n.name):
+                sftp = conn.sftp()
+                sftp.get_channel().settimeout(SFTP_IO_TIMEOUT)
+                sftp.putfo(io.BytesIO(content), tmp, confirm=True)
+        except Exception as e:
+            self._forget(n)
+            raise RemoteError([self._from_exception(n, step, f"(upload to {tmp})", e)]) from e
+
+    # -- turning problems into Failures ------------------------------------------------------
+
+    def _failure(self, n: Node, step: str, kind: str, detail: str, *, hint: str,
+                 command: str | None = None, exit_code: int | None = None,
+                 stderr: str = "") -> Failure:
+        return Failure(node=n.name, address=n.address, step=step, kind=kind,
+                       detail=redact(detail, self._secrets), hint=hint,
+                       command=None if command is None else redact(command, self._secrets),
+                       exit_code=exit_code, stderr=redact(stderr, self._secrets))
+
+    def _command_failure(self, n: Node, step: str, shown: str, res: Result,
+                         secrets: Iterable[str], hint: str | None) -> Failure:
+        user = self.cluster.ssh_for(n).user
+        err = redact(tail(res.stderr) or tail(res.stdout), secrets)
+        sudo = _sudo_problem(res)
+        if sudo:
+            return self._failure(
+                n, step, Kind.SUDO, sudo, command=shown, exit_code=res.exit_code, stderr=err,
+                hint=f"haswarm needs root on every node. Log in as root (ssh.user: root), or "
+                f"let {user} use sudo without a password: on the Pi run `echo '{user} ALL=(ALL) "
+                f"NOPASSWD: ALL' | sudo tee /etc/sudoers.d/haswarm` (install sudo first if "
+                "missing: apt install sudo)",
+            )
+        return self._failure(
+            n, step, Kind.COMMAND, f"exit code {res.exit_code}", command=shown,
+            exit_code=res.exit_code, stderr=err,
+            hint=hint or ("read the error output above; fix the cause on the node (or in the "
+                          "cluster file) and run the task again"
+                          if err else "the command printed no error; run it by hand on the node"),
+        )
+
+    def _from_exception(self, n: Node, step: str, shown: str | None,
+                        e: BaseException) -> Failure:
+        """A Failure explaining a connection-level (or unexpected) exception for node `n`."""
+        ssh = self.cluster.ssh_for(n)
+        known = self.cluster.ssh.known_hosts
+        timeout = self.cluster.ssh.connect_timeout
+        where = f"{n.address} port {ssh.port}"
+        check_node = (f"check that {n.name} is powered on and on the network (ping {n.address}) "
+                      f"and that its address in the cluster file is right")
+        pattern = _host_pattern(n.address, ssh.port)
+        port_opt = f"-p {ssh.port} " if ssh.port != 22 else ""
+
+        def fail(kind: str, detail: str, hint: str) -> Failure:
+            return self._failure(n, step, kind, detail, hint=hint, command=shown)
+
+        if isinstance(e, UnknownHostKey):
+            return fail(
+                Kind.HOST_KEY,
+                f"{where} offered a {e.key.get_name()} host key {e.key.fingerprint} that "
+                f"{known} does not list" + ("" if known.is_file() else " (the file does not "
+                                            "exist yet)"),
+                f"haswarm never trusts a new host key by itself. On {n.name}'s console run "
+                f"`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`; if it prints the same "
+                f"fingerprint, trust it with `ssh-keyscan {port_opt}-t ed25519 {n.address} >> "
+                f"{known}` and run the task again",
+            )
+        if isinstance(e, BadHostKeyException):
+            return fail(
+                Kind.HOST_KEY,
+                f"{where} offered the host key {e.key.fingerprint}, but {known} lists "
+                f"{e.expected_key.fingerprint} for it: the key CHANGED",
+                f"if {n.name} was re-installed (new SD card), remove the old key with "
+                f"`ssh-keygen -f {known} -R '{pattern}'`, check the new one on the Pi's console "
+                f"(`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`) and add it with "
+                f"`ssh-keyscan {port_opt}-t ed25519 {n.address} >> {known}`. If it was not "
+                "re-installed, something else answers at that address: do not go on",
+            )
+        if isinstance(e, KeyFileProblem):
+            return fail(Kind.AUTH, str(e),
+                        "set ssh.key in the cluster file to an unencrypted private key whose "
+                        "public half is in the Pi's authorized_keys (create one with "
+                        f"`ssh-keygen -t ed25519 -N '' -f {ssh.key or 'KEYFILE'}`)")
+        if isinstance(e, AuthenticationException):
+            key = f"the key {ssh.key}" if ssh.key else "your default SSH keys/agent"
+            copy = f"-i {ssh.key}.pub " if ssh.key else ""
+            return fail(Kind.AUTH, f"{where} refused {key} for user {ssh.user!r}",
+                        f"install the public key on the Pi (`ssh-copy-id {copy}{port_opt}"
+                        f"{ssh.user}@{n.address}`), or set ssh.user / ssh.key for this node in "
+                        "the cluster file")
+        if isinstance(e, NoValidConnectionsError):
+            codes = {getattr(x, "errno", None) for x in e.errors.values()}
+            if codes <= {errno.ECONNREFUSED}:
+                return fail(Kind.UNREACHABLE, f"{where}: connection refused",
+                            f"{n.address} is up but nothing listens on port {ssh.port}: is the "
+                            "SSH server running on the Pi (`systemctl status ssh`), and is "
+                            "ssh.port right?")
+            return fail(Kind.UNREACHABLE, f"{where}: host unreachable", check_node)
+        if isinstance(e, socket.gaierror):
+            return fail(Kind.UNREACHABLE, f"cannot resolve the host name {n.address!r} ({e})",
+                        f"use the Pi's IP address in the cluster file, or {check_node}")
+        if isinstance(e, TimeoutError):  # socket.timeout is TimeoutError
+            return fail(Kind.UNREACHABLE, f"no answer from {where} within {timeout:g} s",
+                        check_node)
+        if isinstance(e, SSHException):
+            msg = str(e)
+            if "banner" in msg:
+                return fail(Kind.UNREACHABLE,
+                            f"{where} accepted the connection but sent no SSH greeting within "
+                            f"{timeout:g} s", f"is it an SSH server and not overloaded? "
+                            f"{check_node}")
+            if "channel" in msg.lower() or "not active" in msg:
+                return fail(Kind.UNREACHABLE, f"the SSH connection to {where} broke ({msg})",
+                            f"{check_node}; then run the task again")
+            return fail(Kind.ERROR, f"SSH error talking to {where}: {msg}", check_node)
+        if isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH,
+                                                   errno.ECONNRESET, errno.EPIPE):
+            return fail(Kind.UNREACHABLE, f"{where}: {e.strerror}", check_node)
+        if isinstance(e, EOFError):
+            return fail(Kind.UNREACHABLE, f"{where} closed the connection", check_node)
+        return fail(Kind.ERROR, f"{type(e).__name__}: {e}",
+                    "unexpected: run the task again with `doit -v 2`; if it persists, report "
+                    "it with this message")
+
+
+class _CommandTimeout(Exception):
+    pass
+
+
+def _feed(chan: paramiko.Channel, data: bytes) -> None:
+    """Send `data` to a command's stdin, then EOF; a command that exits without reading all
+    of it is no error."""
+    try:
+        chan.sendall(data)
+        chan.shutdown_write()
+    except (OSError, EOFError, SSHException):
+        pass
+
+
+def _meta_ok(state: list[str], mode: int, owner: str | None) -> bool:
+    """state = [mode in octal, user, group, sha256]: do mode and owner match the wish?"""
+    if state[0] != f"{mode:o}":
+        return False
+    if owner is None:
+        return True
+    user, _, group = owner.partition(":")
+    return state[1] == user and (not group or state[2] == group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Docker over the SSH transport
+
+
+class _DockerRelay:
+    """A private unix socket; each connection to it becomes `docker system dial-stdio` on the
+    node, over a dedicated (host-key checked) SSH connection.
+
+    The Docker SDK keeps one connection pool per URL (25 by default, and its `num_pools` is
+    ignored for unix sockets), while sshd allows 10 sessions per connection: beyond
+    `MAX_CHANNELS`, the least recently used relayed connection is closed; the SDK sees it as
+    dropped and reconnects when it needs it again.
+    """
+
+    MAX_CHANNELS = 8
+
+    def __init__(self, conn: Connection, command: str):
+        self._conn = conn
+        self._command = command
+        self._dir = tempfile.mkdtemp(prefix="haswarm-docker-")  # 0700
+        self.path = str(Path(self._dir) / "docker.sock")
+        self.clients: list[docker.DockerClient] = []
+        self._active: dict[socket.socket, float] = {}  # local end -> last activity
+        self._lock = threading.Lock()
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(self.path)
+        self._server.listen(16)
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True, name="docker-relay").start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                local, _ = self._server.accept()
+            except OSError:
+                return
+            with self._lock:
+                while len(self._active) >= self.MAX_CHANNELS:
+                    oldest = min(self._active, key=self._active.__getitem__)
+                    del self._active[oldest]
+                    try:
+                        oldest.shutdown(socket.SHUT_RDWR)  # its pump sees EOF and ends
+                    except OSError:
+                        pass
+                self._active[local] = time.monotonic()
+            threading.Thread(target=self._pump, args=(local,), daemon=True).start()
+
+    def _touch(self, local: socket.socket) -> None:
+        with self._lock:
+            if local in self._active:
+                self._active[local] = time.monotonic()
+
+    def _pump(self, local: socket.socket) -> None:
+        chan = None
+        try:
+            try:
+                chan = self._conn.transport.open_session(window_size=WINDOW,
+                                                         max_packet_size=PACKET)
+                chan.exec_command(self._command)
+            except Exception:  # noqa: BLE001 - the client sees a closed connection, reports it
+                return
+            with selectors.DefaultSelector() as sel:
+                sel.register(local, selectors.EVENT_READ)
+                sel.register(chan, selectors.EVENT_READ)
+                while not self._closed:
+                    for key, _ in sel.select(timeout=1):
+                        if key.fileobj is local:
+                            data = local.recv(65536)
+                            if not data:  # the HTTP client closed: nothing more to relay
+                                return
+                            chan.sendall(data)
+                        else:
+                            data = chan.recv(65536)
+                            if not data:
+                                return
+                            local.sendall(data)
+                        self._touch(local)
+        except (OSError, EOFError, SSHException):
+            return  # likewise
+        finally:
+            with self._lock:
+                self._active.pop(local, None)
+            for end in (chan, local):
+                try:
+                    if end is not None:
+                        end.close()
+                except (OSError, EOFError, SSHException):
+                    pass
+
+    def close(self) -> None:
+        self._closed = True
+        for client in self.clients:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._server.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+        try:
+            self._conn.close()
+        except Exception:  # noqa: BLE001
+            pass
