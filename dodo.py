@@ -19,6 +19,12 @@ if warning := two_node_warning(CLUSTER):
 from tasks.avahi import task_avahi  # noqa: E402
 from tasks.gluster import task_gluster  # noqa: E402
 from tasks.homeassistant import task_ha_files  # noqa: E402
+from tasks.images import (  # noqa: E402
+    task_base_image,
+    task_buildx,
+    task_images,
+    task_preload_images,
+)
 from tasks.lab import (  # noqa: E402
     task_lab_boot,
     task_lab_cut,
@@ -41,6 +47,7 @@ DOIT_CONFIG = {
 }
 
 __all__ = [
+    "task_base_image", "task_buildx", "task_images", "task_preload_images",
     "task_avahi", "task_gluster", "task_ha_files", "task_preflight", "task_render",
     "task_secrets", "task_setup",
     "task_lab_up", "task_lab_down", "task_lab_kill", "task_lab_cut", "task_lab_heal",
@@ -52,4 +59,5 @@ def task_setup():
     """Deploy the whole cluster (everything below, in order)."""
     lab = ["lab-up"] if CLUSTER.lab else []  # the lab starts itself when it is the target
     return {"actions": None,
-            "task_dep": [*lab, "preflight", "secrets", "render", "gluster", "ha-files", "avahi"]}
+            "task_dep": [*lab, "preflight", "secrets", "render", "images", "preload-images",
+                         "gluster", "ha-files", "avahi"]}
