@@ -37,6 +37,8 @@ from tasks.lab import (  # noqa: E402
 from tasks.preflight import task_preflight  # noqa: E402
 from tasks.render import task_render  # noqa: E402
 from tasks.secrets import task_secrets  # noqa: E402
+from tasks.stack import objects_task, stack_task  # noqa: E402
+from tasks.swarm import swarm_task  # noqa: E402
 
 DOIT_CONFIG = {
     "default_tasks": ["setup"],
@@ -49,7 +51,7 @@ DOIT_CONFIG = {
 __all__ = [
     "task_base_image", "task_buildx", "task_images", "task_preload_images",
     "task_avahi", "task_gluster", "task_ha_files", "task_preflight", "task_render",
-    "task_secrets", "task_setup",
+    "task_secrets", "task_setup", "task_swarm", "task_stack_objects", "task_stack",
     "task_lab_up", "task_lab_down", "task_lab_kill", "task_lab_cut", "task_lab_heal",
     "task_lab_boot", "task_lab_status",
 ]
@@ -60,4 +62,19 @@ def task_setup():
     lab = ["lab-up"] if CLUSTER.lab else []  # the lab starts itself when it is the target
     return {"actions": None,
             "task_dep": [*lab, "preflight", "secrets", "render", "images", "preload-images",
-                         "gluster", "ha-files", "avahi"]}
+                         "gluster", "ha-files", "avahi", "swarm", "stack-objects", "stack"]}
+
+
+def task_swarm():
+    """Form the Docker swarm: every node a manager, the dispatcher heartbeat applied."""
+    return swarm_task(CLUSTER, after=["gluster", "avahi", "preload-images"])
+
+
+def task_stack_objects():
+    """Create the Docker configs and secrets the stack uses (missing ones only)."""
+    return objects_task(CLUSTER, after=["secrets", "render"])
+
+
+def task_stack():
+    """Deploy the stack (bootstraps Galera when fresh) and wait until Home Assistant answers."""
+    return stack_task(CLUSTER, after=["render", "ha-files"])

@@ -1,0 +1,526 @@
+"""The Docker swarm: every node a manager, the dispatcher heartbeat from the cluster file.
+
+Setup reads a *fact* from every node first (`docker info`: swarm state, node ID, cluster ID,
+managers, heartbeat), decides (`plan`, a pure function), and only then changes what differs:
+
+- no node in a swarm: `docker swarm init --advertise-addr ADDR` on the first node;
+- every node not yet in it joins **as a manager** (the manager join token travels through the
+  Docker API, never on a command line); a worker of this swarm is promoted;
+- `docker swarm update --dispatcher-heartbeat` only when the value differs.
+
+A node in a *different* swarm (its managers are not this cluster's nodes), or one stuck joining,
+stops the task before anything is changed, with what to do.
+
+Clean mirrors it, keeping quorum all the way: the other managers are demoted one by one from
+one manager (3 -> 2 -> 1 managers, each change with a majority), the workers leave, the last
+manager leaves with `--force`. Every step reads the facts again, so a second clean does nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shlex
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from doit.exceptions import TaskFailed
+
+from tasks.config import Cluster, Node
+from tasks.remote import Failure, Kind, Remote, RemoteError, progress
+from tasks.state import forget, mark_done, stamp
+
+STEP = "swarm"
+SWARM_PORT = 2377
+# Stamps of steps whose objects live inside the swarm: leaving the swarm deletes them too.
+INSIDE_SWARM = ("stack-objects", "stack")
+# Seconds to wait for joined managers to show up Ready and Reachable.
+MEMBERSHIP_TIMEOUT = 60.0
+
+INFO_CMD = "docker info --format '{{json .Swarm}}'"
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts
+
+
+@dataclass(frozen=True)
+class SwarmFacts:
+    """One node's view of its swarm membership (`docker info` .Swarm)."""
+
+    state: str  # inactive | pending | active | error | locked
+    node_id: str = ""
+    node_addr: str = ""
+    manager: bool = False  # ControlAvailable: this node is a manager
+    cluster_id: str = ""  # only managers know it
+    managers: tuple[str, ...] = ()  # manager addresses (host part of RemoteManagers)
+    heartbeat_ns: int | None = None  # only managers know it
+    error: str = ""
+
+    @property
+    def active(self) -> bool:
+        """The node is a working member of a swarm."""
+        return self.state == "active"
+
+
+def parse_swarm_info(text: str) -> SwarmFacts:
+    """Parse `docker info --format '{{json .Swarm}}'`."""
+    data = json.loads(text.strip() or "{}")
+    cluster = data.get("Cluster") or {}
+    spec = cluster.get("Spec") or {}
+    heartbeat = (spec.get("Dispatcher") or {}).get("HeartbeatPeriod")
+    managers = tuple(_host(m.get("Addr", "")) for m in data.get("RemoteManagers") or [])
+    return SwarmFacts(
+        state=str(data.get("LocalNodeState") or "inactive"),
+        node_id=str(data.get("NodeID") or ""),
+        node_addr=str(data.get("NodeAddr") or ""),
+        manager=bool(data.get("ControlAvailable")),
+        cluster_id=str(cluster.get("ID") or ""),
+        managers=tuple(sorted(m for m in managers if m)),
+        heartbeat_ns=int(heartbeat) if heartbeat is not None else None,
+        error=str(data.get("Error") or ""),
+    )
+
+
+def _host(addr: str) -> str:
+    """'10.0.0.1:2377' -> '10.0.0.1'; '[fe80::1]:2377' -> 'fe80::1'."""
+    if addr.startswith("["):
+        return addr[1:].split("]", 1)[0]
+    return addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr
+
+
+def advertise_address(node: Node) -> str:
+    """The IP address the node advertises to the swarm: its address in the cluster file, a
+    host name resolved here (the controller reaches the node at that address)."""
+    try:
+        return str(ipaddress.ip_address(node.address))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(node.address, SWARM_PORT, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"{node.name}: cannot resolve {node.address!r} ({e}): put the Pi's IP "
+                         "address in the cluster file") from None
+    return str(infos[0][4][0])
+
+
+def read_facts(r: Remote, nodes: Sequence[Node] | None = None) -> dict[str, SwarmFacts]:
+    """`docker info` on every node (in parallel); RemoteError naming each node that failed."""
+    res = r.run_all("swarm: read state", INFO_CMD, nodes)
+    return {name: parse_swarm_info(out.stdout) for name, out in res.items()}
+
+
+def read_facts_reachable(r: Remote, nodes: Sequence[Node] | None = None
+                         ) -> tuple[dict[str, SwarmFacts], list[Failure]]:
+    """Like `read_facts`, but unreachable nodes are returned as failures instead of raised."""
+
+    def one(n: Node) -> SwarmFacts | Failure:
+        try:
+            return parse_swarm_info(r.run(n, "swarm: read state", INFO_CMD).stdout)
+        except RemoteError as e:
+            return e.failures[0]
+
+    got = r.on_all("swarm: read state", one, nodes)
+    retry = [k for k, v in got.items() if isinstance(v, Failure)]
+    if retry:  # once more: a busy node may just have been slow to answer
+        time.sleep(2)
+        got |= r.on_all("swarm: read state", one, retry)
+    facts = {k: v for k, v in got.items() if isinstance(v, SwarmFacts)}
+    failures = [v for v in got.values() if isinstance(v, Failure)]
+    return facts, failures
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions (pure: unit-tested with recorded facts)
+
+
+@dataclass
+class SwarmPlan:
+    """What setup must do, decided from the facts."""
+
+    leader: str  # the node that is (or will be, after init) a manager of this swarm
+    init: bool = False
+    join: list[str] = field(default_factory=list)  # join as managers, in this order
+    promote: list[str] = field(default_factory=list)  # workers of this swarm -> managers
+    members: list[str] = field(default_factory=list)  # already managers of this swarm
+    cluster_id: str = ""
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (node, what to do)
+
+    @property
+    def changes(self) -> bool:
+        """Setup has something to change."""
+        return self.init or bool(self.join or self.promote)
+
+
+def plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]) -> SwarmPlan:
+    """Decide init / join / promote from every node's facts.
+
+    `addresses` maps node name -> advertised IP. "This swarm" is the one whose managers are all
+    nodes of the cluster; a node in any other swarm, or stuck (pending, locked, error), is a
+    problem that stops setup before anything is changed.
+    """
+    ours_ips = set(addresses.values())
+    by_ip = {ip: name for name, ip in addresses.items()}
+    problems: list[tuple[str, str]] = []
+
+    def managers_named(f: SwarmFacts) -> str:
+        return ", ".join(by_ip.get(m, m) for m in f.managers) or "unknown"
+
+    # Candidate swarms: cluster IDs of managers whose manager list holds only our nodes.
+    candidates: dict[str, list[str]] = {}
+    foreign: dict[str, SwarmFacts] = {}
+    for n in c.nodes:
+        f = facts[n.name]
+        if f.state == "inactive":
+            continue
+        if f.state in ("pending", "error", "locked"):
+            problems.append((n.name, _stuck_hint(n.name, f)))
+            continue
+        if f.manager and f.cluster_id and set(f.managers) <= ours_ips:
+            candidates.setdefault(f.cluster_id, []).append(n.name)
+        elif f.manager or not (set(f.managers) <= ours_ips):
+            foreign[n.name] = f
+
+    cluster_id = ""
+    if len(candidates) > 1:
+        listing = "; ".join(f"{cid[:12]}: {', '.join(ns)}" for cid, ns in candidates.items())
+        keep = next(iter(candidates))
+        for cid, ns in candidates.items():
+            if cid == keep:
+                continue
+            for name in ns:
+                problems.append((name, (
+                    f"{name} is a manager of a different swarm than {', '.join(candidates[keep])} "
+                    f"(swarms: {listing}). One cluster needs one swarm: on {name} run "
+                    f"`docker swarm leave --force` (this removes every service of that swarm "
+                    f"from it), then run the task again")))
+    elif candidates:
+        cluster_id = next(iter(candidates))
+
+    for name, f in foreign.items():
+        where = f"cluster {f.cluster_id[:12]}, " if f.cluster_id else ""
+        problems.append((name, (
+            f"{name} is already in another swarm ({where}managers: {managers_named(f)}), not "
+            f"one made of this cluster's nodes. haswarm does not take a node out of a swarm it "
+            f"did not make: if that swarm is no longer needed, run `docker swarm leave --force` "
+            f"on {name} (add `docker node rm` on that swarm's managers), or remove {name} from "
+            f"the cluster file; then run the task again")))
+
+    members = [n.name for n in c.nodes if cluster_id and facts[n.name].active
+               and facts[n.name].manager and facts[n.name].cluster_id == cluster_id]
+    workers = [n.name for n in c.nodes if cluster_id and n.name not in foreign
+               and facts[n.name].active and not facts[n.name].manager]
+    leader = members[0] if members else c.nodes[0].name
+    init = not members
+    join = [n.name for n in c.nodes if n.name != leader and facts[n.name].state == "inactive"]
+    if init and workers:
+        # Workers of a swarm none of whose managers we can see: leave it to the user.
+        for name in workers:
+            problems.append((name, (
+                f"{name} is a worker of a swarm whose managers ({managers_named(facts[name])}) "
+                f"do not answer as managers: run `docker swarm leave --force` on {name} and run "
+                f"the task again")))
+        workers = []
+    return SwarmPlan(leader=leader, init=init, join=join, promote=workers, members=members,
+                     cluster_id=cluster_id, problems=problems)
+
+
+def _stuck_hint(name: str, f: SwarmFacts) -> str:
+    if f.state == "locked":
+        return (f"{name}'s swarm is locked (autolock): unlock it with `docker swarm unlock` and "
+                f"its unlock key, or leave it with `docker swarm leave --force`; then run the "
+                "task again")
+    detail = f": {f.error}" if f.error else ""
+    return (f"{name} is stuck in swarm state {f.state!r}{detail} (a join that never completed). "
+            f"Run `docker swarm leave --force` on {name} and run the task again")
+
+
+@dataclass
+class LeavePlan:
+    """What clean must do: per swarm, demote the other managers on one manager (`demote`:
+    {via: [names]}), then every node but those leaves (`leave`), then each `last` manager
+    leaves with --force, ending its swarm."""
+
+    demote: dict[str, list[str]] = field(default_factory=dict)
+    leave: list[str] = field(default_factory=list)
+    last: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # foreign swarms: untouched
+
+    @property
+    def empty(self) -> bool:
+        """No node to take out of a swarm."""
+        return not (self.leave or self.last)
+
+
+def leave_plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]) -> LeavePlan:
+    """Order of removal that keeps a quorum at every step (reachable nodes only in `facts`).
+
+    Nodes in a swarm whose managers are not all cluster nodes are left alone (reported).
+    Several swarms made of cluster nodes (a half-failed earlier setup) are each taken apart.
+    """
+    ours_ips = set(addresses.values())
+    p = LeavePlan()
+    groups: dict[str, list[str]] = {}
+    for n in c.nodes:
+        f = facts.get(n.name)
+        if f is None or f.state == "inactive":
+            continue
+        if not set(f.managers) <= ours_ips:
+            p.skipped.append((n.name, f"{n.name} is in another swarm (managers: "
+                                      f"{', '.join(f.managers)}): left as it is"))
+            continue
+        if f.active and f.manager and f.cluster_id:
+            groups.setdefault(f.cluster_id, []).append(n.name)
+        else:
+            p.leave.append(n.name)  # workers and stuck nodes: leaving changes no quorum
+    for managers in groups.values():
+        via, *others = managers
+        if others:
+            p.demote[via] = others
+        p.leave += others
+        p.last.append(via)
+    p.leave.sort(key=c.names.index)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Actions
+
+
+def heartbeat_ns(c: Cluster) -> int:
+    """The wanted dispatcher heartbeat in nanoseconds (the unit Docker reports)."""
+    return int(round(c.swarm.dispatcher_heartbeat * 1e9))
+
+
+def _duration(ns: int) -> str:
+    """Nanoseconds -> a Go duration `docker swarm update` accepts ('1s', '1500ms')."""
+    ms = ns // 1_000_000
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def setup(c: Cluster) -> dict[str, Any]:
+    """Bring the swarm to the wanted state; return facts for the stamp. Raises RemoteError."""
+    addresses = {n.name: advertise_address(n) for n in c.nodes}
+    with Remote(c) as r:
+        facts = read_facts(r)
+        p = plan(c, facts, addresses)
+        if p.problems:
+            raise RemoteError([_problem(c, name, msg) for name, msg in p.problems])
+        leader = p.leader
+        if p.init:
+            addr = addresses[leader]
+            progress(leader, f"swarm: init (advertise {addr})")
+            r.run(leader, "swarm: init", f"docker swarm init --advertise-addr {shlex.quote(addr)}"
+                  f" --listen-addr 0.0.0.0:{SWARM_PORT}")
+        elif not p.join and not p.promote:
+            progress(leader, f"swarm: all {len(c.nodes)} nodes are managers already")
+        if p.join:
+            token = r.run(leader, "swarm: join token", "docker swarm join-token -q manager"
+                          ).stdout.strip()
+            r.redact(token)
+            for name in p.join:  # one at a time: each join is a raft membership change
+                progress(name, f"swarm: join as manager via {leader}")
+                _join(r, c.node(name), addresses[name], addresses[leader], token)
+        for name in p.promote:
+            progress(name, "swarm: promote worker to manager")
+            node_id = facts[name].node_id
+            r.run(leader, "swarm: promote", f"docker node promote {shlex.quote(node_id)}")
+
+        lf = read_facts(r, [c.node(leader)])[leader]
+        want = heartbeat_ns(c)
+        if lf.heartbeat_ns != want:
+            old = "unset" if lf.heartbeat_ns is None else f"{lf.heartbeat_ns / 1e9:g} s"
+            progress(leader, f"swarm: dispatcher heartbeat {old} -> {want / 1e9:g} s")
+            r.run(leader, "swarm: heartbeat",
+                  f"docker swarm update --dispatcher-heartbeat {_duration(want)}")
+        managers = wait_members(r, c, leader, MEMBERSHIP_TIMEOUT)
+        progress(leader, f"swarm: {len(managers)} managers ({', '.join(managers)}), "
+                         f"dispatcher heartbeat {want / 1e9:g} s")
+        return {"cluster_id": lf.cluster_id, "managers": managers}
+
+
+def _join(r: Remote, node: Node, addr: str, leader_addr: str, token: str) -> None:
+    """`docker swarm join` as a manager through the Docker API (the token stays off any
+    command line, where `ps` on the node would show it)."""
+    import docker
+
+    client = r.docker(node)
+    try:
+        client.swarm.join(remote_addrs=[f"{leader_addr}:{SWARM_PORT}"], join_token=token,
+                          listen_addr=f"0.0.0.0:{SWARM_PORT}", advertise_addr=addr)
+    except docker.errors.APIError as e:
+        explanation = str(getattr(e, "explanation", "") or e)
+        raise RemoteError([Failure(
+            node=node.name, address=node.address, step="swarm: join", kind=Kind.COMMAND,
+            detail=explanation.replace(token, "***"),
+            hint=(f"{node.name} must reach {leader_addr} on TCP {SWARM_PORT} (swarm control), "
+                  "TCP/UDP 7946 (gossip) and UDP 4789 (overlay): check firewalls; if the node "
+                  "is half-joined, run `docker swarm leave --force` on it and run the task "
+                  "again"),
+        )]) from None
+
+
+def node_table(r: Remote, via: str) -> list[dict[str, Any]]:
+    """`docker node ls` on `via` as a list of dicts (ID, Hostname, Status, ManagerStatus...)."""
+    out = r.run(via, "swarm: list nodes", "docker node ls --format '{{json .}}'").stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def wait_members(r: Remote, c: Cluster, leader: str, timeout: float) -> list[str]:
+    """Wait until every cluster node is a Ready manager (Leader or Reachable); return names."""
+    ids = {f.node_id: name for name, f in read_facts(r).items() if f.node_id}
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = node_table(r, leader)
+        ready = [ids[row["ID"]] for row in rows if row.get("ID") in ids
+                 and row.get("Status") == "Ready"
+                 and row.get("ManagerStatus") in ("Leader", "Reachable")]
+        missing = [n for n in c.names if n not in ready]
+        if not missing:
+            return [n for n in c.names if n in ready]
+        if time.monotonic() > deadline:
+            state = {ids.get(row.get("ID"), row.get("Hostname")):
+                     f"{row.get('Status')}/{row.get('ManagerStatus') or 'worker'}" for row in rows}
+            raise RemoteError([Failure(
+                node=leader, address=c.node(leader).address, step="swarm: wait for managers",
+                kind=Kind.TIMEOUT,
+                detail=f"after {timeout:g} s not Ready managers: {', '.join(missing)} "
+                       f"(node list: {state})",
+                hint="check the missing nodes' dockerd (`journalctl -u docker`) and that they "
+                     f"reach each other on TCP {SWARM_PORT} and 7946")])
+        time.sleep(0.5)
+
+
+def _problem(c: Cluster, name: str, msg: str) -> Failure:
+    return Failure(node=name, address=c.node(name).address, step="swarm: check membership",
+                   kind=Kind.ERROR, detail="nothing was changed on any node", hint=msg)
+
+
+def teardown(c: Cluster, dryrun: bool = False) -> list[str]:
+    """Take every node out of this swarm, keeping quorum; returns messages for the user.
+
+    Unreachable nodes are reported (they still believe they are in the swarm) but do not stop
+    the others from leaving.
+    """
+    notes: list[str] = []
+    addresses = {n.name: advertise_address(n) for n in c.nodes}
+    with Remote(c) as r:
+        facts, failures = read_facts_reachable(r)
+        for f in failures:
+            notes.append(f"{f.node}: unreachable ({f.detail}); it may still believe it is in the "
+                         f"swarm: once it is back, run `doit clean` again (or `docker swarm "
+                         f"leave --force` on it)")
+        p = leave_plan(c, facts, addresses)
+        notes += [msg for _, msg in p.skipped]
+        if p.empty:
+            notes.append("swarm: no node is in this swarm: nothing to remove")
+            return notes
+        if dryrun:
+            for via, names in p.demote.items():
+                notes += [f"{name}: would be demoted to worker (on {via})" for name in names]
+            notes += [f"{name}: would leave the swarm" for name in p.leave]
+            notes += [f"{name}: would leave the swarm last (--force: ends the swarm)"
+                      for name in p.last]
+            return notes
+        for via, names in p.demote.items():
+            demoted = []
+            for name in names:  # one at a time: 3 -> 2 -> 1 managers, each with a majority
+                progress(name, f"swarm: demote to worker (via {via})")
+                res = r.run(via, "swarm: demote",
+                            f"docker node demote {shlex.quote(facts[name].node_id)}",
+                            check=False, timeout=60)
+                if res.ok:
+                    demoted.append(facts[name].node_id)
+                else:
+                    notes.append(f"{name}: demotion failed ({res.stderr.strip()[:200]}); "
+                                 "it leaves by force instead")
+            _wait_workers(r, via, demoted)
+
+        def leave(n: Node) -> None:
+            progress(n, "swarm: leave")
+            r.run(n, "swarm: leave", "docker swarm leave --force", timeout=60)
+
+        r.on_all("swarm: leave", leave, p.leave)
+        for name in p.last:
+            progress(name, "swarm: leave (last manager: the swarm ends)")
+            r.run(name, "swarm: leave", "docker swarm leave --force", timeout=60)
+        left, _ = read_facts_reachable(r, [c.node(n) for n in [*p.leave, *p.last]])
+        stuck = [n for n, f in left.items() if f.state != "inactive"]
+        if stuck:
+            raise RemoteError([Failure(
+                node=n, address=c.node(n).address, step="swarm: leave", kind=Kind.ERROR,
+                detail=f"still in swarm state {left[n].state!r} after leaving",
+                hint=f"run `docker swarm leave --force` on {n} by hand") for n in stuck])
+        notes.append(f"swarm: {len(left)} node(s) left the swarm")
+    return notes
+
+
+def _wait_workers(r: Remote, via: str, node_ids: list[str], timeout: float = 30) -> None:
+    """After demotion, wait until the demoted nodes no longer count as managers."""
+    if not node_ids:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = {row["ID"]: row for row in node_table(r, via)}
+        if all(not rows.get(i, {}).get("ManagerStatus") for i in node_ids):
+            return
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# doit
+
+
+def wanted(c: Cluster) -> str:
+    """What the swarm step applies (its stamp is outdated when this changes)."""
+    return json.dumps({"nodes": [[n.name, n.address] for n in c.nodes],
+                       "heartbeat_ns": heartbeat_ns(c)}, sort_keys=True)
+
+
+def swarm_task(c: Cluster, after: Sequence[str] = ()) -> dict[str, Any]:
+    """The `swarm` task dict; `after` names tasks that must run first (gluster, avahi,
+    preload-images)."""
+    from doit.tools import config_changed
+
+    def action() -> TaskFailed | None:
+        started = time.monotonic()
+        try:
+            facts = setup(c)
+        except (RemoteError, ValueError) as e:
+            return TaskFailed(f"swarm:\n{e}")
+        mark_done(c, STEP, facts)
+        print(f"swarm: done in {time.monotonic() - started:.1f} s", flush=True)
+        return None
+
+    def clean(dryrun: bool = False) -> TaskFailed | None:
+        try:
+            notes = teardown(c, dryrun=dryrun)
+        except (RemoteError, ValueError) as e:
+            return TaskFailed(f"swarm clean:\n{e}")
+        for note in notes:
+            print(note, flush=True)
+        if not dryrun:
+            for step in (STEP, *INSIDE_SWARM):
+                forget(c, step)
+        return None
+
+    return {
+        "basename": "swarm",
+        "doc": "Form the Docker swarm (all nodes managers; dispatcher heartbeat)",
+        "actions": [action],
+        "targets": [str(stamp(c, STEP))],
+        "uptodate": [config_changed(wanted(c))],
+        "task_dep": list(after),
+        "clean": [clean],
+        "verbosity": 2,
+    }
+
+
+def task_swarm() -> dict[str, Any]:
+    """Form the Docker swarm (all nodes managers; dispatcher heartbeat)."""
+    from tasks.config import current
+
+    return swarm_task(current())

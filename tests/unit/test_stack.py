@@ -1,0 +1,439 @@
+"""Facts -> decisions for swarm, stack and Galera bootstrap, fed with recorded CLI output.
+
+The outputs below were recorded on the lab (dockerd 20.10.24, CLI 28.2.2) and trimmed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tasks import galera, render, secrets, stack, swarm
+from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
+from tasks.galera import BOOTSTRAP, STEADY, GaleraFacts, Member, decide
+from tasks.swarm import SwarmFacts, leave_plan, parse_swarm_info, plan
+
+
+@pytest.fixture(scope="module")
+def c() -> Cluster:
+    return load_cluster(LAB_CLUSTER_FILE)
+
+
+ADDRS = {"pi1": "10.77.0.11", "pi2": "10.77.0.12", "pi3": "10.77.0.13"}
+
+# ---------------------------------------------------------------------------------------------
+# swarm
+
+
+INACTIVE = ('{"NodeID":"","NodeAddr":"","LocalNodeState":"inactive","ControlAvailable":false,'
+            '"Error":"","RemoteManagers":null}')
+
+
+def manager_info(node_id: str, addr: str, cluster: str, managers: list[str],
+                 heartbeat: int = 1_000_000_000) -> str:
+    return json.dumps({
+        "NodeID": node_id, "NodeAddr": addr, "LocalNodeState": "active",
+        "ControlAvailable": True, "Error": "",
+        "RemoteManagers": [{"NodeID": f"id-{m}", "Addr": f"{m}:2377"} for m in managers],
+        "Nodes": len(managers), "Managers": len(managers),
+        "Cluster": {"ID": cluster, "Spec": {"Name": "default",
+                                            "Dispatcher": {"HeartbeatPeriod": heartbeat}}},
+    })
+
+
+def worker_info(node_id: str, addr: str, managers: list[str]) -> str:
+    return json.dumps({
+        "NodeID": node_id, "NodeAddr": addr, "LocalNodeState": "active",
+        "ControlAvailable": False, "Error": "",
+        "RemoteManagers": [{"NodeID": "x", "Addr": f"{m}:2377"} for m in managers]})
+
+
+ALL = list(ADDRS.values())
+
+
+def test_parse_manager_info():
+    f = parse_swarm_info(manager_info("abc", "10.77.0.11", "clu", ALL, 5_000_000_000))
+    assert f.active and f.manager
+    assert f.cluster_id == "clu"
+    assert f.managers == tuple(sorted(ALL))
+    assert f.heartbeat_ns == 5_000_000_000
+
+
+def test_parse_inactive_info():
+    f = parse_swarm_info(INACTIVE)
+    assert f.state == "inactive" and not f.manager and f.managers == () and f.heartbeat_ns is None
+
+
+def test_plan_fresh_inits_first_and_joins_the_others(c):
+    facts = {n: parse_swarm_info(INACTIVE) for n in ADDRS}
+    p = plan(c, facts, ADDRS)
+    assert (p.init, p.leader, p.join, p.promote, p.problems) == (True, "pi1", ["pi2", "pi3"],
+                                                                  [], [])
+
+
+def test_plan_converged_changes_nothing(c):
+    facts = {n: parse_swarm_info(manager_info(f"id-{n}", a, "clu", ALL))
+             for n, a in ADDRS.items()}
+    p = plan(c, facts, ADDRS)
+    assert not p.changes and p.leader == "pi1" and p.members == ["pi1", "pi2", "pi3"]
+
+
+def test_plan_half_joined_joins_the_rest_via_a_member(c):
+    two = ["10.77.0.12", "10.77.0.13"]
+    facts = {"pi1": parse_swarm_info(INACTIVE),
+             "pi2": parse_swarm_info(manager_info("b", "10.77.0.12", "clu", two)),
+             "pi3": parse_swarm_info(manager_info("c", "10.77.0.13", "clu", two))}
+    p = plan(c, facts, ADDRS)
+    assert (p.init, p.leader, p.join, p.problems) == (False, "pi2", ["pi1"], [])
+
+
+def test_plan_promotes_a_worker_of_this_swarm(c):
+    facts = {"pi1": parse_swarm_info(manager_info("a", "10.77.0.11", "clu", ["10.77.0.11"])),
+             "pi2": parse_swarm_info(worker_info("b", "10.77.0.12", ["10.77.0.11"])),
+             "pi3": parse_swarm_info(INACTIVE)}
+    p = plan(c, facts, ADDRS)
+    assert (p.leader, p.promote, p.join, p.problems) == ("pi1", ["pi2"], ["pi3"], [])
+
+
+def test_plan_node_in_a_foreign_swarm_is_a_problem_with_instructions(c):
+    facts = {"pi1": parse_swarm_info(INACTIVE), "pi2": parse_swarm_info(INACTIVE),
+             "pi3": parse_swarm_info(manager_info("c", "10.77.0.13", "other",
+                                                  ["10.77.0.13", "192.168.1.50"]))}
+    p = plan(c, facts, ADDRS)
+    assert [name for name, _ in p.problems] == ["pi3"]
+    msg = p.problems[0][1]
+    assert "another swarm" in msg and "192.168.1.50" in msg
+    assert "docker swarm leave --force" in msg
+
+
+def test_plan_two_swarms_of_our_nodes_is_a_problem(c):
+    facts = {"pi1": parse_swarm_info(INACTIVE),
+             "pi2": parse_swarm_info(manager_info("b", "10.77.0.12", "one", ["10.77.0.12"])),
+             "pi3": parse_swarm_info(manager_info("c", "10.77.0.13", "two", ["10.77.0.13"]))}
+    p = plan(c, facts, ADDRS)
+    assert [name for name, _ in p.problems] == ["pi3"]
+    assert "different swarm" in p.problems[0][1]
+
+
+@pytest.mark.parametrize("state", ["pending", "error", "locked"])
+def test_plan_stuck_node_is_a_problem(c, state):
+    facts = {n: parse_swarm_info(INACTIVE) for n in ADDRS}
+    facts["pi2"] = SwarmFacts(state=state, error="boom")
+    p = plan(c, facts, ADDRS)
+    assert [name for name, _ in p.problems] == ["pi2"]
+    assert "docker swarm leave --force" in p.problems[0][1]
+
+
+def test_leave_plan_keeps_quorum(c):
+    facts = {n: parse_swarm_info(manager_info(f"id-{n}", a, "clu", ALL))
+             for n, a in ADDRS.items()}
+    p = leave_plan(c, facts, ADDRS)
+    assert p.demote == {"pi1": ["pi2", "pi3"]}
+    assert p.leave == ["pi2", "pi3"] and p.last == ["pi1"]
+
+
+def test_leave_plan_nothing_and_foreign(c):
+    facts = {n: parse_swarm_info(INACTIVE) for n in ADDRS}
+    assert leave_plan(c, facts, ADDRS).empty
+    facts["pi3"] = parse_swarm_info(manager_info("c", "10.77.0.13", "x", ["192.168.1.9"]))
+    p = leave_plan(c, facts, ADDRS)
+    assert p.empty and [n for n, _ in p.skipped] == ["pi3"]
+
+
+def test_leave_plan_unreachable_node_is_not_in_facts(c):
+    facts = {n: parse_swarm_info(manager_info(f"id-{n}", a, "clu", ALL))
+             for n, a in ADDRS.items() if n != "pi1"}
+    p = leave_plan(c, facts, ADDRS)
+    assert p.demote == {"pi2": ["pi3"]} and p.leave == ["pi3"] and p.last == ["pi2"]
+
+
+def test_heartbeat_duration():
+    assert swarm._duration(1_000_000_000) == "1s"
+    assert swarm._duration(1_500_000_000) == "1500ms"
+
+
+# ---------------------------------------------------------------------------------------------
+# stack: parsing
+
+
+SERVICE_INSPECT = "\n".join(json.dumps(d) for d in [
+    {"ID": "s1", "Spec": {"Name": "haswarm_db", "Mode": {"Replicated": {"Replicas": 3}},
+                          "TaskTemplate": {"ContainerSpec": {"Healthcheck": {
+                              "Test": ["CMD", "/usr/local/bin/galera-healthcheck"]}}}}},
+    {"ID": "s2", "Spec": {"Name": "haswarm_db-seed", "Mode": {"Replicated": {"Replicas": 0}},
+                          "TaskTemplate": {"ContainerSpec": {}}}},
+    {"ID": "s3", "Spec": {"Name": "haswarm_homeassistant", "Mode": {"Replicated": {"Replicas": 1}},
+                          "TaskTemplate": {"ContainerSpec": {}}},
+     "UpdateStatus": {"State": "rollback_completed", "Message": "rollback completed"}},
+    {"ID": "s4", "Spec": {"Name": "haswarm_portainer-agent", "Mode": {"Global": {}},
+                          "TaskTemplate": {"ContainerSpec": {}}}},
+])
+
+def ps_line(task_id: str, name: str, node: str, current: str, desired: str = "Running",
+            error: str = "", image: str = "haswarm/mariadb-galera:10.11-1") -> str:
+    """One line of `docker stack ps --no-trunc --format '{{json .}}'` as recorded."""
+    return json.dumps({"CurrentState": current, "DesiredState": desired, "Error": error,
+                       "ID": task_id, "Image": image, "Name": name, "Node": node, "Ports": ""},
+                      separators=(",", ":"))
+
+
+STACK_PS = "\n".join([
+    ps_line("t-db1", "haswarm_db.1", "pi2", "Running 2 minutes ago"),
+    ps_line("t-db2", "haswarm_db.2", "pi1", "Running 2 minutes ago"),
+    ps_line("t-db3", "haswarm_db.3", "pi3", "Preparing 1 second ago"),
+    ps_line("t-ha", "haswarm_homeassistant.1", "pi1", "Running 9 seconds ago",
+            image="haswarm-lab/homeassistant:2024.1.6"),
+]) + "\n"
+
+SERVICE_PS_HISTORY = "\n".join([
+    ps_line("ye8l", "tst_bad.1", "pi3", "Preparing 1 second ago", image="debian:bookworm"),
+    ps_line("2sdq", "tst_bad.1", "pi3", "Failed 1 second ago", desired="Shutdown",
+            error='"task: non-zero exit (1)"', image="debian:bookworm"),
+])
+
+PS = {
+    "pi1": "c1\thaswarm_db\tt-db2\trunning\tUp 2 minutes (healthy)\n"
+           "c2\thaswarm_homeassistant\tt-ha\trunning\tUp 9 seconds (health: starting)\n"
+           "old\thaswarm_homeassistant\tt-old\trunning\tUp 3 hours (healthy)\n",
+    "pi2": "c3\thaswarm_db\tt-db1\trunning\tUp 2 minutes (unhealthy)\n",
+    "pi3": "",
+}
+
+
+def test_parse_services():
+    s = stack.parse_services(SERVICE_INSPECT, "haswarm")
+    assert s["db"].desired == 3 and s["db"].has_healthcheck
+    assert s["db-seed"].desired == 0 and not s["db-seed"].has_healthcheck
+    assert s["homeassistant"].update_state == "rollback_completed"
+    assert s["portainer-agent"].desired is None
+
+
+def test_parse_tasks_and_history():
+    t = stack.parse_tasks(STACK_PS, "haswarm")
+    assert [(x.service, x.slot, x.node, x.current_state) for x in t][:3] == [
+        ("db", "1", "pi2", "Running"), ("db", "2", "pi1", "Running"),
+        ("db", "3", "pi3", "Preparing")]
+    h = stack.parse_tasks(SERVICE_PS_HISTORY, "tst")
+    assert h[1].error == "task: non-zero exit (1)" and h[1].since == "1 second ago"
+
+
+def task_inspect(task_id: str, service_id: str, image: str, state: str = "running",
+                 desired: str = "running", err: str = "") -> str:
+    """One line of `docker inspect --format '{{json .}}' TASK` as recorded (trimmed): the
+    stored spec lacks defaults (Runtime, DNSConfig) that the service's spec shows."""
+    return json.dumps({"ID": task_id, "ServiceID": service_id, "Slot": 1, "NodeID": "n1",
+                       "DesiredState": desired, "Status": {"State": state, "Err": err},
+                       "Spec": {"ContainerSpec": {"Image": image, "Args": ["node"]}}})
+
+
+def test_task_is_outdated_when_its_template_differs():
+    services = stack.parse_services(json.dumps(
+        {"ID": "s1", "Spec": {"Name": "haswarm_db", "Mode": {"Replicated": {"Replicas": 2}},
+                              "TaskTemplate": {"Runtime": "container", "ContainerSpec": {
+                                  "Image": "galera:2", "Args": ["node"], "DNSConfig": {}}}}}),
+        "haswarm")
+    text = "\n".join([task_inspect("new", "s1", "galera:2"),
+                      task_inspect("old", "s1", "galera:1"),
+                      task_inspect("gone", "other-service", "x:1")])
+    tasks = stack.parse_task_inspect(text, services)
+    assert [(t.id, t.service, t.up_to_date, t.current_state) for t in tasks] == [
+        ("new", "db", True, "Running"), ("old", "db", False, "Running")]
+
+
+def test_parse_containers_health():
+    cts = stack.parse_containers("pi1", PS["pi1"], "haswarm")
+    assert [(x.service, x.health, x.ready) for x in cts] == [
+        ("db", "healthy", True), ("homeassistant", "starting", False),
+        ("homeassistant", "healthy", True)]
+    assert stack.parse_containers("pi3", "garbage\n", "haswarm") == []
+    plain = stack.parse_containers("pi1", "c9\thaswarm_mosquitto\tt9\trunning\tUp 1 second\n",
+                                   "haswarm")
+    assert plain[0].health == "" and plain[0].ready
+
+
+def state() -> stack.StackState:
+    return stack.StackState(
+        services=stack.parse_services(SERVICE_INSPECT, "haswarm"),
+        tasks=stack.parse_tasks(STACK_PS, "haswarm"),
+        containers=[ct for n, out in PS.items()
+                    for ct in stack.parse_containers(n, out, "haswarm")])
+
+
+def test_state_counts_only_current_tasks():
+    s = state()
+    # the old homeassistant container (task not desired any more) does not count
+    assert [ct.id for ct in s.current("homeassistant")] == ["c2"]
+    assert s.ready("homeassistant") == []
+    assert [ct.node for ct in s.ready("db")] == ["pi1"]
+    summary = s.summary(3)
+    assert "db 1/3 [pi1] (unhealthy)" in summary
+    assert "homeassistant 0/1 (starting, rollback completed)" in summary
+    assert "portainer-agent 0/3" in summary
+
+
+def test_state_problems_name_service_and_numbers():
+    probs = state().problems({"db": 3, "db-seed": 0, "homeassistant": 1, "mosquitto": 1}, 3)
+    assert "db: 1 of 3 running and healthy" in probs
+    assert "homeassistant: update rollback_completed: rollback completed" in probs
+    assert "mosquitto: no such service" in probs
+    assert not any(p.startswith("db-seed") for p in probs)
+
+
+def test_expected_replicas_from_rendered_stack(tmp_path):
+    doc = {"services": {"db": {"deploy": {"replicas": 3}}, "mosquitto": {},
+                        "agent": {"deploy": {"mode": "global"}},
+                        "db-seed": {"deploy": {"replicas": 0}}}}
+    assert stack.expected_replicas(yaml.safe_dump(doc), 3) == {
+        "db": 3, "mosquitto": 1, "agent": 3, "db-seed": 0}
+
+
+def test_referenced_objects_and_marker(c):
+    text = yaml.safe_dump({"services": {}, "configs": {"a": {"external": True, "name": "x_a_1"}},
+                           "secrets": {"b": {"external": True, "name": "x_b_2"}}})
+    refs = stack.referenced_objects(c, text)
+    assert {"x_a_1", "x_b_2", stack.marker_name(c, text)} == refs
+    assert stack.marker_name(c, text).startswith(f"{c.name}_deployed-stack_")
+    assert stack.marker_name(c, text) != stack.marker_name(c, text + "#")
+
+
+# ---------------------------------------------------------------------------------------------
+# Galera: status parsing and the bootstrap decision
+
+
+STATUS = """\
+address=10.0.1.5
+phase=running
+uuid=2e6c3b6c-aaaa-11ee-8000-000000000000
+seqno=42
+safe=0
+cluster_status=Primary
+local_state=Synced
+cluster_size=4
+"""
+
+
+def test_parse_galera_status_sections():
+    text = f"== c1\n{STATUS}== c2\n" + STATUS.replace("Synced", "Joining:_receiving_State_Transfer")
+    ms = galera.parse_status_sections("pi1", text, {"c1": "db", "c2": "db-seed"})
+    assert [(m.service, m.synced, m.cluster_size) for m in ms] == [
+        ("db", True, 4), ("db-seed", False, 4)]
+    assert ms[1].local_state == "Joining: receiving State Transfer"
+    # a container that did not answer (exec failed) is a member with no state
+    ms = galera.parse_status_sections("pi1", "== c3\n", {"c3": "db"})
+    assert ms[0].cluster_status == "none" and not ms[0].synced
+
+
+def m(node: str, service: str = "db", synced: bool = True, size: int = 3,
+      phase: str = "running") -> Member:
+    return Member(node=node, service=service, container=f"{service}-{node}", phase=phase,
+                  cluster_status="Primary" if synced else "none",
+                  local_state="Synced" if synced else "none", cluster_size=size if synced else 0)
+
+
+def test_decide_fresh_bootstraps():
+    d = decide(GaleraFacts(seed_desired=None, db_desired=None), 3)
+    assert d.kind == "bootstrap" and d.steps == BOOTSTRAP
+
+
+def test_decide_fresh_with_empty_waiting_db_nodes_still_bootstraps():
+    f = GaleraFacts(seed_desired=0, db_desired=3,
+                    members=[m("pi1", synced=False, phase="waiting")])
+    assert decide(f, 3).kind == "bootstrap"
+
+
+def test_decide_converged_does_nothing_but_steady():
+    f = GaleraFacts(seed_desired=0, db_desired=3, members=[m("pi1"), m("pi2"), m("pi3")])
+    d = decide(f, 3)
+    assert d.kind == "running" and d.steps == STEADY
+    assert "no bootstrap" in d.reason and "cluster size 3" in d.reason
+    assert "deploy-bootstrap" not in d.steps
+
+
+def test_decide_one_synced_db_never_starts_a_seed():
+    f = GaleraFacts(seed_desired=0, db_desired=3,
+                    members=[m("pi1"), m("pi2", synced=False, phase="joining")])
+    d = decide(f, 3)
+    assert d.kind == "running" and "deploy-bootstrap" not in d.steps
+
+
+def test_decide_half_bootstrapped_seed_only():
+    f = GaleraFacts(seed_desired=1, db_desired=0, members=[m("pi2", "db-seed", size=1)])
+    d = decide(f, 3)
+    assert d.kind == "resume" and d.steps[0] == "wait-seed"
+    assert "deploy-bootstrap" not in d.steps and "remove-seed" in d.steps
+
+
+def test_decide_half_bootstrapped_seed_and_synced_db():
+    f = GaleraFacts(seed_desired=1, db_desired=3,
+                    members=[m("pi2", "db-seed", size=4), m("pi1", size=4)])
+    d = decide(f, 3)
+    assert d.kind == "resume" and d.steps[0] == "scale-db"
+
+
+def test_decide_seed_removed_but_ha_not_deployed():
+    # the seed is gone, db Synced: only the steady deploy is left
+    f = GaleraFacts(seed_desired=0, db_desired=3, members=[m("pi1"), m("pi2"), m("pi3")])
+    assert decide(f, 3).steps == STEADY
+
+
+def test_decide_data_on_volumes_recovers_without_seed():
+    f = GaleraFacts(seed_desired=None, db_desired=None, data_nodes=["pi1", "pi2", "pi3"])
+    d = decide(f, 3)
+    assert d.kind == "recover" and d.steps == STEADY and "no seed" in d.reason
+
+
+def test_decide_recovering_db_nodes_are_left_to_recover():
+    f = GaleraFacts(seed_desired=0, db_desired=3, data_nodes=["pi1", "pi2", "pi3"],
+                    members=[m(n, synced=False, phase="waiting") for n in ("pi1", "pi2", "pi3")])
+    assert decide(f, 3).kind == "recover"
+
+
+def test_decide_unknown_node_refuses_to_seed():
+    f = GaleraFacts(seed_desired=None, db_desired=None, unknown_nodes=["pi3"])
+    d = decide(f, 3)
+    assert d.kind == "refuse" and d.steps == () and "pi3" in d.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# doit task shape
+
+
+@pytest.fixture
+def rendered(tmp_path) -> Cluster:
+    """The lab cluster with its build and secrets directories under tmp_path, rendered."""
+    data = yaml.safe_load(LAB_CLUSTER_FILE.read_text())
+    data["build_dir"] = str(tmp_path / "build")
+    data["secrets_dir"] = str(tmp_path / "secrets")
+    path = tmp_path / "cluster.yml"
+    path.write_text(yaml.safe_dump(data))
+    cl = load_cluster(path)
+    secrets.ensure(cl)
+    for out in render.outputs(cl):
+        render.write(render.build_dir(cl) / out.target, render.render(cl, out), out.mode)
+    return cl
+
+
+def test_tasks_order_and_stamps(rendered):
+    c = rendered
+    sw = swarm.swarm_task(c, after=["gluster"])
+    objs = stack.objects_task(c)
+    st = stack.stack_task(c)
+    assert sw["task_dep"] == ["gluster"] and sw["targets"][0].endswith("swarm.json")
+    assert "swarm" in objs["task_dep"] and str(swarm.stamp(c, "swarm")) in objs["file_dep"]
+    assert {"stack-objects", "swarm"} <= set(st["task_dep"])
+    assert any(p.endswith("stack.yml") for p in st["file_dep"])
+    for t in (sw, objs, st):
+        assert "\n" not in t["doc"] and callable(t["clean"][0])
+
+
+def test_rendered_stacks_parse(rendered):
+    base = render.build_dir(rendered)
+    steady = stack.expected_replicas((base / "stack.yml").read_text(), 3)
+    boot = stack.expected_replicas((base / "stack.bootstrap.yml").read_text(), 3)
+    assert (steady["db"], steady["db-seed"], steady["homeassistant"]) == (3, 0, 1)
+    assert (boot["db"], boot["db-seed"], boot["homeassistant"]) == (0, 1, 0)
+    refs = stack.referenced_objects(rendered, (base / "stack.yml").read_text())
+    objects = render.docker_objects(rendered)
+    assert {name for objs in objects.values() for name, _ in objs.values()} < refs
