@@ -37,7 +37,7 @@ _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 _SIZE = re.compile(r"^[1-9][0-9]*[KMG]$")
 _IMAGE = re.compile(
-    r"^(?P<repo>[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
+    r"^(?P<repo>[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[0-9]+(?=/))?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
     r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
 )
 
@@ -226,6 +226,37 @@ class Portainer(_Strict):
     port: int = Field(9000, ge=1, le=65535)
 
 
+class VIP(_Strict):
+    """A keepalived (VRRP) virtual IPv4 address that follows Mosquitto (tasks/vip.py)."""
+
+    address: str | None = Field(
+        None, description="virtual IPv4 address for sensors (MQTT); none: no VIP, no keepalived")
+    interface: str = Field("eth0", description="network interface of the nodes that carries it")
+    router_id: int = Field(51, ge=1, le=255,
+                           description="VRRP virtual_router_id, unique among routers on the LAN")
+    unicast: bool = Field(True, description="adverts to the node addresses (false: multicast)")
+
+    @field_validator("address")
+    @classmethod
+    def _ipv4(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            ip = ipaddress.IPv4Address(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IPv4 address such as 192.168.1.250") from None
+        if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local:
+            raise ValueError(f"{v!r} cannot be a virtual address on the LAN")
+        return v
+
+    @field_validator("interface")
+    @classmethod
+    def _interface(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,15}", v):
+            raise ValueError(f"{v!r} is not a network interface name such as eth0 or wlan0")
+        return v
+
+
 class Cluster(_Strict):
     name: str = Field("haswarm", description="stack name; prefixes every swarm object")
     platform: str
@@ -240,6 +271,7 @@ class Cluster(_Strict):
     mdns: MDNS = Field(default_factory=MDNS)
     galera: Galera = Field(default_factory=Galera)
     portainer: Portainer = Field(default_factory=Portainer)
+    vip: VIP = Field(default_factory=VIP)
     build_dir: Path = Field(Path("build"), description="rendered files (relative to project root)")
     secrets_dir: Path = Field(Path("secrets"), description="generated secrets (relative to root)")
     lab: bool = Field(False, description="this cluster is the local lab (see tasks/lab.py)")

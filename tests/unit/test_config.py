@@ -180,6 +180,12 @@ def test_image_without_tag_or_latest(tmp_path, image):
     assert ("has no tag" in msg) if image.count(":") == 0 else ("tagged 'latest'" in msg)
 
 
+def test_numeric_tag_is_a_tag_not_a_registry_port(tmp_path):
+    d = base()
+    d["images"]["mosquitto"]["image"] = "eclipse-mosquitto:2"
+    assert load_cluster(write(tmp_path, d)).images.mosquitto.tag == "2"
+
+
 def test_invalid_image_reference(tmp_path):
     d = base()
     d["images"]["mosquitto"]["image"] = "Eclipse Mosquitto:2"
