@@ -37,3 +37,21 @@ def lab():
     yield lab
     if not was_running:
         lab.down()
+
+
+# The end-to-end modules share one lab: run them in the order the cluster is built, so a module
+# that tears a layer down (gluster purges, swarm re-forms) runs before the layers above it are
+# deployed, and the fault tests run last on the deployed cluster.
+LAB_ORDER = ["test_lab", "test_remote", "test_preflight", "test_preload", "test_gluster",
+             "test_avahi", "test_swarm", "test_stack", "test_failover", "test_outage", "test_cycle"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> tuple[int, int]:
+        path = item.path
+        if path.parent.name != "lab":
+            return (0, 0)  # unit and image tests first: they do not touch the lab
+        stem = path.stem
+        return (1, LAB_ORDER.index(stem) if stem in LAB_ORDER else len(LAB_ORDER))
+
+    items.sort(key=rank)  # stable: the order inside a module is kept

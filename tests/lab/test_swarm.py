@@ -1,5 +1,6 @@
 """The swarm step on the lab: 3 managers, heartbeat, re-run is a no-op, clean leaves nothing,
-setup again works. Runs after test_stack.py (file order): it takes the stack down first, the way
+setup again works. Runs before test_stack.py (tests/conftest.py orders the lab modules); it takes
+any stack down first, the way
 `doit clean` does (dependents first), and leaves a formed swarm behind."""
 
 from __future__ import annotations
