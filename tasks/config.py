@@ -479,12 +479,24 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-@functools.cache
 def current() -> Cluster:
-    """The cluster of this doit run: `doit config=PATH ...`, else see `cluster_file()`."""
+    """The cluster of this doit run: `doit config=PATH ...`, else see `cluster_file()`.
+
+    Loaded once per file version (one process may run doit for several cluster files)."""
     from doit import get_var
 
-    return load_cluster(cluster_file(get_var("config")))
+    path = cluster_file(get_var("config"))
+    try:
+        st = path.stat()
+        version = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        version = (0, 0)  # load_cluster reports the file as unreadable
+    return _load_cached(path, version)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: Path, version: tuple[int, int]) -> Cluster:
+    return load_cluster(path)
 
 
 def purge_requested() -> bool:
