@@ -1,0 +1,853 @@
+"""`doit status`: the whole cluster in one table, read-only, and fast with a node down.
+
+What a user runs first when something looks wrong. For every node at once (one SSH round trip
+each, `ssh.connect_timeout` for one that does not answer): its swarm membership, the stack's
+containers on it (with health), the Galera state of its db container (`galera-status`: state,
+component, size, seqno), whether the Gluster mount answers, whether it holds the VIP and which
+mDNS name its Avahi holds. Then, from one node that answers: the swarm's view of every node
+(`docker node inspect`: Ready/Down, availability, manager reachability), the volume's bricks
+(`gluster volume status --xml`) and the entries each brick still has to heal (`gluster volume
+heal VOL info summary --xml`), the services' replica counts. From this computer: does Home
+Assistant answer HTTP, does Mosquitto answer MQTT (CONNACK), on which node (and on the VIP).
+
+Unreachable nodes appear as such, with what the others say about them. `problems()` lists every
+deviation from a healthy, converged cluster (the drill waits for it to be empty); the task prints
+them under the table and fails only with `--check`.
+
+Pure parts (parsing, the problem list, the table) are unit-tested with recorded output.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from tasks.config import Cluster, Node
+
+if TYPE_CHECKING:
+    from tasks.remote import Remote
+    from tasks.stack import Container
+
+GALERA_STATUS = "/usr/local/bin/galera-status"
+KEEPALIVED_PID = "/run/keepalived.pid"
+# Seconds one node may take for its whole probe script once connected; each command inside is
+# bounded further by `timeout` (a dead FUSE mount, a hung glusterd or dockerd).
+NODE_TIMEOUT = 25.0
+_SECTION = "@@haswarm-status@@"
+HA = "homeassistant"
+MQTT = "mosquitto"
+DB_SERVICES = ("db", "db-seed")
+
+SWARM_FORMAT = ('{"state":{{json .Swarm.LocalNodeState}},'
+                '"control":{{json .Swarm.ControlAvailable}},"error":{{json .Swarm.Error}}}')
+NODE_INSPECT_FORMAT = (
+    '{"id":{{json .ID}},"host":{{json .Description.Hostname}},"state":{{json .Status.State}},'
+    '"addr":{{json .Status.Addr}},"availability":{{json .Spec.Availability}},'
+    '"role":{{json .Spec.Role}},"manager":{{json .ManagerStatus}}}'
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes (shell, read-only) and their parsing (pure)
+
+
+def _script(probes: dict[str, str]) -> str:
+    """One POSIX sh script printing every probe's output under its own header line."""
+    return "; ".join(f"echo {_SECTION}{key}; {{ {cmd}\n}} 2>&1" for key, cmd in probes.items())
+
+
+def parse_sections(stdout: str) -> dict[str, str]:
+    """Split the output of a probe script back into {probe: output}."""
+    out: dict[str, str] = {}
+    key: str | None = None
+    lines: list[str] = []
+    for line in stdout.splitlines(keepends=True):
+        if line.startswith(_SECTION):
+            if key is not None:
+                out[key] = "".join(lines)
+            key, lines = line[len(_SECTION):].strip(), []
+        elif key is not None:
+            lines.append(line)
+    if key is not None:
+        out[key] = "".join(lines)
+    return out
+
+
+def node_probes(c: Cluster, node: Node) -> dict[str, str]:
+    """What every node is asked (read-only; each command time-limited)."""
+    from tasks.stack import CONTAINER_FORMAT, NAMESPACE
+
+    stack_filter = shlex.quote(f"label={NAMESPACE}={c.name}")
+    services = " ".join(shlex.quote(f"{c.name}_{s}") for s in DB_SERVICES)
+    mp = shlex.quote(str(c.gluster.mount_point))
+    probes = {
+        "swarm": f"timeout 10 docker info --format {shlex.quote(SWARM_FORMAT)} 2>/dev/null",
+        "containers": f"timeout 10 docker ps --filter {stack_filter} "
+                      f"--format {shlex.quote(CONTAINER_FORMAT)} 2>/dev/null",
+        "galera": f"for s in {services}; do "
+                  "for c in $(timeout 10 docker ps -q --filter "
+                  "\"label=com.docker.swarm.service.name=$s\" 2>/dev/null); do "
+                  f"echo \"== $c\"; timeout 10 docker exec \"$c\" {GALERA_STATUS} 2>/dev/null; "
+                  "done; done",
+        "mount": f"awk -v m={mp} '$2 == m {{print $3}}' /proc/mounts; "
+                 f"if timeout 5 stat -t {mp} >/dev/null 2>&1; then echo alive; else echo dead; fi",
+        # entries this brick still has to heal, from its index (what `heal info` lists)
+        "index": f"ls -f {shlex.quote(str(c.gluster.brick_dir))}/.glusterfs/indices/xattrop "
+                 "2>/dev/null | grep -cv -e '^xattrop-' -e '^[.][.]*$'",
+        # the name this node's Avahi holds (a local D-Bus call: instant)
+        "mdns": "timeout 3 dbus-send --system --print-reply=literal "
+                "--dest=org.freedesktop.Avahi / org.freedesktop.Avahi.Server.GetHostNameFqdn "
+                "2>/dev/null; echo",
+    }
+    if c.vip.address:
+        probes["vip"] = (f"ip -o -4 addr show to {shlex.quote(c.vip.address)}/32 | "
+                         "awk '{print $2}'; "
+                         f"if [ -e {KEEPALIVED_PID} ] && kill -0 \"$(cat {KEEPALIVED_PID})\" "
+                         "2>/dev/null || pidof keepalived >/dev/null 2>&1; "
+                         "then echo keepalived=running; else echo keepalived=stopped; fi")
+    return probes
+
+
+def cluster_probes(c: Cluster) -> dict[str, str]:
+    """What one node is asked about the whole cluster (the swarm's and Gluster's view)."""
+    vol = shlex.quote(c.gluster.volume)
+    stack_filter = shlex.quote(f"label=com.docker.stack.namespace={c.name}")
+    return {
+        "nodes": "ids=$(timeout 10 docker node ls -q) && "
+                 f"timeout 10 docker node inspect --format {shlex.quote(NODE_INSPECT_FORMAT)} "
+                 "$ids 2>/dev/null",
+        "services": f"timeout 10 docker service ls --filter {stack_filter} "
+                    "--format '{{.Name}}\t{{.Replicas}}' 2>/dev/null",
+        "bricks": f"timeout 15 gluster --mode=script volume status {vol} --xml 2>/dev/null",
+    }
+
+
+def heal_probe(c: Cluster) -> str:
+    """Entries each brick has to heal. Asked only when every brick is online: with one down,
+    glfsheal waits ~10 s for it (the node probes' index count stands in then)."""
+    vol = shlex.quote(c.gluster.volume)
+    return f"timeout 30 gluster --mode=script volume heal {vol} info summary --xml 2>/dev/null"
+
+
+def parse_swarm(text: str) -> tuple[str, bool]:
+    """The SWARM_FORMAT line of `docker info` -> (local node state, is a manager);
+    ('unknown', False) when Docker did not answer."""
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            return str(d.get("state") or "inactive"), bool(d.get("control"))
+    return "unknown", False
+
+
+@dataclass(frozen=True)
+class SwarmNode:
+    """The swarm's view of one node (`docker node inspect` on a manager)."""
+
+    host: str
+    state: str  # ready | down | unknown | disconnected
+    addr: str
+    availability: str  # active | pause | drain
+    role: str  # manager | worker
+    leader: bool = False
+    reachability: str = ""  # reachable | unreachable | "" (worker)
+    id: str = ""
+
+    def describe(self) -> str:
+        """'Leader Ready Active', 'Reachable Ready Active', 'Unreachable Down Active'."""
+        if self.role == "manager":
+            who = "Leader" if self.leader else (self.reachability.capitalize() or "Manager")
+        else:
+            who = "Worker"
+        return f"{who} {self.state.capitalize()} {self.availability.capitalize()}"
+
+
+def parse_node_inspect(text: str) -> list[SwarmNode]:
+    """Lines of NODE_INSPECT_FORMAT -> the swarm's nodes."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        m = d.get("manager") or {}
+        out.append(SwarmNode(host=d.get("host") or "", state=(d.get("state") or "").lower(),
+                             addr=d.get("addr") or "",
+                             availability=(d.get("availability") or "").lower(),
+                             role=(d.get("role") or "").lower(), leader=bool(m.get("Leader")),
+                             reachability=(m.get("Reachability") or "").lower(),
+                             id=d.get("id") or ""))
+    return out
+
+
+@dataclass(frozen=True)
+class Brick:
+    """One brick of the volume: online (volume status) and what it has left to heal."""
+
+    address: str  # host part of ADDRESS:/path
+    path: str
+    online: bool | None = None  # None: not known (volume status failed)
+    heal_pending: int | None = None  # entries still to heal; None: not known (brick down...)
+    split_brain: int = 0
+    heal_status: str = ""  # "Connected", "Transport endpoint is not connected", ...
+    exact: bool = True  # heal_pending from `heal info`; False: from the brick's index
+
+
+def _xml_root(text: str) -> ET.Element | None:
+    start = text.find("<?xml")
+    if start < 0:
+        start = text.find("<cliOutput")
+    if start < 0:
+        return None
+    try:
+        return ET.fromstring(text[start:].strip())
+    except ET.ParseError:
+        return None
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int((text or "").strip())
+    except ValueError:
+        return None
+
+
+def parse_volume_status(text: str) -> dict[str, bool] | None:
+    """`gluster volume status VOL --xml` -> {brick "ADDRESS:/path": online}; None when the
+    command failed (a brick of a peer that is down is simply absent from the output)."""
+    root = _xml_root(text)
+    if root is None or (root.findtext("opRet") or "0").strip() != "0":
+        return None
+    out = {}
+    for n in root.iter("node"):
+        host = (n.findtext("hostname") or "").strip()
+        path = (n.findtext("path") or "").strip()
+        if not path.startswith("/"):  # Self-heal Daemon, NFS server...: not a brick
+            continue
+        out[f"{host}:{path}"] = (n.findtext("status") or "0").strip() == "1"
+    return out
+
+
+def parse_heal_summary(text: str) -> dict[str, tuple[str, int | None, int]] | None:
+    """`gluster volume heal VOL info summary --xml` (or `info --xml`) ->
+    {brick: (status, entries to heal or None, split-brain entries)}; None when it failed."""
+    root = _xml_root(text)
+    if root is None or (root.findtext("opRet") or "0").strip() != "0":
+        return None
+    out = {}
+    for b in root.iter("brick"):
+        name = (b.findtext("name") or "").strip()
+        status = (b.findtext("status") or "").strip()
+        total = b.findtext("totalNumberOfEntries")
+        if total is None:
+            total = b.findtext("numberOfEntries")
+        pending = _int(total) if status == "Connected" else None
+        out[name] = (status, pending, _int(b.findtext("numberOfEntriesInSplitBrain")) or 0)
+    return out
+
+
+def bricks_from(c: Cluster, status_text: str | None, heal_text: str | None) -> list[Brick]:
+    """The volume's bricks (one per node, cluster order) with what the two outputs say."""
+    online = parse_volume_status(status_text) if status_text else None
+    heal = parse_heal_summary(heal_text) if heal_text else None
+    out = []
+    for n in c.nodes:
+        name = f"{n.address}:{c.gluster.brick_dir}"
+        h = (heal or {}).get(name)
+        out.append(Brick(address=n.address, path=str(c.gluster.brick_dir),
+                         online=None if online is None else online.get(name, False),
+                         heal_pending=h[1] if h else None,
+                         split_brain=h[2] if h else 0, heal_status=h[0] if h else ""))
+    return out
+
+
+@dataclass(frozen=True)
+class GaleraView:
+    """One running Galera container (db or db-seed) as `galera-status` describes it."""
+
+    container: str
+    service: str  # db | db-seed
+    phase: str = ""
+    cluster_status: str = "none"  # Primary | non-Primary | Disconnected | none
+    local_state: str = "none"  # Synced | Donor/Desynced | Joining | ... | none
+    cluster_size: int = 0
+    seqno: int | None = None
+    uuid: str = ""
+
+    @property
+    def synced(self) -> bool:
+        """Synced in a Primary component."""
+        return self.cluster_status == "Primary" and self.local_state == "Synced"
+
+    def describe(self) -> str:
+        """'Synced/Primary size 3', or the entrypoint's phase while the server is not up."""
+        if self.local_state == "none":
+            return self.phase or "starting"
+        return f"{self.local_state}/{self.cluster_status} size {self.cluster_size}"
+
+
+def parse_galera(text: str, services: dict[str, str]) -> list[GaleraView]:
+    """Several `galera-status` outputs, each after a '== CONTAINER' line -> views."""
+    out = []
+    chunks: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith("== "):
+            chunks.append((line[3:].strip(), []))
+        elif chunks:
+            chunks[-1][1].append(line)
+    for cid, lines in chunks:
+        kv = {}
+        for line in lines:
+            key, sep, value = line.strip().partition("=")
+            if sep:
+                kv[key] = value
+        if not kv:
+            continue
+        out.append(GaleraView(container=cid, service=services.get(cid, ""),
+                              phase=kv.get("phase", ""),
+                              cluster_status=kv.get("cluster_status", "none"),
+                              local_state=kv.get("local_state", "none").replace("_", " "),
+                              cluster_size=_int(kv.get("cluster_size")) or 0,
+                              seqno=_int(kv.get("seqno")), uuid=kv.get("uuid", "")))
+    return out
+
+
+def parse_mount(text: str) -> str:
+    """The mount probe -> 'ok', 'dead' (mounted, not answering), 'not mounted', or
+    'wrong type (X)'."""
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    alive = bool(lines) and lines[-1] == "alive"
+    types = [x for x in lines[:-1] if x not in ("alive", "dead")]
+    if not types:
+        return "not mounted"
+    if not any(t.startswith("fuse.glusterfs") or t == "glusterfs" for t in types):
+        return f"wrong type ({types[-1]})"
+    return "ok" if alive else "dead"
+
+
+def parse_services(text: str, stack: str) -> dict[str, str]:
+    """`docker service ls --format '{{.Name}}\\t{{.Replicas}}'` -> {short name: '1/1'}."""
+    out = {}
+    for line in text.splitlines():
+        name, sep, replicas = line.strip().partition("\t")
+        if sep and name.startswith(f"{stack}_"):
+            out[name[len(stack) + 1:]] = replicas.split(" ")[0]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class NodeStatus:
+    """Everything known about one node."""
+
+    name: str
+    address: str
+    reachable: bool = False
+    error: str = ""  # why it is unreachable (short)
+    swarm_state: str = ""  # docker info: active | inactive | pending | error | locked
+    manager: bool = False  # docker info: ControlAvailable
+    swarm: SwarmNode | None = None  # the swarm's view (docker node inspect on a manager)
+    containers: list[Container] = field(default_factory=list)
+    galera: list[GaleraView] = field(default_factory=list)
+    mount: str = ""  # ok | dead | not mounted | wrong type (X) | "" (unknown)
+    brick: Brick | None = None
+    index: int | None = None  # entries in the brick's heal index (node probe)
+    mdns: str = ""  # the mDNS name this node's Avahi holds (e.g. hacluster.local)
+    vip: bool | None = None  # holds the VIP (None: no VIP configured / unknown)
+    keepalived: bool | None = None
+    http: int | None = None  # HTTP status of Home Assistant's port from here (None: no answer)
+    mqtt: int | None = None  # MQTT CONNACK return code from here (None: no answer)
+
+    def running(self, service: str) -> list[Container]:
+        """The running containers of `service` on this node."""
+        return [ct for ct in self.containers if ct.service == service and ct.state == "running"]
+
+
+@dataclass
+class ClusterStatus:
+    """The cluster as `doit status` shows it."""
+
+    cluster: Cluster
+    nodes: list[NodeStatus]
+    observer: str | None = None  # the node the swarm and Gluster views came from
+    services: dict[str, str] = field(default_factory=dict)  # short name -> '1/1'
+    gluster_known: bool = False  # volume status / heal info answered
+    vip_mqtt: int | None = None  # CONNACK return code through the VIP (None: no answer)
+    seconds: float = 0.0
+
+    def node(self, name: str) -> NodeStatus:
+        """The status of node `name`."""
+        return next(n for n in self.nodes if n.name == name)
+
+    def where(self, service: str) -> list[str]:
+        """Nodes running a container of `service`."""
+        return [n.name for n in self.nodes if n.running(service)]
+
+    def ha_answers(self) -> list[str]:
+        """Nodes where Home Assistant answers HTTP (below 500) from here."""
+        return [n.name for n in self.nodes if n.http is not None and n.http < 500]
+
+    def mqtt_answers(self) -> list[str]:
+        """Nodes where a broker sends CONNACK from here."""
+        return [n.name for n in self.nodes if n.mqtt is not None]
+
+    def galera_members(self) -> list[GaleraView]:
+        """The running `db` members (the seed excluded) on every node that answered."""
+        return [m for n in self.nodes for m in n.galera if m.service == "db"]
+
+    def problems(self) -> list[str]:
+        """Every way the cluster differs from healthy and converged; [] when it is."""
+        c = self.cluster
+        out: list[str] = []
+        count = len(self.nodes)
+        for n in self.nodes:
+            if not n.reachable:
+                out.append(f"{n.name} does not answer over SSH ({n.error or 'unreachable'})")
+            elif n.swarm_state != "active":
+                out.append(f"{n.name}: not in a swarm (docker info: {n.swarm_state or '?'})")
+            if n.swarm is None and self.observer:
+                out.append(f"{n.name}: unknown to the swarm (seen from {self.observer})")
+            elif n.swarm is not None:
+                if n.swarm.state != "ready":
+                    out.append(f"{n.name}: swarm node {n.swarm.state}")
+                if n.swarm.availability != "active":
+                    out.append(f"{n.name}: swarm availability {n.swarm.availability}")
+                if n.swarm.role == "manager" and not n.swarm.leader \
+                        and n.swarm.reachability != "reachable":
+                    out.append(f"{n.name}: manager {n.swarm.reachability or 'not reachable'}")
+            if n.reachable and n.mount != "ok":
+                out.append(f"{n.name}: Gluster mount {c.gluster.mount_point} {n.mount or '?'}")
+            if n.brick is not None and self.gluster_known:
+                if n.brick.online is False:
+                    out.append(f"{n.name}: brick {n.brick.address}:{n.brick.path} offline")
+                if n.brick.heal_pending:
+                    out.append(f"{n.name}: brick has {n.brick.heal_pending} entries to heal")
+                if n.brick.split_brain:
+                    out.append(f"{n.name}: brick has {n.brick.split_brain} entries in "
+                               "SPLIT-BRAIN (manual repair: gluster volume heal ... split-brain)")
+            if n.reachable:
+                for ct in n.containers:
+                    if ct.health == "unhealthy":
+                        out.append(f"{n.name}: {ct.service} container {ct.id} unhealthy")
+                dbs = n.running("db")
+                if not dbs:
+                    out.append(f"{n.name}: no db container running")
+                for m in n.galera:
+                    if m.service == "db" and (not m.synced or m.cluster_size != count):
+                        out.append(f"{n.name}: Galera {m.describe()} (want Synced/Primary, "
+                                   f"size {count})")
+                if c.vip.address and n.keepalived is False:
+                    out.append(f"{n.name}: keepalived is not running (the VIP cannot move here)")
+        if not self.observer:
+            out.append("no node answers as a swarm manager: the swarm's view is unknown")
+        elif not self.gluster_known:
+            out.append(f"Gluster volume {c.gluster.volume}: status or heal info did not answer")
+        for service, want in ((HA, 1), (MQTT, 1)):
+            where = self.where(service)
+            if len(where) != want:
+                out.append(f"{service}: {len(where)} containers running "
+                           f"({', '.join(where) or 'none'}), want {want}")
+        seeds = self.where("db-seed")
+        if seeds:
+            out.append(f"db-seed runs on {', '.join(seeds)} (a bootstrap did not finish)")
+        if not self.ha_answers():
+            out.append(f"Home Assistant answers HTTP on no node (port {c.homeassistant.port})")
+        if not self.mqtt_answers():
+            out.append(f"Mosquitto answers MQTT on no node (port {c.mqtt.port})")
+        if c.vip.address:
+            holders = [n.name for n in self.nodes if n.vip]
+            if len(holders) != 1:
+                out.append(f"VIP {c.vip.address} held by {len(holders)} nodes "
+                           f"({', '.join(holders) or 'none'}), want 1")
+            if self.vip_mqtt is None:
+                out.append(f"VIP {c.vip.address}: no MQTT answer on port {c.mqtt.port}")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading it
+
+
+def mqtt_connack(host: str, port: int, timeout: float = 1.5, user: str | None = None,
+                 password: str | None = None) -> int | None:
+    """Send an MQTT 3.1.1 CONNECT (anonymous unless `user`) and return the CONNACK return code
+    (0 accepted, 5 not authorized...: either way a broker answered); None when none did."""
+    payload = _mqtt_string(f"haswarm-status-{time.monotonic_ns() % 10**9}")
+    flags = 0x02  # clean session
+    if user is not None:
+        flags |= 0x80
+        payload += _mqtt_string(user)
+        if password is not None:
+            flags |= 0x40
+            payload += _mqtt_string(password)
+    var = _mqtt_string("MQTT") + bytes([4, flags, 0, 10])
+    body = var + payload
+    packet = bytes([0x10]) + _varint(len(body)) + body
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(packet)
+            data = b""
+            while len(data) < 4:
+                chunk = s.recv(4 - len(data))
+                if not chunk:
+                    return None
+                data += chunk
+            with_disconnect = bytes([0xE0, 0])
+            if data[0] == 0x20 and data[3] == 0:
+                s.sendall(with_disconnect)
+            return data[3] if data[0] == 0x20 else None
+    except OSError:
+        return None
+
+
+def _mqtt_string(s: str) -> bytes:
+    b = s.encode()
+    return len(b).to_bytes(2, "big") + b
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def probe_login(c: Cluster) -> tuple[str | None, str | None]:
+    """The MQTT login the probes use: the stack healthcheck's user when its secret exists here
+    (a CONNACK 0 then proves authentication works), else anonymous (CONNACK 5 still proves a
+    broker answers)."""
+    from tasks import secrets
+
+    user = secrets.HEALTHCHECK_MQTT_USER
+    try:
+        return user, secrets.read(c, f"mqtt_{user}")
+    except OSError:
+        return None, None
+
+
+def _short_error(e: Exception) -> str:
+    from tasks.remote import RemoteError
+
+    if isinstance(e, RemoteError) and e.failures:
+        f = e.failures[0]
+        return f.detail or f.kind
+    return f"{type(e).__name__}: {e}"
+
+
+def read_node(r: Remote, c: Cluster, node: Node, st: NodeStatus) -> None:
+    """Fill `st` from one round trip to `node`; unreachable nodes keep reachable=False."""
+    from tasks.remote import RemoteError
+    from tasks.stack import parse_containers
+
+    try:
+        res = r.run(node, "status", _script(node_probes(c, node)), check=False,
+                    timeout=NODE_TIMEOUT)
+    except RemoteError as e:
+        st.error = _short_error(e)
+        return
+    st.reachable = True
+    sec = parse_sections(res.stdout)
+    st.swarm_state, st.manager = parse_swarm(sec.get("swarm", ""))
+    st.containers = parse_containers(node.name, sec.get("containers", ""), c.name)
+    ids = {ct.id: ct.service for ct in st.containers}
+    st.galera = parse_galera(sec.get("galera", ""), ids)
+    st.mount = parse_mount(sec.get("mount", ""))
+    st.index = _int(sec.get("index", "").strip().splitlines()[-1]) \
+        if sec.get("index", "").strip() else None
+    st.mdns = sec.get("mdns", "").strip().splitlines()[0] if sec.get("mdns", "").strip() else ""
+    if "vip" in sec:
+        lines = [x.strip() for x in sec["vip"].splitlines() if x.strip()]
+        st.keepalived = "keepalived=running" in lines
+        st.vip = any(x and not x.startswith("keepalived=") for x in lines)
+
+
+class _ClusterView:
+    """The swarm's and Gluster's views, read from the first node that has them (tried as soon
+    as its own node probe has answered: a dead node never delays it)."""
+
+    def __init__(self, r: Remote, c: Cluster, status: ClusterStatus) -> None:
+        self.r, self.c, self.status = r, c, status
+        self.swarm_done = self.gluster_done = False
+
+    @property
+    def done(self) -> bool:
+        """Both views read."""
+        return self.swarm_done and self.gluster_done
+
+    def ask(self, st: NodeStatus) -> None:
+        """Read what is still missing from node `st` (reachable)."""
+        from tasks.remote import RemoteError
+
+        c, status = self.c, self.status
+        try:
+            res = self.r.run(st.name, "status: cluster view", _script(cluster_probes(c)),
+                             check=False, timeout=NODE_TIMEOUT)
+        except RemoteError:  # it answered a moment ago; the next one will be asked
+            return
+        sec = parse_sections(res.stdout)
+        if not self.swarm_done:
+            nodes = parse_node_inspect(sec.get("nodes", ""))
+            if nodes:
+                self.swarm_done = True
+                status.observer = st.name
+                by_addr = {n.address: n for n in status.nodes}
+                by_name = {n.name: n for n in status.nodes}
+                for sn in nodes:
+                    target = by_addr.get(sn.addr) or by_name.get(sn.host)
+                    # a re-joined node may be listed twice (old entry Down): keep the best
+                    if target is not None and (target.swarm is None
+                                               or target.swarm.state != "ready"):
+                        target.swarm = sn
+                status.services = parse_services(sec.get("services", ""), c.name)
+        if not self.gluster_done:
+            status_text = sec.get("bricks", "")
+            online = parse_volume_status(status_text)
+            if online is None:
+                return
+            self.gluster_done = status.gluster_known = True
+            heal_text = None
+            if len(online) == len(c.nodes) and all(online.values()):
+                try:
+                    heal_text = self.r.run(st.name, "status: heal info", heal_probe(c),
+                                           check=False, timeout=40).stdout
+                except RemoteError:
+                    heal_text = None
+            for n, b in zip(status.nodes, bricks_from(c, status_text, heal_text), strict=True):
+                n.brick = b
+
+
+def _index_fallback(status: ClusterStatus) -> None:
+    """Bricks without a `heal info` count take their node's index count (marked inexact)."""
+    for n in status.nodes:
+        if n.brick is not None and n.brick.heal_pending is None and n.index is not None \
+                and n.reachable:
+            n.brick = replace(n.brick, heal_pending=n.index, exact=False)
+
+
+def gather(c: Cluster, r: Remote | None = None) -> ClusterStatus:
+    """Read the whole status (SSH to every node at once, HTTP/MQTT probes from here)."""
+    from tasks.remote import Remote
+    from tasks.stack import http_answer
+
+    started = time.monotonic()
+    status = ClusterStatus(cluster=c, nodes=[NodeStatus(n.name, n.address) for n in c.nodes])
+    own = r is None
+    remote = Remote(c) if r is None else r
+    try:
+        with ThreadPoolExecutor(max_workers=3 * len(c.nodes) + 2) as pool:
+            http = {n.name: pool.submit(http_answer, n.address, c.homeassistant.port, 2.0)
+                    for n in c.nodes}
+            user, password = probe_login(c)
+            mqtt = {n.name: pool.submit(mqtt_connack, n.address, c.mqtt.port, 1.5, user,
+                                        password) for n in c.nodes}
+            vip = pool.submit(mqtt_connack, c.vip.address, c.mqtt.port, 1.5, user, password) \
+                if c.vip.address else None
+            view = _ClusterView(remote, c, status)
+            reads = {pool.submit(read_node, remote, c, n, status.node(n.name)): n.name
+                     for n in c.nodes}
+            for fut in as_completed(reads):
+                fut.result()
+                st = status.node(reads[fut])
+                if st.reachable and not view.done:
+                    view.ask(st)
+            _index_fallback(status)
+            for st in status.nodes:
+                st.http = http[st.name].result()
+                st.mqtt = mqtt[st.name].result()
+            status.vip_mqtt = vip.result() if vip is not None else None
+    finally:
+        if own:
+            remote.close()
+    status.seconds = time.monotonic() - started
+    return status
+
+
+def wait_converged(c: Cluster, timeout: float, interval: float = 2.0,
+                   log: Callable[[str], None] | None = None,
+                   also: Callable[[ClusterStatus], list[str]] | None = None) -> ClusterStatus:
+    """Read the status until it shows no problem (nor any from `also`); TimeoutError naming
+    what is left after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: list[str] = []
+    while True:
+        st = gather(c)
+        left = st.problems() + (also(st) if also else [])
+        if not left:
+            return st
+        if log and left != last:
+            log("waiting: " + "; ".join(left))
+        last = left
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not converged after {timeout:g} s:\n  - " + "\n  - ".join(left))
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Showing it (pure)
+
+
+def _services_cell(n: NodeStatus) -> str:
+    if not n.reachable:
+        return "?"
+    parts = []
+    for ct in sorted(n.containers, key=lambda x: x.service):
+        note = ct.health if ct.health else ct.state
+        parts.append(f"{ct.service}({note})")
+    return " ".join(parts) or "-"
+
+
+def _galera_cell(n: NodeStatus) -> str:
+    if not n.reachable:
+        return "?"
+    ms = [m for m in n.galera if m.service in DB_SERVICES]
+    if not ms:
+        return "-"
+    return "; ".join(("seed " if m.service == "db-seed" else "") + m.describe() for m in ms)
+
+
+def _answers_cell(st: ClusterStatus, n: NodeStatus) -> str:
+    parts = []
+    if n.http is not None:
+        parts.append(f"HTTP {n.http}")
+    if n.mqtt is not None:
+        parts.append("MQTT" + ("" if n.mqtt in (0, 4, 5) else f" rc {n.mqtt}"))
+    if n.vip:
+        parts.append("VIP")
+    if n.mdns:
+        parts.append(f"mDNS {n.mdns}")
+    return ", ".join(parts) or "-"
+
+
+def table(st: ClusterStatus) -> str:
+    """The status as one table, then a summary and the problems."""
+    head = ["NODE", "ADDRESS", "SSH", "SWARM", "BRICK", "HEAL", "MOUNT", "GALERA", "SEQNO",
+            "CONTAINERS", "ANSWERS"]
+    rows = []
+    for n in st.nodes:
+        swarm = n.swarm.describe() if n.swarm else (
+            ("manager " if n.manager else "") + n.swarm_state if n.reachable else "?")
+        brick = "?" if n.brick is None or n.brick.online is None else (
+            "up" if n.brick.online else "DOWN")
+        heal = "?" if n.brick is None or n.brick.heal_pending is None else (
+            ("" if n.brick.exact else "~") + str(n.brick.heal_pending)
+            + (f" SB {n.brick.split_brain}" if n.brick.split_brain else ""))
+        seqnos = [str(m.seqno) for m in n.galera if m.service == "db" and m.seqno is not None]
+        seqno = ",".join(seqnos) if seqnos else ("-" if n.reachable else "?")
+        rows.append([n.name, n.address, "ok" if n.reachable else "DOWN", swarm, brick, heal,
+                     n.mount if n.reachable else "?", _galera_cell(n), seqno or "-",
+                     _services_cell(n), _answers_cell(st, n)])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+             for r in [head, *rows]]
+    for n in st.nodes:
+        if not n.reachable:
+            lines.append(f"  {n.name}: {n.error or 'unreachable'}")
+    lines.append("")
+    lines += summary(st)
+    problems = st.problems()
+    if problems:
+        lines.append(f"problems ({len(problems)}):")
+        lines += [f"  - {p}" for p in problems]
+    else:
+        lines.append("problems: none: every node up, volume healed, Galera Synced, services "
+                     "running")
+    lines.append(f"(read in {st.seconds:.1f} s"
+                 + (f"; swarm and Gluster as seen from {st.observer})" if st.observer else ")"))
+    return "\n".join(lines)
+
+
+def summary(st: ClusterStatus) -> list[str]:
+    """A few lines: where Home Assistant and Mosquitto answer, VIP, mDNS, Gluster, Galera."""
+    c = st.cluster
+    by = {n.name: n for n in st.nodes}
+    out = []
+    ha = st.ha_answers()
+    out.append(f"Home Assistant: runs on {', '.join(st.where(HA)) or 'no node'}; answers "
+               + (", ".join(f"HTTP {by[x].http} at {by[x].address}:{c.homeassistant.port}"
+                            for x in ha) if ha else "nowhere")
+               + (f" (replicas {st.services[HA]})" if HA in st.services else ""))
+    mq = st.mqtt_answers()
+    out.append(f"Mosquitto: runs on {', '.join(st.where(MQTT)) or 'no node'}; answers at "
+               + (", ".join(f"{by[x].address}:{c.mqtt.port}" for x in mq) if mq else "nowhere"))
+    if c.vip.address:
+        holders = [n.name for n in st.nodes if n.vip]
+        out.append(f"VIP {c.vip.address}: held by {', '.join(holders) or 'no node'}; MQTT "
+                   + ("answers" if st.vip_mqtt is not None else "does NOT answer"))
+    names = [f"{n.name}={n.mdns}" for n in st.nodes if n.mdns]
+    if names:
+        holder = [n.name for n in st.nodes if n.mdns == f"{c.mdns.name}.local"]
+        out.append(f"mDNS {c.mdns.name}.local: held by {', '.join(holder) or 'no node'}")
+    if st.gluster_known:
+        online = sum(1 for n in st.nodes if n.brick and n.brick.online)
+        pending = sum(n.brick.heal_pending or 0 for n in st.nodes if n.brick)
+        out.append(f"Gluster {c.gluster.volume}: {online}/{len(st.nodes)} bricks online, "
+                   f"{pending} entries to heal")
+    ms = st.galera_members()
+    if ms:
+        synced = [m for m in ms if m.synced]
+        sizes = sorted({m.cluster_size for m in ms})
+        out.append(f"Galera: {len(synced)}/{len(st.nodes)} Synced, cluster size "
+                   f"{'/'.join(map(str, sizes))}")
+    if st.services:
+        out.append("services: " + ", ".join(f"{k} {v}" for k, v in sorted(st.services.items())))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# doit
+
+
+def show(c: Cluster, check: bool = False) -> Any:
+    """The status task's action: print the table; with `check`, fail when there are problems."""
+    from doit.exceptions import TaskFailed
+
+    from tasks.remote import RemoteError
+    from tasks.stack import secret_values
+
+    try:
+        st = gather(c)
+    except RemoteError as e:  # only for a failure of the whole read, not one node
+        return TaskFailed(f"status:\n{e}")
+    text = table(st)
+    from tasks.remote import redact
+
+    print(redact(text, secret_values(c)), flush=True)
+    if check and st.problems():
+        return TaskFailed(f"status: {len(st.problems())} problems (see above)")
+    return None
+
+
+def task_status() -> dict[str, Any]:
+    """Show every node at a glance: swarm, Gluster, Galera, services, answers (read-only)."""
+    from tasks.config import current
+
+    c = current()
+
+    def action(check: bool = False) -> Any:
+        return show(c, check=check)
+
+    return {
+        "actions": [action],
+        "params": [{"name": "check", "long": "check", "type": bool, "default": False,
+                    "help": "fail (exit 1) when the cluster has a problem"}],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
