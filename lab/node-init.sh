@@ -181,10 +181,10 @@ touch /run/haswarm-lab/booted
 if grep -qE '^[^#].*[[:space:]]glusterfs[[:space:]]' /etc/fstab 2>/dev/null; then
     (
         for _ in $(seq 60); do
-            mount -a -t glusterfs >/dev/null 2>&1
+            mount -a -t glusterfs >/dev/null 2>&1 || true    # (set -e: a failure retries)
             missing=0
             while read -r _ mnt fstype _; do
-                [ "$fstype" = glusterfs ] && ! mountpoint -q "$mnt" && missing=1
+                if [ "$fstype" = glusterfs ] && ! mountpoint -q "$mnt"; then missing=1; fi
             done < <(grep -E '^[^#]' /etc/fstab)
             [ "$missing" = 0 ] && { log "fstab: glusterfs mounted"; exit 0; }
             sleep 2
