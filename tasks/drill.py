@@ -875,10 +875,15 @@ def run_outage(c: Cluster, kill_plan: list[tuple[float, str]] | None = None,
         t_return = time.monotonic()
 
         def boot_all() -> None:
+            waves: dict[float, list[str]] = {}
             for delay, node in sorted(boot_plan):
+                waves.setdefault(delay, []).append(node)
+            for delay, wave in waves.items():
                 time.sleep(max(0.0, t_return + delay - time.monotonic()))
-                say(f"booting {node} at {time.monotonic() - t_return:.1f} s")
-                lab.boot(node)
+                say(f"booting {', '.join(wave)} at {time.monotonic() - t_return:.1f} s")
+                # nodes due at the same moment boot in parallel (each waits for its own services)
+                with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+                    list(pool.map(lab.boot, wave))
             for n in names:  # a node the plan missed comes back too
                 if lab.pid(n) is None:
                     lab.boot(n)

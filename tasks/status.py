@@ -125,6 +125,11 @@ def cluster_probes(c: Cluster) -> dict[str, str]:
                  "$ids 2>/dev/null",
         "services": f"timeout 10 docker service ls --filter {stack_filter} "
                     "--format '{{.Name}}\t{{.Replicas}}' 2>/dev/null",
+        # services in the middle of an update (or whose last update failed)
+        "updates": f"ids=$(timeout 10 docker service ls -q --filter {stack_filter}) && "
+                   "[ -n \"$ids\" ] && timeout 10 docker service inspect --format "
+                   "'{{.Spec.Name}}\t{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}' "
+                   "$ids 2>/dev/null",
         "bricks": f"timeout 15 gluster --mode=script volume status {vol} --xml 2>/dev/null",
     }
 
@@ -347,6 +352,18 @@ def parse_services(text: str, stack: str) -> dict[str, str]:
     return out
 
 
+def parse_updates(text: str, stack: str) -> dict[str, str]:
+    """`docker service inspect --format '{{.Spec.Name}}\\t{{.UpdateStatus.State}}'` ->
+    {short name: state} for services whose update is under way, paused or rolled back
+    (a completed update, or none, is left out)."""
+    out = {}
+    for line in text.splitlines():
+        name, sep, state = line.strip().partition("\t")
+        if sep and name.startswith(f"{stack}_") and state and state != "completed":
+            out[name[len(stack) + 1:]] = state
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 
@@ -386,6 +403,7 @@ class ClusterStatus:
     nodes: list[NodeStatus]
     observer: str | None = None  # the node the swarm and Gluster views came from
     services: dict[str, str] = field(default_factory=dict)  # short name -> '1/1'
+    updating: dict[str, str] = field(default_factory=dict)  # short name -> update state
     gluster_known: bool = False  # volume status / heal info answered
     vip_mqtt: int | None = None  # CONNACK return code through the VIP (None: no answer)
     seconds: float = 0.0
@@ -462,6 +480,12 @@ class ClusterStatus:
             if len(where) != want:
                 out.append(f"{service}: {len(where)} containers running "
                            f"({', '.join(where) or 'none'}), want {want}")
+        for name, state in sorted(self.updating.items()):
+            out.append(f"{name}: service update {state.replace('_', ' ')}")
+        for name, replicas in sorted(self.services.items()):
+            have, _, want = replicas.partition("/")
+            if have != want:
+                out.append(f"{name}: {replicas} tasks running")
         seeds = self.where("db-seed")
         if seeds:
             out.append(f"db-seed runs on {', '.join(seeds)} (a bootstrap did not finish)")
@@ -617,6 +641,7 @@ class _ClusterView:
                                                or target.swarm.state != "ready"):
                         target.swarm = sn
                 status.services = parse_services(sec.get("services", ""), c.name)
+                status.updating = parse_updates(sec.get("updates", ""), c.name)
         if not self.gluster_done:
             status_text = sec.get("bricks", "")
             online = parse_volume_status(status_text)

@@ -178,6 +178,8 @@ def test_parse_services_and_galera_and_swarm():
     assert len(views) == 1  # the failed exec gives no view
     assert views[0].synced and views[0].seqno == 12 and views[0].cluster_size == 3
     assert views[0].describe() == "Synced/Primary size 3"
+    assert status.parse_updates("haswarm_homeassistant\tupdating\nhaswarm_db\tcompleted\n"
+                                "haswarm_mosquitto\t\n", "haswarm") == {"homeassistant": "updating"}
     assert status.parse_swarm(SWARM_INFO) == ("active", True)
     assert status.parse_swarm("Cannot connect to the Docker daemon") == ("unknown", False)
 
@@ -252,6 +254,13 @@ def test_node_down_is_shown_with_what_others_say(c):
     assert any(p.startswith("pi1: Galera Synced/Primary size 2") for p in problems)
     row = next(line for line in status.table(st).splitlines() if line.startswith("pi3"))
     assert "DOWN" in row and "Unreachable Down Active" in row
+
+
+def test_updates_and_replicas_are_problems(c):
+    st = healthy(c, updating={"homeassistant": "updating"},
+                 services={"db": "3/3", "homeassistant": "2/1"})
+    assert st.problems() == ["homeassistant: service update updating",
+                             "homeassistant: 2/1 tasks running"]
 
 
 def test_vip_problems(cv):
