@@ -68,6 +68,8 @@ READY_TIMEOUT = 300.0
 POLL = 0.5
 VIP_POLL = 0.2
 MDNS_POLL = 1.0
+# The cron restarts Avahi every minute: a name that has not moved after this never will.
+MDNS_TIMEOUT = 150.0
 
 # Start/stop the Docker engine: systemd on a Pi, the lab's stand-in otherwise.
 _SYSTEMD = "[ -d /run/systemd/system ] && command -v systemctl >/dev/null"
@@ -77,6 +79,10 @@ DOCKER_STOP = (f"if {_SYSTEMD}; then systemctl stop docker.socket docker.service
 DOCKER_START = (f"if {_SYSTEMD}; then systemctl start docker.socket docker.service; "
                 "elif [ -x /usr/local/sbin/lab-service ]; then /usr/local/sbin/lab-service "
                 "docker start; else service docker start; fi")
+
+
+# Errors of the background `docker stop` of a docker fault, by node.
+STOP_ERRORS: dict[str, str] = {}
 
 
 class DrillError(Exception):
@@ -396,6 +402,7 @@ class Probe:
     key: str
     check: Callable[[], str | bool | None]
     interval: float = POLL
+    timeout: float | None = None  # give up sooner than the drill's measure timeout
 
 
 def measure(probes: list[Probe], t0: float, timeout: float,
@@ -423,10 +430,11 @@ def measure(probes: list[Probe], t0: float, timeout: float,
                         where[p.key] = got
                 log(f"{p.key}: {now - t0:.1f} s" + (f" ({got})" if isinstance(got, str) else ""))
                 return
-            if now - t0 > timeout:
+            limit = timeout if p.timeout is None else min(timeout, p.timeout)
+            if now - t0 > limit:
                 with lock:
                     figures[p.key] = None
-                log(f"{p.key}: not within {timeout:g} s" + (f" (last: {last})" if last else ""))
+                log(f"{p.key}: not within {limit:g} s" + (f" (last: {last})" if last else ""))
                 return
             time.sleep(p.interval)
 
@@ -502,7 +510,7 @@ def failover_probes(r: Remote, c: Cluster, st: ClusterStatus, target: str, fault
 
         probes.append(Probe("vip", vip_ok, VIP_POLL))
 
-    if names and c.mdns.restart_cron and survivors:
+    if names and c.mdns.restart_cron and survivors and st.node(target).running("mosquitto"):
         name = f"{c.mdns.name}.local"
         asker = survivors[0].name
         live = {n.address: n.name for n in survivors}
@@ -522,8 +530,8 @@ def failover_probes(r: Remote, c: Cluster, st: ClusterStatus, target: str, fault
                 return f"{addr} ({live[addr]})"
             return None
 
-        probes.append(Probe("mdns_live", mdns_live, MDNS_POLL))
-        probes.append(Probe("mdns_broker", mdns_broker, MDNS_POLL))
+        probes.append(Probe("mdns_live", mdns_live, MDNS_POLL, MDNS_TIMEOUT))
+        probes.append(Probe("mdns_broker", mdns_broker, MDNS_POLL, MDNS_TIMEOUT))
     return probes
 
 
@@ -531,8 +539,11 @@ def failover_probes(r: Remote, c: Cluster, st: ClusterStatus, target: str, fault
 # Fault and restore
 
 
-def inject(c: Cluster, fault: str, target: str, lab: Lab | None) -> float:
-    """Take `target` down; returns the moment of the fault (time.monotonic())."""
+def inject(c: Cluster, fault: str, target: str, lab: Lab | None
+           ) -> tuple[float, threading.Thread | None]:
+    """Take `target` down; returns the moment of the fault (time.monotonic()) and, for the
+    docker fault, the thread still stopping the engine (containers stop gracefully, up to their
+    stop grace periods: the probes run meanwhile; join it before the restore)."""
     from tasks.remote import Remote
 
     if fault in ("kill", "cut"):
@@ -542,11 +553,21 @@ def inject(c: Cluster, fault: str, target: str, lab: Lab | None) -> float:
             lab.kill(target)
         else:
             lab.cut(target)
-        return t0
-    with Remote(c) as r:
-        t0 = time.monotonic()
-        r.run(target, "drill: stop docker", DOCKER_STOP, timeout=120)
-    return t0
+        return t0, None
+
+    def stop() -> None:
+        from tasks.remote import RemoteError
+
+        try:
+            with Remote(c) as r:
+                r.run(target, "drill: stop docker", DOCKER_STOP, timeout=180)
+        except RemoteError as e:  # reported by run_drill after the join
+            STOP_ERRORS[target] = str(e)
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=stop, name="drill-stop-docker", daemon=True)
+    thread.start()
+    return t0, thread
 
 
 def restore(c: Cluster, fault: str, target: str, lab: Lab | None) -> None:
@@ -708,7 +729,7 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
 
     committed: list[str] = []
     say(f"fault: {fault} {target}")
-    t0 = inject(c, fault, target, lab)
+    t0, stopping = inject(c, fault, target, lab)
     try:
         with Remote(c) as r:
             r.redact(*_secret_values(c))
@@ -717,6 +738,10 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
         if during is not None:
             during(target)
     finally:
+        if stopping is not None:
+            stopping.join(240)
+            if target in STOP_ERRORS:
+                result.notes.append(f"stopping Docker failed: {STOP_ERRORS.pop(target)}")
         say(f"restoring {target}")
         t_restore = time.monotonic()
         restore(c, fault, target, lab)

@@ -17,6 +17,17 @@ import os
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _fresh_doit_vars():
+    """doit keeps `name=value` command-line variables in a module global; a test that runs doit
+    in-process (e.g. with `config=PATH`) must not leak them into the next test's `get_var`."""
+    from doit.doit_cmd import reset_vars
+
+    reset_vars()
+    yield
+    reset_vars()
+
+
 @pytest.fixture(scope="session")
 def lab():
     from tasks.config import LAB_CLUSTER_FILE, load_cluster

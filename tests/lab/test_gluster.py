@@ -104,7 +104,10 @@ def test_setup_from_bare_nodes(lab: Lab, cluster: Cluster,
         fstab = on(lab, n, "cat /etc/fstab")
         ours = [line for line in fstab.splitlines() if " glusterfs " in line]
         assert len(ours) == 1 and ours[0].startswith(f"localhost:/haswarm {MOUNT} glusterfs ")
-        assert "_netdev,backup-volfile-servers=" in ours[0]
+        options = ours[0].split()[3].split(",")
+        assert "_netdev" in options
+        others = ":".join(x.address for x in cluster.nodes if x.name != n)
+        assert f"backup-volfile-servers={others}" in options
         assert fstab.startswith(FSTAB_BEFORE[n])  # the node's own lines untouched
         assert lab.exec(n, f"mountpoint -q {MOUNT}", check=False).returncode == 0
     data = on(lab, "pi2", f"stat -c '%u:%g %a' {MOUNT}/mosquitto/data")
