@@ -1350,6 +1350,50 @@ def preload_action(nodes: list[str] | None, step: str) -> TaskFailed | None:
     return None
 
 
+def clean_saved(paths: list[str]) -> None:
+    """Clean action of the image tasks. The saved files are the controller's build cache (a Home
+    Assistant build takes minutes): a plain `doit clean` keeps them, `doit purge=yes clean`
+    removes them."""
+    from tasks.config import purge_requested
+
+    present = [Path(p) for p in paths if Path(p).exists()]
+    if not present:
+        return
+    names = ", ".join(_rel(p) for p in present)
+    if not purge_requested():
+        print(f"kept {names} (build cache; `doit purge=yes clean` removes it)")
+        return
+    for p in present:
+        p.unlink()
+    print(f"removed {names}")
+
+
+def clean_preload(nodes: list[str] | None, step_name: str) -> TaskFailed | None:
+    """Clean action of preload-images: forget the stamp; with `purge=yes` also remove the
+    stack's images from the nodes (those no container uses any more), as before setup."""
+    from tasks import state
+    from tasks.config import purge_requested
+    from tasks.remote import Remote, RemoteError
+
+    c = current()
+    state.forget(c, step_name)
+    if not purge_requested():
+        print(f"{step_name} (clean): images kept on the nodes (`purge=yes` removes them)")
+        return None
+    refs = " ".join(shlex.quote(img.image) for img in stack_images(c).values())
+    cmd = (f"for ref in {refs}; do docker image inspect \"$ref\" >/dev/null 2>&1 || continue; "
+           "docker image rm \"$ref\" >/dev/null && echo \"removed $ref\"; done")
+    try:
+        with Remote(c) as r:
+            out = r.run_all("images: remove preloaded", cmd, nodes)
+    except RemoteError as e:
+        return TaskFailed(str(e))
+    for node, res in out.items():
+        print(f"{node}: {step_name} (clean): "
+              + (", ".join(res.stdout.split("\n")) if res.stdout.strip() else "nothing to do"))
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Task creators (no Docker, no SSH here: `doit list` stays instant)
 
@@ -1359,7 +1403,7 @@ def task_buildx() -> dict[str, Any]:
     c = current()
     dest = tools_dir(c) / "docker-buildx"
     return {"actions": [(fetch_buildx_action, [dest])], "targets": [dest], "uptodate": [True],
-            "clean": True, "verbosity": 2}
+            "clean": [(clean_saved, [[str(dest)]])], "verbosity": 2}
 
 
 def task_base_image() -> dict[str, Any]:
@@ -1369,7 +1413,7 @@ def task_base_image() -> dict[str, Any]:
         "basename": "base-image",
         "actions": [(step, [resolve_bases, c])],
         "targets": [images_dir(c) / "base.json"],
-        "clean": True,
+        "clean": [(clean_saved, [[str(images_dir(c) / "base.json")]])],
         "verbosity": 2,
     }
 
@@ -1398,7 +1442,7 @@ def task_images() -> Iterator[dict[str, Any]]:
             "targets": [str(out / f"{service}.tar"), str(out / f"{service}.json")],
             "uptodate": [config_changed({"image": img.image, "platform": c.platform,
                                          "build": str(img.build) if img.build else None})],
-            "clean": True,
+            "clean": [(clean_saved, [[str(out / f"{service}.tar"), str(out / f"{service}.json")]])],
             "verbosity": 2,
         }
     yield {
@@ -1408,7 +1452,7 @@ def task_images() -> Iterator[dict[str, Any]]:
         "actions": [(step, [write_manifest, c])],
         "file_dep": [str(out / f"{s}.json") for s in stack_images(c)],
         "targets": [str(manifest_path(c))],
-        "clean": True,
+        "clean": [(clean_saved, [[str(manifest_path(c))]])],
     }
 
 
@@ -1437,6 +1481,6 @@ def task_preload_images() -> Iterator[dict[str, Any]]:
             "file_dep": [str(manifest)],
             "targets": [str(state.stamp(c, step))],
             "uptodate": [config_changed({"platform": c.platform, "nodes": nodes, "only": only})],
-            "clean": [(state.forget, [c, step])],
+            "clean": [(clean_preload, [only, step])],
             "verbosity": 2,
         }
