@@ -18,15 +18,14 @@ what was lost (goal: nothing).
 mDNS name (`avahi-resolve -n NAME.local` from a survivor every 1 s; the cron restarts Avahi every
 minute) and the VIP (TCP + MQTT login every 0.2 s).
 
-`--defaults` sets swarm's defaults on the running stack (dispatcher heartbeat 5 s, election tick
-10, restart delay 5 s for homeassistant and mosquitto), runs kill and cut on the node running
-Home Assistant, and puts the lab's values back. "Image not preloaded on the target node" cannot
-be reproduced faithfully without a registry: swarm would pull; here a node that lacks an image
-only fails the task. It is emulated: the time to load the Home Assistant image into a fresh
-Docker engine that already holds the MariaDB image (shared base layer, as on a node running db)
-is measured on a private lab instance (`instance_lab("fobnch")`, purged afterwards) and added to
-the HA figure. That is a lower bound of a pull: a Pi pulling from a registry over the internet
-is slower.
+`--defaults` sets swarm's defaults on the running stack (dispatcher heartbeat 5 s, restart delay
+5 s for homeassistant and mosquitto), runs kill and cut on the node running Home Assistant, and
+puts the lab's values back. "Image not preloaded on the target node" cannot be reproduced
+faithfully without a registry: swarm would pull; here a node that lacks an image only fails the
+task. It is emulated: the time to load the Home Assistant image into a fresh Docker engine that
+already holds the MariaDB image (shared base layer, as on a node running db) is measured on a
+private lab instance (`instance_lab("fobnch")`, purged afterwards) and added to the HA figure.
+That is a lower bound of a pull: a Pi pulling from a registry over the internet is slower.
 
 Goals (issue): HA <= 15 s after a kill, <= 25 s after a link cut, >= 2x faster than defaults.
 Uses the shared lab of config/lab.yml (the stack must be deployed: `doit setup`); with no
@@ -48,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks import drill, status, swarm, vip  # noqa: E402
+from tasks import drill, status, vip  # noqa: E402
 from tasks.config import LAB_CLUSTER_FILE, VIP, Cluster, load_cluster  # noqa: E402
 from tasks.lab import Lab, instance_lab  # noqa: E402
 from tasks.remote import Remote  # noqa: E402
@@ -97,14 +96,10 @@ def one(c: Cluster, fault: str, node: str | None, names: bool = False) -> dict[s
             "where": r.where, "lost": r.lost, "rows": r.rows_committed}
 
 
-def set_timing(c: Cluster, heartbeat: float, restart_delay: float, election_tick: int) -> None:
-    """Dispatcher heartbeat, raft election tick (Docker restarted node by node) and restart delay
-    of homeassistant and mosquitto on the running swarm (a service update replaces their tasks),
-    then wait until converged."""
-    timed = c.model_copy(update={"swarm": c.swarm.model_copy(
-        update={"election_tick": election_tick})})
+def set_timing(c: Cluster, heartbeat: float, restart_delay: float) -> None:
+    """Dispatcher heartbeat and restart delay of homeassistant and mosquitto on the running
+    swarm (a service update replaces their tasks), then wait until converged."""
     with Remote(c) as r:
-        swarm.ensure_election_tick(r, timed)
         m = find_manager(r, c)
         assert m is not None
         r.run(m, "bench: heartbeat", f"docker swarm update --dispatcher-heartbeat "
@@ -179,14 +174,13 @@ def main() -> int:
             load = image_load_seconds(c)
             say(f"loading the Home Assistant image into a fresh engine: {load:.1f} s")
             out["image_load"] = load
-            set_timing(c, 5, 5, 10)
+            set_timing(c, 5, 5)
             try:
                 for fault in ("kill", "cut"):
                     for _ in range(args.repeat):
                         out["defaults"].append(one(c, fault, None))
             finally:
-                set_timing(c, c.swarm.dispatcher_heartbeat, c.swarm.restart_delay,
-                           c.swarm.election_tick)
+                set_timing(c, c.swarm.dispatcher_heartbeat, c.swarm.restart_delay)
     finally:
         lab.up()
         status.wait_converged(c, 900, log=say)

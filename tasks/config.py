@@ -163,8 +163,6 @@ class Swarm(_Strict):
     dispatcher_heartbeat: float = Field(1, gt=0, le=60, description="seconds")
     publish_mode: Literal["ingress", "host"] = "ingress"
     restart_delay: float = Field(0, ge=0, le=300, description="seconds")
-    election_tick: int = Field(3, ge=2, le=100, description="seconds without a leader before "
-                               "the managers elect a new one (Docker's default: 10)")
 
 
 class HomeAssistant(_Strict):

@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster
-from tasks.shell import service_command
 
 if TYPE_CHECKING:
     from tasks.lab import Lab
@@ -72,9 +71,14 @@ MDNS_POLL = 1.0
 # The cron restarts Avahi every minute: a name that has not moved after this never will.
 MDNS_TIMEOUT = 150.0
 
-# Start/stop the Docker engine (both units on a Pi: the socket would start it again).
-DOCKER_STOP = service_command("docker", "stop", "docker.socket docker.service")
-DOCKER_START = service_command("docker", "start", "docker.socket docker.service")
+# Start/stop the Docker engine: systemd on a Pi, the lab's stand-in otherwise.
+_SYSTEMD = "[ -d /run/systemd/system ] && command -v systemctl >/dev/null"
+DOCKER_STOP = (f"if {_SYSTEMD}; then systemctl stop docker.socket docker.service; "
+               "elif [ -x /usr/local/sbin/lab-service ]; then /usr/local/sbin/lab-service docker "
+               "stop; else service docker stop; fi")
+DOCKER_START = (f"if {_SYSTEMD}; then systemctl start docker.socket docker.service; "
+                "elif [ -x /usr/local/sbin/lab-service ]; then /usr/local/sbin/lab-service "
+                "docker start; else service docker start; fi")
 
 
 # Errors of the background `docker stop` of a docker fault, by node.

@@ -6,18 +6,14 @@ managers, heartbeat), decides (`plan`, a pure function), and only then changes w
 - no node in a swarm: `docker swarm init --advertise-addr ADDR` on the first node;
 - every node not yet in it joins **as a manager** (the manager join token travels through the
   Docker API, never on a command line); a worker of this swarm is promoted;
-- `docker swarm update --dispatcher-heartbeat` only when the value differs;
-- before any of it, the raft election tick (seconds before a dead leader is replaced) in every
-  node's /etc/docker/daemon.json: it is an engine setting, not part of the swarm's spec, so a
-  change restarts Docker, one node at a time, each back with its containers before the next.
+- `docker swarm update --dispatcher-heartbeat` only when the value differs.
 
 A node in a *different* swarm (its managers are not this cluster's nodes), or one stuck joining,
 stops the task before anything is changed, with what to do.
 
 Clean mirrors it, keeping quorum all the way: the other managers are demoted one by one from
 one manager (3 -> 2 -> 1 managers, each change with a majority), the workers leave, the last
-manager leaves with `--force`, and the election tick is taken out of daemon.json again. Every
-step reads the facts again, so a second clean does nothing.
+manager leaves with `--force`. Every step reads the facts again, so a second clean does nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ from doit.exceptions import TaskFailed
 
 from tasks.config import Cluster, Node
 from tasks.remote import Failure, Kind, Remote, RemoteError, progress
-from tasks.shell import service_command
 from tasks.state import forget, mark_done, stamp
 
 STEP = "swarm"
@@ -46,15 +41,6 @@ INSIDE_SWARM = ("stack-objects", "stack")
 MEMBERSHIP_TIMEOUT = 60.0
 
 INFO_CMD = "docker info --format '{{json .Swarm}}'"
-
-# The engine setting for the raft election timeout (in ticks of one second).
-DAEMON_JSON = "/etc/docker/daemon.json"
-ELECTION_KEY = "swarm-raft-election-tick"
-# Seconds a restarted engine has to answer again with as many healthy containers as before.
-ENGINE_WAIT = 300.0
-DOCKER_RESTART = service_command("docker", "restart", "docker.service")
-# Running containers that are not (yet) healthy: Status "Up 3 seconds (health: starting)".
-RUNNING_CMD = "docker ps --format '{{.Status}}'"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,132 +301,12 @@ def _duration(ns: int) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
-# ---------------------------------------------------------------------------------------------
-# Engine settings (daemon.json)
-
-
-def with_election_tick(text: str, tick: int | None) -> dict[str, Any] | None:
-    """daemon.json's content `text` with the election tick set (`tick`) or removed (None);
-    None when nothing changes. Raises ValueError when `text` is not a JSON object."""
-    data = json.loads(text) if text.strip() else {}
-    if not isinstance(data, dict):
-        raise ValueError("it is not a JSON object")
-    if data.get(ELECTION_KEY) == tick:
-        return None
-    new = {k: v for k, v in data.items() if k != ELECTION_KEY}
-    if tick is not None:
-        new[ELECTION_KEY] = tick
-    return new
-
-
-def _daemon_files(r: Remote, c: Cluster, tick: int | None) -> dict[str, dict[str, Any]]:
-    """{node: new daemon.json content} for the nodes whose file must change."""
-    texts = r.run_all("swarm: read daemon.json", f"cat {DAEMON_JSON} 2>/dev/null || true")
-    changes, bad = {}, []
-    for n in c.nodes:
-        try:
-            new = with_election_tick(texts[n.name].stdout, tick)
-        except ValueError as e:
-            bad.append(Failure(node=n.name, address=n.address, step="swarm: engine settings",
-                               kind=Kind.ERROR, detail=f"{DAEMON_JSON} cannot be read as JSON "
-                               f"({e}); nothing was changed on any node",
-                               hint=f"fix {DAEMON_JSON} on {n.name} (dockerd refuses a broken "
-                                    "one too), then run the task again"))
-            continue
-        if new is not None:
-            changes[n.name] = new
-    if bad:
-        raise RemoteError(bad)
-    return changes
-
-
-def _healthy_running(r: Remote, name: str) -> int | None:
-    """Running containers on `name` that are not starting or unhealthy; None if Docker is not
-    answering."""
-    res = r.run(name, "swarm: containers", RUNNING_CMD, check=False, timeout=30)
-    if not res.ok:
-        return None
-    return sum(1 for line in res.stdout.splitlines()
-               if line.startswith("Up") and "health: starting" not in line
-               and "unhealthy" not in line)
-
-
-def restart_engine(r: Remote, c: Cluster, name: str) -> None:
-    """Restart Docker on `name`; return once it answers with as many healthy containers running
-    as before (the swarm replaces its tasks), so the next node's restart keeps quorum."""
-    before = _healthy_running(r, name) or 0
-    started = time.monotonic()
-    r.run(name, "swarm: restart docker", DOCKER_RESTART, timeout=180,
-          hint="restart Docker on the node by hand (`systemctl restart docker`), then run the "
-               "task again")
-    shown = 0.0
-    while True:
-        now = r.run(name, "swarm: engine answers", INFO_CMD, check=False, timeout=30)
-        count = _healthy_running(r, name) if now.ok else None
-        waited = time.monotonic() - started
-        if count is not None and count >= before:
-            progress(name, f"swarm: Docker back with {count} healthy container(s) in "
-                           f"{waited:.0f} s")
-            return
-        if waited > ENGINE_WAIT:
-            raise RemoteError([Failure(
-                node=name, address=c.node(name).address, step="swarm: restart docker",
-                kind=Kind.TIMEOUT, detail=f"after {ENGINE_WAIT:g} s Docker "
-                + ("does not answer" if count is None else
-                   f"runs {count} healthy container(s), {before} before the restart"),
-                hint="look at `docker ps -a` and the engine's log on the node; the other nodes "
-                     "were not restarted: run `doit setup` again once it is back")])
-        if waited - shown >= 10:
-            shown = waited
-            progress(name, f"swarm: waiting for Docker to come back ({waited:.0f} s, "
-                           f"{count if count is not None else 'no'} of {before} containers)")
-        time.sleep(1)
-
-
-def ensure_election_tick(r: Remote, c: Cluster) -> list[str]:
-    """Every node's daemon.json carries the cluster's election tick; Docker restarted (one node
-    at a time) where it changed. Returns the restarted nodes."""
-    changes = _daemon_files(r, c, c.swarm.election_tick)
-    for name, content in changes.items():
-        progress(name, f"swarm: {ELECTION_KEY}={c.swarm.election_tick} in {DAEMON_JSON}, "
-                       "restarting Docker")
-        r.put(name, "swarm: engine settings", json.dumps(content, indent=2) + "\n", DAEMON_JSON)
-        restart_engine(r, c, name)
-    return list(changes)
-
-
-def reset_election_tick(r: Remote, c: Cluster, dryrun: bool = False) -> list[str]:
-    """Take haswarm's election tick out of every node's daemon.json (the file itself goes when
-    nothing else is in it). Docker is not restarted: without a swarm the setting is inert."""
-    notes = []
-    for name, content in _daemon_files(r, c, None).items():
-        if dryrun:
-            notes.append(f"{name}: would remove {ELECTION_KEY} from {DAEMON_JSON}")
-        elif content:
-            r.put(name, "swarm: engine settings", json.dumps(content, indent=2) + "\n",
-                  DAEMON_JSON)
-            notes.append(f"{name}: {ELECTION_KEY} removed from {DAEMON_JSON}")
-        else:
-            r.run(name, "swarm: engine settings", f"rm -f {DAEMON_JSON}")
-            notes.append(f"{name}: {DAEMON_JSON} removed (it held only {ELECTION_KEY})")
-    return notes
-
-
-# ---------------------------------------------------------------------------------------------
-# Setup and clean
-
-
 def setup(c: Cluster) -> dict[str, Any]:
     """Bring the swarm to the wanted state; return facts for the stamp. Raises RemoteError."""
     addresses = {n.name: advertise_address(n) for n in c.nodes}
     with Remote(c) as r:
         facts = read_facts(r)
         p = plan(c, facts, addresses)
-        if p.problems:
-            raise RemoteError([_problem(c, name, msg) for name, msg in p.problems])
-        if ensure_election_tick(r, c):
-            facts = read_facts(r)  # restarted engines: read their state again
-            p = plan(c, facts, addresses)
         if p.problems:
             raise RemoteError([_problem(c, name, msg) for name, msg in p.problems])
         leader = p.leader
@@ -472,8 +338,7 @@ def setup(c: Cluster) -> dict[str, Any]:
                   f"docker swarm update --dispatcher-heartbeat {_duration(want)}")
         managers = wait_members(r, c, leader, MEMBERSHIP_TIMEOUT)
         progress(leader, f"swarm: {len(managers)} managers ({', '.join(managers)}), "
-                         f"dispatcher heartbeat {want / 1e9:g} s, election tick "
-                         f"{c.swarm.election_tick} s")
+                         f"dispatcher heartbeat {want / 1e9:g} s")
         return {"cluster_id": lf.cluster_id, "managers": managers}
 
 
@@ -612,8 +477,7 @@ def _wait_workers(r: Remote, via: str, node_ids: list[str], timeout: float = 30)
 def wanted(c: Cluster) -> str:
     """What the swarm step applies (its stamp is outdated when this changes)."""
     return json.dumps({"nodes": [[n.name, n.address] for n in c.nodes],
-                       "heartbeat_ns": heartbeat_ns(c), "election_tick": c.swarm.election_tick},
-                      sort_keys=True)
+                       "heartbeat_ns": heartbeat_ns(c)}, sort_keys=True)
 
 
 def swarm_task(c: Cluster, after: Sequence[str] = ()) -> dict[str, Any]:
@@ -634,8 +498,6 @@ def swarm_task(c: Cluster, after: Sequence[str] = ()) -> dict[str, Any]:
     def clean(dryrun: bool = False) -> TaskFailed | None:
         try:
             notes = teardown(c, dryrun=dryrun)
-            with Remote(c) as r:
-                notes += reset_election_tick(r, c, dryrun)
         except (RemoteError, ValueError) as e:
             return TaskFailed(f"swarm clean:\n{e}")
         for note in notes:
@@ -647,7 +509,7 @@ def swarm_task(c: Cluster, after: Sequence[str] = ()) -> dict[str, Any]:
 
     return {
         "basename": "swarm",
-        "doc": "Form the Docker swarm (all nodes managers; heartbeat and election tick)",
+        "doc": "Form the Docker swarm (all nodes managers; dispatcher heartbeat)",
         "actions": [action],
         "targets": [str(stamp(c, STEP))],
         "uptodate": [config_changed(wanted(c))],
