@@ -35,6 +35,7 @@ echo "## volumes"; gluster --mode=script volume list 2>&1 | sort
 echo "## swarm"; docker info --format '{{.Swarm.LocalNodeState}}'
 echo "## containers"; docker ps -a --format '{{.Names}}' | sort
 echo "## docker volumes"; docker volume ls -q | sort
+echo "## daemon.json"; cat /etc/docker/daemon.json 2>/dev/null || echo none
 echo "## networks"; docker network ls --format '{{.Name}}' | sort
 """
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks import gluster, homeassistant, render
+from tasks import gluster, homeassistant, render, stack
 from tasks.config import LAB_CLUSTER_FILE, PROJECT_ROOT, Cluster, load_cluster
 from tasks.lab import Lab
 
@@ -87,6 +87,9 @@ FSTAB_BEFORE: dict[str, str] = {}
 
 def test_setup_from_bare_nodes(lab: Lab, cluster: Cluster,
                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # a stack left running on the lab (by a developer, or an earlier session) holds the mount:
+    # take it down first, as `doit clean` would (dependents first)
+    stack.remove(cluster)
     timing("purge (whatever a previous run left)",
            run(cluster, CLEAN, clean=True, purge=True, monkeypatch=monkeypatch))
     for n in NAMES:
