@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
+from tasks.gluster import parse_sections, probe_script
 
 if TYPE_CHECKING:
     from tasks.remote import Remote
@@ -40,7 +41,6 @@ KEEPALIVED_PID = "/run/keepalived.pid"
 # Seconds one node may take for its whole probe script once connected; each command inside is
 # bounded further by `timeout` (a dead FUSE mount, a hung glusterd or dockerd).
 NODE_TIMEOUT = 25.0
-_SECTION = "@@haswarm-status@@"
 HA = "homeassistant"
 MQTT = "mosquitto"
 DB_SERVICES = ("db", "db-seed")
@@ -56,28 +56,6 @@ NODE_INSPECT_FORMAT = (
 
 # ---------------------------------------------------------------------------------------------
 # Probes (shell, read-only) and their parsing (pure)
-
-
-def _script(probes: dict[str, str]) -> str:
-    """One POSIX sh script printing every probe's output under its own header line."""
-    return "; ".join(f"echo {_SECTION}{key}; {{ {cmd}\n}} 2>&1" for key, cmd in probes.items())
-
-
-def parse_sections(stdout: str) -> dict[str, str]:
-    """Split the output of a probe script back into {probe: output}."""
-    out: dict[str, str] = {}
-    key: str | None = None
-    lines: list[str] = []
-    for line in stdout.splitlines(keepends=True):
-        if line.startswith(_SECTION):
-            if key is not None:
-                out[key] = "".join(lines)
-            key, lines = line[len(_SECTION):].strip(), []
-        elif key is not None:
-            lines.append(line)
-    if key is not None:
-        out[key] = "".join(lines)
-    return out
 
 
 def node_probes(c: Cluster, node: Node) -> dict[str, str]:
@@ -582,7 +560,7 @@ def read_node(r: Remote, c: Cluster, node: Node, st: NodeStatus) -> None:
     from tasks.stack import parse_containers
 
     try:
-        res = r.run(node, "status", _script(node_probes(c, node)), check=False,
+        res = r.run(node, "status", probe_script(node_probes(c, node)), check=False,
                     timeout=NODE_TIMEOUT)
     except RemoteError as e:
         st.error = _short_error(e)
@@ -622,7 +600,7 @@ class _ClusterView:
 
         c, status = self.c, self.status
         try:
-            res = self.r.run(st.name, "status: cluster view", _script(cluster_probes(c)),
+            res = self.r.run(st.name, "status: cluster view", probe_script(cluster_probes(c)),
                              check=False, timeout=NODE_TIMEOUT)
         except RemoteError:  # it answered a moment ago; the next one will be asked
             return

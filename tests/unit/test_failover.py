@@ -185,14 +185,14 @@ def test_parse_services_and_galera_and_swarm():
 
 
 def test_sections_round_trip(c):
-    script = status._script({"a": "echo 1", "b": "echo 2; echo 3"})
+    script = status.probe_script({"a": "echo 1", "b": "echo 2; echo 3"})
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True).stdout
     assert status.parse_sections(out) == {"a": "1\n", "b": "2\n3\n"}
     probes = status.node_probes(c, c.nodes[0])
     assert set(probes) == {"swarm", "containers", "galera", "mount", "index", "mdns"}
-    assert subprocess.run(["sh", "-n", "-c", status._script(probes)]).returncode == 0
+    assert subprocess.run(["sh", "-n", "-c", status.probe_script(probes)]).returncode == 0
     assert subprocess.run(["sh", "-n", "-c",
-                           status._script(status.cluster_probes(c))]).returncode == 0
+                           status.probe_script(status.cluster_probes(c))]).returncode == 0
 
 
 # ---------------------------------------------------------------------------------------------
