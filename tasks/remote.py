@@ -36,24 +36,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
-
-import paramiko
-from fabric import Config, Connection
-from paramiko.ssh_exception import (
-    AuthenticationException,
-    BadHostKeyException,
-    NoValidConnectionsError,
-    PasswordRequiredException,
-    SSHException,
-)
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tasks.config import Cluster, Node
 
 if TYPE_CHECKING:
     import docker
+    import paramiko
+    from fabric import Connection
 
 T = TypeVar("T")
+
+
+def _ssh() -> Any:
+    """paramiko, imported on first use: task creation (`doit list`) never pays for it."""
+    import paramiko
+
+    return paramiko
 
 # Lines of stderr quoted in an error, and the width each is cut to.
 STDERR_TAIL_LINES = 15
@@ -151,7 +150,7 @@ class RemoteError(Exception):
         return self._message()
 
 
-class UnknownHostKey(SSHException):
+class UnknownHostKey(Exception):
     """The node offered a host key that known_hosts does not list."""
 
     def __init__(self, hostname: str, key: paramiko.PKey):
@@ -160,7 +159,9 @@ class UnknownHostKey(SSHException):
         super().__init__(f"host key for {hostname} not in known_hosts")
 
 
-class _RejectUnknown(paramiko.MissingHostKeyPolicy):
+class _RejectUnknown:
+    """paramiko host-key policy: a key known_hosts does not list is refused."""
+
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
                          key: paramiko.PKey) -> None:
         raise UnknownHostKey(hostname, key)
@@ -243,6 +244,8 @@ class Remote:
         self._relays: list[_DockerRelay] = []
         self._docker: dict[tuple[str, float], docker.DockerClient] = {}
         # No ~/.ssh/config or /etc/ssh/ssh_config: the cluster file alone says how to connect.
+        from fabric import Config
+
         self._config = Config(overrides={"load_ssh_configs": False})
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -357,7 +360,7 @@ class Remote:
                 while b"ready\n" not in out:
                     data = chan.recv(256)
                     if not data:
-                        raise SSHException("the shell ended before the clock was read")
+                        raise _ssh().SSHException("the shell ended before the clock was read")
                     out += data
                 t0 = time.time()
                 chan.sendall(b"\n")
@@ -567,6 +570,8 @@ class Remote:
         }
         if ssh.key is not None:
             kwargs.update(pkey=self._key(ssh.key), look_for_keys=False, allow_agent=False)
+        from fabric import Connection
+
         conn = Connection(n.address, user=ssh.user, port=ssh.port, config=self._config,
                           connect_kwargs=kwargs)
         # Fabric installs AutoAddPolicy; trust only what known_hosts lists.
@@ -586,14 +591,14 @@ class Remote:
             if path in self._keys:
                 return self._keys[path]
         try:
-            key = paramiko.PKey.from_path(path)
+            key = _ssh().PKey.from_path(path)
         except FileNotFoundError:
             raise KeyFileProblem(f"the key file {path} does not exist") from None
         except PermissionError:
             raise KeyFileProblem(f"the key file {path} cannot be read (permissions)") from None
-        except PasswordRequiredException:
+        except _ssh().PasswordRequiredException:
             raise KeyFileProblem(f"the key file {path} is protected by a passphrase") from None
-        except (SSHException, ValueError, OSError) as e:
+        except (_ssh().SSHException, ValueError, OSError) as e:
             raise KeyFileProblem(f"the key file {path} is not a usable private key ({e})") from None
         with self._guard:
             self._keys[path] = key
@@ -667,7 +672,7 @@ class Remote:
                 f"fingerprint, trust it with `ssh-keyscan {port_opt}-t ed25519 {n.address} >> "
                 f"{known}` and run the task again",
             )
-        if isinstance(e, BadHostKeyException):
+        if isinstance(e, _ssh().BadHostKeyException):
             return fail(
                 Kind.HOST_KEY,
                 f"{where} offered the host key {e.key.fingerprint}, but {known} lists "
@@ -683,14 +688,14 @@ class Remote:
                         "set ssh.key in the cluster file to an unencrypted private key whose "
                         "public half is in the Pi's authorized_keys (create one with "
                         f"`ssh-keygen -t ed25519 -N '' -f {ssh.key or 'KEYFILE'}`)")
-        if isinstance(e, AuthenticationException):
+        if isinstance(e, _ssh().AuthenticationException):
             key = f"the key {ssh.key}" if ssh.key else "your default SSH keys/agent"
             copy = f"-i {ssh.key}.pub " if ssh.key else ""
             return fail(Kind.AUTH, f"{where} refused {key} for user {ssh.user!r}",
                         f"install the public key on the Pi (`ssh-copy-id {copy}{port_opt}"
                         f"{ssh.user}@{n.address}`), or set ssh.user / ssh.key for this node in "
                         "the cluster file")
-        if isinstance(e, NoValidConnectionsError):
+        if isinstance(e, _ssh().ssh_exception.NoValidConnectionsError):
             codes = {getattr(x, "errno", None) for x in e.errors.values()}
             if codes <= {errno.ECONNREFUSED}:
                 return fail(Kind.UNREACHABLE, f"{where}: connection refused",
@@ -704,7 +709,7 @@ class Remote:
         if isinstance(e, TimeoutError):  # socket.timeout is TimeoutError
             return fail(Kind.UNREACHABLE, f"no answer from {where} within {timeout:g} s",
                         check_node)
-        if isinstance(e, SSHException):
+        if isinstance(e, _ssh().SSHException):
             msg = str(e)
             if "banner" in msg:
                 return fail(Kind.UNREACHABLE,
@@ -735,7 +740,7 @@ def _feed(chan: paramiko.Channel, data: bytes) -> None:
     try:
         chan.sendall(data)
         chan.shutdown_write()
-    except (OSError, EOFError, SSHException):
+    except (OSError, EOFError, _ssh().SSHException):
         pass
 
 
@@ -826,7 +831,7 @@ class _DockerRelay:
                                 return
                             local.sendall(data)
                         self._touch(local)
-        except (OSError, EOFError, SSHException):
+        except (OSError, EOFError, _ssh().SSHException):
             return  # likewise
         finally:
             with self._lock:
@@ -835,7 +840,7 @@ class _DockerRelay:
                 try:
                     if end is not None:
                         end.close()
-                except (OSError, EOFError, SSHException):
+                except (OSError, EOFError, _ssh().SSHException):
                     pass
 
     def close(self) -> None:
