@@ -1381,8 +1381,11 @@ def clean_preload(nodes: list[str] | None, step_name: str) -> TaskFailed | None:
         print(f"{step_name} (clean): images kept on the nodes (`purge=yes` removes them)")
         return None
     refs = " ".join(shlex.quote(img.image) for img in stack_images(c).values())
+    # an image a container still uses stays (a plain `docker image rm` refuses it): said, not
+    # an error; `doit purge=yes clean` removes the stack before this task
     cmd = (f"for ref in {refs}; do docker image inspect \"$ref\" >/dev/null 2>&1 || continue; "
-           "docker image rm \"$ref\" >/dev/null && echo \"removed $ref\"; done")
+           "if docker image rm \"$ref\" >/dev/null 2>&1; then echo \"removed $ref\"; "
+           "else echo \"kept $ref (a container uses it)\"; fi; done")
     try:
         with Remote(c) as r:
             out = r.run_all("images: remove preloaded", cmd, nodes)
@@ -1390,7 +1393,7 @@ def clean_preload(nodes: list[str] | None, step_name: str) -> TaskFailed | None:
         return TaskFailed(str(e))
     for node, res in out.items():
         print(f"{node}: {step_name} (clean): "
-              + (", ".join(res.stdout.split("\n")) if res.stdout.strip() else "nothing to do"))
+              + (", ".join(res.stdout.splitlines()) if res.stdout.strip() else "nothing to do"))
     return None
 
 

@@ -174,6 +174,37 @@ def test_doit_preload_images_then_up_to_date_without_ssh(lab, cluster, small_man
     wanted = images.read_manifest(small_manifest)
     assert all(images.check_node(wanted, facts[n]) == [] for n in cluster.names)
 
+    # `doit clean` keeps the nodes' images; `purge=yes` removes the stack's images from the node
+    # (those no container uses), as before setup, and forgets the stamp
+    before = _stack_images_on(cluster, "pi3")
+    assert not doit("clean", "preload-images:pi3")  # clean returns None when done
+    assert _stack_images_on(cluster, "pi3") == before  # a plain clean keeps them
+    in_use = _images_in_use(cluster, "pi3")
+    try:
+        assert not doit("clean", "preload-images:pi3", "purge=yes")
+        assert _stack_images_on(cluster, "pi3") == before & in_use
+        assert not (tmp_path / "build" / "state" / "preload-images-pi3.json").exists()
+    finally:  # put the real images back where the stack may need them
+        from tasks import state
+
+        for step in ("preload-images", *(f"preload-images-{n}" for n in cluster.names)):
+            state.forget(cluster, step)  # the real build dir's stamps: setup checks again
+        if (before - in_use) and images.manifest_path(cluster).exists():
+            images.preload(cluster, images.manifest_path(cluster), ["pi3"])
+
+
+def _stack_images_on(c: Cluster, node: str) -> set[str]:
+    refs = {img.image for img in images.stack_images(c).values()}
+    with Remote(c) as r:
+        out = r.run(node, "test: images", "docker images --format '{{.Repository}}:{{.Tag}}'")
+    return refs & set(out.stdout.split())
+
+
+def _images_in_use(c: Cluster, node: str) -> set[str]:
+    with Remote(c) as r:
+        out = r.run(node, "test: containers", "docker ps -a --format '{{.Image}}'")
+    return set(out.stdout.split())
+
 
 def test_the_real_manifest_when_the_stack_is_built(lab, cluster):
     manifest = images.manifest_path(cluster)
