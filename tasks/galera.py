@@ -35,7 +35,7 @@ from typing import Any
 
 from tasks import render
 from tasks.config import Cluster, Node
-from tasks.remote import Remote, RemoteError, progress
+from tasks.remote import Remote, RemoteError, key_values, progress
 from tasks.stack import (
     DB_VOLUME,
     StackError,
@@ -101,19 +101,9 @@ class Member:
         return f"{who} {state}"
 
 
-def parse_status(text: str) -> dict[str, str]:
-    """galera-status output ('key=value' lines) -> dict."""
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep:
-            out[key] = value
-    return out
-
-
 def member_from_status(node: str, service: str, container: str, text: str) -> Member:
     """A Member from one galera-status output (missing keys: not answering)."""
-    s = parse_status(text)
+    s = key_values(text)
     try:
         size = int(s.get("cluster_size", "0"))
     except ValueError:

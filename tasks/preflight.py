@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from doit.exceptions import TaskFailed
 
 from tasks.config import Cluster
-from tasks.remote import Remote, RemoteError
+from tasks.remote import Remote, RemoteError, key_values
 
 # Free space needed where Docker keeps images: the stack's images unpacked (Home Assistant alone
 # is ~1.5 GB, MariaDB/Galera ~400 MB, Mosquitto small) plus one spare copy during an upgrade.
@@ -79,7 +79,7 @@ class Facts:
 
 def parse_facts(facts: Facts, stdout: str) -> Facts:
     """Fill `facts` from the output of the fact-gathering script."""
-    values = dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
+    values = key_values(stdout)
     facts.machine = values.get("machine") or None
     if "docker" in values:
         version, _, os_arch = values["docker"].strip().partition(" ")

@@ -85,6 +85,17 @@ class Result:
         return self.exit_code == 0
 
 
+
+def key_values(text: str) -> dict[str, str]:
+    """`key=value` lines of a command's output -> dict (other lines are ignored)."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
 class Kind:
     """What went wrong, coarsely (`Failure.kind`)."""
 

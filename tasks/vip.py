@@ -40,6 +40,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
+from tasks.remote import key_values
 
 if TYPE_CHECKING:
     from tasks.remote import Remote
@@ -206,16 +207,6 @@ FACTS = (
 )
 
 
-def parse_facts(text: str) -> dict[str, str]:
-    """`key=value` lines of FACTS -> dict."""
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep:
-            out[key] = value
-    return out
-
-
 def plan_problems(facts: dict[str, str], interface_ok: bool, iface: str) -> list[str]:
     """Why setup cannot go on on a node (empty: it can)."""
     problems = []
@@ -247,7 +238,7 @@ def setup(c: Cluster, r: Remote) -> dict[str, Any]:
     iface = shlex.quote(c.vip.interface)
 
     def one(node: Node) -> bool:
-        facts = parse_facts(r.run(node, "vip: facts", FACTS).stdout)
+        facts = key_values(r.run(node, "vip: facts", FACTS).stdout)
         iface_ok = r.run(node, "vip: interface", f"ip link show dev {iface} >/dev/null 2>&1",
                          check=False).ok
         problems = plan_problems(facts, iface_ok, c.vip.interface)
@@ -320,7 +311,7 @@ def remove(c: Cluster, r: Remote, dryrun: bool) -> None:
     from tasks.gluster import on_nodes, say
 
     def one(node: Node) -> None:
-        facts = parse_facts(r.run(node, "vip: facts", FACTS).stdout)
+        facts = key_values(r.run(node, "vip: facts", FACTS).stdout)
         present = r.run(node, "vip: files",
                         f"for f in {CHECK} {CRON}; do [ -e $f ] && echo $f; done; true"
                         ).stdout.split()

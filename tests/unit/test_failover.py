@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from tasks import drill, status, vip
 from tasks.config import LAB_CLUSTER_FILE, VIP, Cluster, load_cluster
+from tasks.remote import key_values
 from tasks.stack import Container
 
 
@@ -459,7 +460,7 @@ def test_shell_commands_parse():
         assert subprocess.run(["sh", "-n", "-c", cmd]).returncode == 0, cmd
     cron = vip.cron_text()
     assert "@reboot root" in cron and "%" not in cron  # cron turns % into a newline
-    assert vip.parse_facts("installed=yes\nconf=haswarm\n") == {"installed": "yes",
+    assert key_values("installed=yes\nconf=haswarm\n") == {"installed": "yes",
                                                                   "conf": "haswarm"}
     assert vip.plan_problems({"installed": "yes", "conf": "none"}, True, "eth0") == []
     problems = vip.plan_problems({"installed": "no", "conf": "other"}, False, "eth9")
