@@ -178,15 +178,11 @@ def mqtt_accepts(host: str, port: int, user: str, password: str, timeout: float 
 # The result
 
 
-@dataclass
-class DrillResult:
-    """What a drill measured. Figures are seconds from the fault (restore figures: from the
-    restore); None means "did not happen within the timeout" or "not measured"."""
+@dataclass(kw_only=True)
+class Outcome:
+    """Figures (seconds; None: "did not happen within the timeout" or "not measured"), where
+    each came from, and what was lost: common to a drill and a full outage."""
 
-    fault: str
-    node: str
-    ran: list[str] = field(default_factory=list)  # services the node ran before the fault
-    leader: bool = False  # the node was the swarm's raft leader (a new one must be elected)
     figures: dict[str, float | None] = field(default_factory=dict)
     where: dict[str, str] = field(default_factory=dict)  # figure -> node/address it came from
     rows_committed: int = 0
@@ -197,6 +193,17 @@ class DrillResult:
     def ok(self) -> bool:
         """Nothing lost and the cluster converged again."""
         return not self.lost and self.figures.get("converged") is not None
+
+
+@dataclass(kw_only=True)
+class DrillResult(Outcome):
+    """What a drill measured. Figures are seconds from the fault (restore figures: from the
+    restore)."""
+
+    fault: str
+    node: str
+    ran: list[str] = field(default_factory=list)  # services the node ran before the fault
+    leader: bool = False  # the node was the swarm's raft leader (a new one must be elected)
 
     def report(self) -> str:
         """The figures as a few lines for people."""
@@ -772,22 +779,12 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
 # Full outage (lab): every node down, then back, with no operator action
 
 
-@dataclass
-class OutageResult:
+@dataclass(kw_only=True)
+class OutageResult(Outcome):
     """What a full outage measured: seconds from the first node's return (boot started)."""
 
     kill_plan: list[tuple[float, str]]
     boot_plan: list[tuple[float, str]]
-    figures: dict[str, float | None] = field(default_factory=dict)
-    where: dict[str, str] = field(default_factory=dict)
-    rows_committed: int = 0
-    lost: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """Nothing lost and the cluster converged again."""
-        return not self.lost and self.figures.get("converged") is not None
 
     def report(self) -> str:
         """The figures as a few lines for people."""
