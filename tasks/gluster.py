@@ -161,7 +161,8 @@ class GlusterOutputError(ValueError):
     """Output of the gluster CLI that cannot be understood."""
 
 
-def _cli_xml(text: str) -> ET.Element:
+def cli_xml(text: str) -> ET.Element:
+    """The XML document in the gluster CLI's `--xml` output (raises GlusterOutputError)."""
     start = text.find("<?xml")
     if start < 0:
         start = text.find("<cliOutput")
@@ -175,7 +176,7 @@ def _cli_xml(text: str) -> ET.Element:
 
 def cli_error(text: str) -> str | None:
     """The error gluster reported in its XML (opRet != 0), or None when it succeeded."""
-    root = _cli_xml(text)
+    root = cli_xml(text)
     if (root.findtext("opRet") or "0").strip() == "0":
         return None
     return (root.findtext("opErrstr") or "").strip() or "unknown error"
@@ -183,7 +184,7 @@ def cli_error(text: str) -> str | None:
 
 def parse_peer_status(text: str) -> list[Peer]:
     """`gluster --xml peer status` -> peers (this node itself is never listed)."""
-    root = _cli_xml(text)
+    root = cli_xml(text)
     if (err := cli_error(text)) is not None:
         raise GlusterOutputError(f"peer status failed: {err}")
     peers = []
@@ -205,7 +206,7 @@ def parse_volume_info(text: str) -> Volume | None:
         if "does not exist" in err:
             return None
         raise GlusterOutputError(f"volume info failed: {err}")
-    vol = _cli_xml(text).find("volInfo/volumes/volume")
+    vol = cli_xml(text).find("volInfo/volumes/volume")
     if vol is None:
         return None
     bricks = tuple((b.findtext("name") or (b.text or "")).strip()

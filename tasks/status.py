@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
-from tasks.gluster import parse_sections, probe_script
+from tasks.gluster import GlusterOutputError, cli_xml, parse_sections, probe_script
 
 if TYPE_CHECKING:
     from tasks.remote import Remote
@@ -189,14 +189,10 @@ class Brick:
 
 
 def _xml_root(text: str) -> ET.Element | None:
-    start = text.find("<?xml")
-    if start < 0:
-        start = text.find("<cliOutput")
-    if start < 0:
-        return None
+    """gluster's XML output, or None when there is none (the node did not answer)."""
     try:
-        return ET.fromstring(text[start:].strip())
-    except ET.ParseError:
+        return cli_xml(text)
+    except GlusterOutputError:
         return None
 
 
