@@ -815,56 +815,89 @@ def resolve_bases(c: Cluster, log: Callable[[str], None] = print) -> dict[str, A
     return data
 
 
-def build_image(c: Cluster, service: str, img: Image,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """prepare + build `img` for the cluster platform (buildx or legacy); the verified
-    inspect dict."""
-    platform = Platform.parse(c.platform)
-    ctx = context_dir(img)
+def local_bases(text: str, platform: Platform, cache_dir: Path,
+                log: Callable[[str], None] = print) -> dict[str, str]:
+    """FROM ref -> the image that satisfies it for `platform`, for every base a Dockerfile's text
+    names: a local image, a Debian base bootstrapped into the engine when missing (rootfs cached
+    in `cache_dir`), or the ref itself when only a registry can give it (the builder pulls)."""
+    return {ref: ensure_base(ref, platform, cache_dir, log=log).use
+            for ref in dict.fromkeys(base_refs(text))}
+
+
+def build_context(ctx: Path, tag: str, platform: Platform, mapping: dict[str, str],
+                  work_dir: Path, tools: Path, *, name: str | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build the context `ctx` as `tag` for `platform`, its FROM refs replaced as `mapping` says
+    (the rewritten Dockerfile goes to `work_dir/<name>.Dockerfile`), with buildx when it answers
+    (fetched into `tools` when missing) else the legacy builder; the verified inspect dict.
+
+    The one build path of the project: `doit images` and the image tests both come here, so a
+    test never depends on a base image that only an earlier run left in the engine."""
+    name = name or ctx.name
     dockerfile = ctx / "Dockerfile"
     if not dockerfile.exists():
-        raise ImageError(f"{service}: {dockerfile} does not exist")
-    prepare = ctx / "prepare"
-    if prepare.exists() and os.access(prepare, os.X_OK):
-        log(f"{service}: running {_rel(prepare)}")
-        _run([str(prepare)], cwd=ctx, capture=False, what=f"{service}: prepare",
-             env={"HASWARM_PLATFORM": str(platform)})
-    base_file = images_dir(c) / "base.json"
-    bases = json.loads(base_file.read_text())["bases"] if base_file.exists() else {}
-    mapping = {ref: b["use"] for ref, b in bases.items()}
-    text = dockerfile.read_text()
-    new_text, build_args = rewrite_froms(text, mapping)
+        raise ImageError(f"{name}: {dockerfile} does not exist")
+    new_text, build_args = rewrite_froms(dockerfile.read_text(), mapping)
     file_args: list[str] = []
     if new_text is not None:
-        generated = images_dir(c) / f"{service}.Dockerfile"
+        generated = work_dir / f"{name}.Dockerfile"
         generated.parent.mkdir(parents=True, exist_ok=True)
         generated.write_text(new_text)
         file_args = ["-f", str(generated)]
     arg_args = [a for k, v in build_args.items() for a in ("--build-arg", f"{k}={v}")]
     if new_text is not None or build_args:
-        log(f"{service}: FROM resolved locally: "
+        log(f"{name}: FROM resolved locally: "
             + ", ".join(f"{r} -> {u}" for r, u in mapping.items() if r != u))
     native = daemon_platform()
     if native.arch != platform.arch:
-        log(f"{service}: emulation for {platform}: {ensure_emulation(platform, native=native)}")
-    bx = buildx_command(tools_dir(c), log=log)
+        log(f"{name}: emulation for {platform}: {ensure_emulation(platform, native=native)}")
+    bx = buildx_command(tools, log=log)
     t0 = time.monotonic()
     if bx is not None:
         cmd = [*bx, "build", "--platform", str(platform), "--load", "--progress", "plain",
-               "-t", img.image, *file_args, *arg_args, str(ctx)]
+               "-t", tag, *file_args, *arg_args, str(ctx)]
         env: dict[str, str] = {}
         builder = "buildx"
     else:
-        cmd = ["docker", "build", "--platform", str(platform), "-t", img.image, *file_args,
+        cmd = ["docker", "build", "--platform", str(platform), "-t", tag, *file_args,
                *arg_args, str(ctx)]
         env = {"DOCKER_BUILDKIT": "0"}
         builder = "legacy builder"
-    log(f"{service}: building {img.image} for {platform} with {builder}: {shlex.join(cmd)}")
-    _run(cmd, env=env, capture=False, what=f"{service}: build of {img.image}")
-    info = verify_local(img.image, platform)
-    log(f"{service}: built {img.image} ({info['Id'][:19]}, {platform}) with {builder} in "
+    log(f"{name}: building {tag} for {platform} with {builder}: {shlex.join(cmd)}")
+    _run(cmd, env=env, capture=False, what=f"{name}: build of {tag}")
+    info = verify_local(tag, platform)
+    log(f"{name}: built {tag} ({info['Id'][:19]}, {platform}) with {builder} in "
         f"{time.monotonic() - t0:.1f} s")
     return info
+
+
+def run_prepare(ctx: Path, platform: Platform, name: str,
+                log: Callable[[str], None] = print) -> bool:
+    """Run the context's executable `prepare` (fetches what the build copies in), if it has one;
+    whether it had one."""
+    prepare = ctx / "prepare"
+    if not (prepare.exists() and os.access(prepare, os.X_OK)):
+        return False
+    log(f"{name}: running {_rel(prepare)}")
+    _run([str(prepare)], cwd=ctx, capture=False, what=f"{name}: prepare",
+         env={"HASWARM_PLATFORM": str(platform)})
+    return True
+
+
+def build_image(c: Cluster, service: str, img: Image,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """prepare + build `img` for the cluster platform on the bases base.json chose; the
+    verified inspect dict."""
+    platform = Platform.parse(c.platform)
+    ctx = context_dir(img)
+    if not (ctx / "Dockerfile").exists():
+        raise ImageError(f"{service}: {ctx / 'Dockerfile'} does not exist")
+    run_prepare(ctx, platform, service, log=log)
+    base_file = images_dir(c) / "base.json"
+    bases = json.loads(base_file.read_text())["bases"] if base_file.exists() else {}
+    mapping = {ref: b["use"] for ref, b in bases.items()}
+    return build_context(ctx, img.image, platform, mapping, images_dir(c), tools_dir(c),
+                         name=service, log=log)
 
 
 def pull_image(c: Cluster, service: str, img: Image,

@@ -1,7 +1,8 @@
 """The lab's locally built Home Assistant and Mosquitto images (lab/images/*) keep their contract.
 
-Builds each image once (its `prepare` first, when the context has one) with `docker buildx build
---load` when the buildx plugin answers, else with the legacy builder (HASWARM_BUILDER=buildx|legacy
+Builds each image once (its `prepare` first, when the context has one) through the project's own
+build path, as `doit images` does (fixture `project_build`: FROM resolved to a local Debian base,
+bootstrapped when the engine lacks it; buildx or the legacy builder, HASWARM_BUILDER=buildx|legacy
 forces one), then runs real containers:
 Home Assistant on an empty config dir answers HTTP and finishes onboarding with --skip-pip, and
 records into a real MariaDB; Mosquitto refuses anonymous clients, accepts the user of a password
@@ -10,7 +11,7 @@ restart and over a replacement container on the same data dir.
 
 Every container and network made here is named `hswlab-test-<run id>-*` and removed at the end,
 also on failure. The helper image `haswarm-lab-test/mariadb:bookworm` (Debian's mariadb-server,
-built FROM debian:bookworm) is kept so later runs reuse it.
+built the same way) is kept so later runs reuse it.
 Figures (prepare, build, sizes, time to HTTP, RSS) are printed at the end of the module.
 """
 
@@ -217,26 +218,6 @@ def image_size(tag: str) -> str:
     return f"{size / 1e6:.0f} MB"
 
 
-def builder() -> str:
-    choice = os.environ.get("HASWARM_BUILDER")  # as for `doit images`: auto, buildx, legacy
-    if choice in ("legacy", "buildx"):
-        return choice
-    has_buildx = sh("docker", "buildx", "version", check=False, timeout=30).returncode == 0
-    return "buildx" if has_buildx else "legacy"
-
-
-def build(context: Path, tag: str, how: str) -> float:
-    if how == "buildx":
-        cmd = ["docker", "buildx", "build", "--load", "-t", tag, str(context)]
-        env = dict(os.environ)
-    else:
-        cmd = ["docker", "build", "-t", tag, str(context)]
-        env = dict(os.environ, DOCKER_BUILDKIT="0")
-    t0 = time.monotonic()
-    sh(*cmd, timeout=3600, env=env)
-    return time.monotonic() - t0
-
-
 def prepare(context: Path) -> float | None:
     script = context / "prepare"
     if not script.exists():
@@ -278,46 +259,36 @@ def res(engine, request):
 
 
 @pytest.fixture(scope="module")
-def ha_image(engine) -> str:
+def ha_image(engine, project_build) -> str:
     context = IMAGES / "homeassistant"
     first = prepare(context)
     second = prepare(context)  # must be idempotent and fast
     FIGURES["homeassistant prepare (this run, then again)"] = f"{first:.1f} s, {second:.2f} s"
     assert second < 5, f"a second prepare took {second:.1f} s"
-    how = builder()
-    FIGURES[f"homeassistant build ({how}, layer cache as found)"] = (
-        f"{build(context, HA_TAG, how):.1f} s"
+    FIGURES["homeassistant build (layer cache as found)"] = (
+        f"{project_build(context, HA_TAG):.1f} s"
     )
     FIGURES["homeassistant image size"] = image_size(HA_TAG)
     return HA_TAG
 
 
 @pytest.fixture(scope="module")
-def mq_image(engine) -> str:
+def mq_image(engine, project_build) -> str:
     context = IMAGES / "mosquitto"
     prepare(context)  # none today; the contract allows one
-    how = builder()
-    FIGURES[f"mosquitto build ({how}, layer cache as found)"] = (
-        f"{build(context, MQ_TAG, how):.1f} s"
+    FIGURES["mosquitto build (layer cache as found)"] = (
+        f"{project_build(context, MQ_TAG):.1f} s"
     )
     FIGURES["mosquitto image size"] = image_size(MQ_TAG)
     return MQ_TAG
 
 
 @pytest.fixture(scope="module")
-def mariadb_image(engine) -> str:
+def mariadb_image(engine, project_build, tmp_path_factory) -> str:
     if docker("image", "inspect", MARIADB_TAG, check=False).returncode:
-        env = dict(os.environ, DOCKER_BUILDKIT="0")
-        sh(
-            "docker",
-            "build",
-            "-t",
-            MARIADB_TAG,
-            "-",
-            input=MARIADB_DOCKERFILE,
-            env=env,
-            timeout=1800,
-        )
+        context = tmp_path_factory.mktemp("mariadb-context")
+        (context / "Dockerfile").write_text(MARIADB_DOCKERFILE)
+        project_build(context, MARIADB_TAG)
     return MARIADB_TAG
 
 
