@@ -14,7 +14,7 @@ packages=(
   docker.io openssh-server openssh-client glusterfs-server glusterfs-client
   avahi-daemon avahi-utils libnss-mdns dbus cron tini mmdebstrap iptables iproute2
   qemu-user-static binfmt-support mosquitto-clients mariadb-client rsync procps psmisc socat
-  keepalived curl ca-certificates git python3-pip
+  keepalived curl ca-certificates git python3-pip sudo
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -37,5 +37,13 @@ else
   echo "install.sh: Debian packages present"
 fi
 
-python3 -m pip install -q -e '.[test]'
+# Debian's own python3 refuses pip installs outside a venv (PEP 668): say that this is meant.
+if ! python3 -m pip install -q -e '.[test]' 2>/tmp/haswarm-pip.err; then
+  if grep -q externally-managed /tmp/haswarm-pip.err; then
+    python3 -m pip install -q --break-system-packages -e '.[test]'
+  else
+    cat /tmp/haswarm-pip.err >&2
+    exit 1
+  fi
+fi
 echo "install.sh: done. Next: doit setup (deploys onto the local lab unless config/cluster.yml exists)"
