@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from tasks.lab import Lab
     from tasks.remote import Remote
     from tasks.status import ClusterStatus
+    from tasks.watch import WatchReport
 
 FAULTS = ("kill", "cut", "docker")
 DB_NAME = "haswarm"
@@ -70,6 +71,10 @@ VIP_POLL = 0.2
 MDNS_POLL = 1.0
 # The cron restarts Avahi every minute: a name that has not moved after this never will.
 MDNS_TIMEOUT = 150.0
+# Seconds of continuous probing before the fault, and after the cluster has converged again
+# (swarm's late decisions, e.g. a healthy node declared Down by a new leader, come after).
+WATCH_BEFORE = 3.0
+WATCH_AFTER = 120.0
 
 # Start/stop the Docker engine: systemd on a Pi, the lab's stand-in otherwise.
 _SYSTEMD = "[ -d /run/systemd/system ] && command -v systemctl >/dev/null"
@@ -204,6 +209,27 @@ class DrillResult(Outcome):
     node: str
     ran: list[str] = field(default_factory=list)  # services the node ran before the fault
     leader: bool = False  # the node was the swarm's raft leader (a new one must be elected)
+    watch: WatchReport | None = None  # continuous probes and census (tasks/watch.py)
+
+    def incidents(self) -> list[str]:
+        """What a household would call broken although the fault did not force it: Home
+        Assistant restarted or moved while its node stayed up, two HAs (or brokers) at once."""
+        if self.watch is None:
+            return []
+        out = []
+        if "homeassistant" not in self.ran:
+            for s in self.watch.started("homeassistant"):
+                out.append(f"Home Assistant {s.kind} at {s.t:.1f} s (new container on {s.node}) "
+                           f"although its node {', '.join(s.before) or '?'} never failed")
+        for o in self.watch.overlaps:
+            out.append(f"{o.count} {o.service} ran at once for {o.end - o.start:.1f} s "
+                       f"({', '.join(o.nodes)})")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        """Nothing lost, converged again, and no incident (see `incidents`)."""
+        return super().ok and not self.incidents()
 
     def report(self) -> str:
         """The figures as a few lines for people."""
@@ -236,6 +262,10 @@ class DrillResult(Outcome):
                            ("converged", "whole cluster converged (doit status clean)")):
             if key in self.figures:
                 lines.append(f"    {label:<46} {fmt(key)}")
+        if self.watch is not None:
+            lines += self.watch.lines({"ha": "Home Assistant (HTTP)", "mqtt": "MQTT round trip",
+                                       "galera": "Galera write"})
+        lines += [f"  INCIDENT: {i}" for i in self.incidents()]
         if self.lost:
             lines.append("  LOST: " + "; ".join(self.lost))
         else:
@@ -542,6 +572,21 @@ def failover_probes(r: Remote, c: Cluster, st: ClusterStatus, target: str, fault
     return probes
 
 
+def start_watch(c: Cluster, lab: Lab | None, log: Callable[[str], None]) -> Any:
+    """Continuous probes and census (tasks/watch.py), through the lab or over SSH."""
+    from tasks import watch
+    from tasks.remote import Remote
+
+    if lab is not None:
+        run_on = watch.lab_runner(lab)
+    else:
+        r = Remote(c)
+        r.redact(*_secret_values(c))
+        run_on = watch.remote_runner(r)
+    return watch.Watch(c, run_on, mqtt_user=MQTT_USER, mqtt_password=mqtt_password(c),
+                       log=log).start()
+
+
 # ---------------------------------------------------------------------------------------------
 # Fault and restore
 
@@ -692,11 +737,13 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
               measure_timeout: float = MEASURE_TIMEOUT,
               converge_timeout: float = CONVERGE_TIMEOUT,
               ready_timeout: float = READY_TIMEOUT, names: bool = True,
-              during: Callable[[str], None] | None = None) -> DrillResult:
+              during: Callable[[str], None] | None = None,
+              watch_after: float = WATCH_AFTER) -> DrillResult:
     """The whole drill (see the module docstring). `confirm(question)` is asked before a fault
     on a real cluster (None: refuse unless it is the lab). `names`: also measure the mDNS name
     (up to a minute or more). `during(target)` is called once the failover figures are in,
-    before the node is restored (tests look at the degraded cluster there). Raises DrillError
+    before the node is restored (tests look at the degraded cluster there). `watch_after`:
+    seconds of continuous probing after the cluster has converged again. Raises DrillError
     when it cannot start; once the fault is injected, the node is always restored."""
     from tasks import status
     from tasks.remote import Remote
@@ -735,8 +782,11 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
         time.sleep(wait)
 
     committed: list[str] = []
+    watcher = start_watch(c, lab, say)
+    time.sleep(WATCH_BEFORE)
     say(f"fault: {fault} {target}")
     t0, stopping = inject(c, fault, target, lab)
+    watcher.mark_fault(t0)
     try:
         with Remote(c) as r:
             r.redact(*_secret_values(c))
@@ -757,7 +807,11 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
     result.where.update(where)
     done, final = converge(c, t_restore, converge_timeout, say)
     result.figures.update(done)
-    rows = [markers.token, *committed]
+    if watch_after > 0:
+        say(f"probing {watch_after:g} s more (late moves and restarts count too)")
+        time.sleep(watch_after)
+    result.watch = watcher.stop()
+    rows = [markers.token, *committed, *result.watch.committed]
     result.rows_committed = len(rows)
     if final is None:
         final = status.gather(c)
@@ -983,7 +1037,8 @@ def task_drill() -> dict[str, Any]:
 
     c = current()
 
-    def action(fault: str = "", node: str = "", yes: bool = False) -> Any:
+    def action(fault: str = "", node: str = "", yes: bool = False,
+               after: float = WATCH_AFTER) -> Any:
         from doit.exceptions import TaskFailed
 
         from tasks.lab import LabError
@@ -991,12 +1046,14 @@ def task_drill() -> dict[str, Any]:
 
         try:
             result = run_drill(c, fault, node or None,
-                               confirm=(lambda q: True) if yes else _confirm)
+                               confirm=(lambda q: True) if yes else _confirm,
+                               watch_after=after)
         except (DrillError, RemoteError, LabError, KeyError, TimeoutError) as e:
             return TaskFailed(redact(f"drill: {e}", _secret_values(c)))
         print(result.report(), flush=True)
         if not result.ok:
-            return TaskFailed("drill: something was lost or the cluster did not converge "
+            return TaskFailed("drill: something was lost, the cluster did not converge, "
+                              "or Home Assistant was disturbed by another node's fault "
                               "(see above)")
         return None
 
@@ -1010,6 +1067,8 @@ def task_drill() -> dict[str, Any]:
              "help": "the node to take down (default: the one running Home Assistant)"},
             {"name": "yes", "long": "yes", "type": bool, "default": False,
              "help": "do not ask before stopping Docker on a real cluster"},
+            {"name": "after", "long": "after", "type": float, "default": WATCH_AFTER,
+             "help": "seconds of continuous probing once the cluster has converged again"},
         ],
         "uptodate": [False],
         "verbosity": 2,

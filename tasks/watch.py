@@ -1,0 +1,469 @@
+"""Availability as a household feels it: probed without gaps, not "the first answer".
+
+A `Watch` runs in the background from before a fault until well after the cluster has
+converged again. Every 0.5 s, each in its own thread:
+- **probes**, what a user or a sensor sees:
+  - `ha`: Home Assistant answers `GET /manifest.json` (cheap, unauthenticated) on some node;
+  - `mqtt`: a login, a subscription and a QoS 1 publish that comes back, at the address sensors
+    use (the VIP when configured, else whichever node answers);
+  - `galera`: an INSERT commits through some db container (the tokens are kept: the drill
+    checks afterwards that every committed row is on every node);
+- **a census** of every node: the stack's running containers and the Home Assistant processes
+  (`python3 -m homeassistant`; a container still waiting in its entrypoint does not count).
+
+`Watch.stop()` returns a `WatchReport`: per probe the seconds unavailable, the longest gap, the
+number of gaps and the first answer after the fault; per service the containers that started
+during the watch (a restart on the same node or a move to another node) and every moment more
+than one Home Assistant (or Mosquitto) ran at once. The analysis functions are pure: they take
+samples and are tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tasks.config import Cluster
+
+INTERVAL = 0.5  # seconds between two samples of one probe, or of one node's census
+HA_PROCESS = "[p]ython3 -m homeassistant"  # the bracket keeps pgrep's own shell out
+# Services whose second running copy is an incident: both write the same files on the volume.
+SINGLETONS = ("homeassistant", "mosquitto")
+
+# run_on(node, command, timeout) -> stdout, or None when the node cannot be asked
+RunOn = Callable[[str, str, float], "str | None"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples and their analysis (pure)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One try of a probe: when it started (seconds from the watch's t0), whether it worked."""
+
+    t: float
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Census:
+    """One look at one node: its running stack containers by service and its HA processes.
+    `reachable` False: the node could not be asked (dead, cut, or no answer in time)."""
+
+    t: float
+    node: str
+    reachable: bool
+    containers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    ha_processes: int = 0
+
+
+def parse_census(text: str, stack: str) -> tuple[dict[str, tuple[str, ...]], int]:
+    """The output of CENSUS_CMD: ({service: container ids}, HA process count)."""
+    containers: dict[str, list[str]] = {}
+    ha = 0
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if parts[0] == "#ha":
+            ha = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        elif len(parts) >= 2 and parts[1].startswith(f"{stack}_"):
+            containers.setdefault(parts[1].removeprefix(f"{stack}_"), []).append(parts[0][:12])
+    return {k: tuple(v) for k, v in containers.items()}, ha
+
+
+CENSUS_CMD = ("docker ps --format '{{.ID}} {{.Label \"com.docker.swarm.service.name\"}}' "
+              f"2>/dev/null; echo \"#ha $(pgrep -f '{HA_PROCESS}' | wc -l)\"")
+
+
+def gaps(samples: list[Sample], end: float) -> list[tuple[float, float]]:
+    """The unavailable stretches: from the first failed try to the next try that worked (or
+    `end`, when none did)."""
+    out: list[tuple[float, float]] = []
+    start: float | None = None
+    for s in sorted(samples, key=lambda s: s.t):
+        if not s.ok and start is None:
+            start = s.t
+        elif s.ok and start is not None:
+            out.append((start, s.t))
+            start = None
+    if start is not None:
+        out.append((start, end))
+    return out
+
+
+@dataclass
+class Availability:
+    """One probe over the whole watch."""
+
+    key: str
+    tries: int
+    gaps: list[tuple[float, float]]
+    window: float  # seconds watched
+    first_answer: float | None  # seconds from the fault to the first answer after it (0: never
+    # stopped answering; None: no fault mark, or it never answered again)
+
+    @property
+    def down(self) -> float:
+        return sum(b - a for a, b in self.gaps)
+
+    @property
+    def longest(self) -> float:
+        return max((b - a for a, b in self.gaps), default=0.0)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * (1 - self.down / self.window) if self.window > 0 else 100.0
+
+
+def availability(key: str, samples: list[Sample], end: float,
+                 fault: float | None = None) -> Availability:
+    """Summarise one probe's samples; `fault` (seconds from t0) marks the fault."""
+    g = gaps(samples, end)
+    first: float | None = None
+    if fault is not None:
+        after = [gap for gap in g if gap[1] > fault]
+        if not after or after[0][0] > fault + 5 * INTERVAL:
+            first = 0.0  # answering right through the fault (a later gap has other causes)
+        elif after[0][1] < end or any(s.ok and s.t >= end for s in samples):
+            first = after[0][1] - fault
+    starts = [s.t for s in samples]
+    window = (end - min(starts)) if starts else 0.0
+    return Availability(key, len(samples), g, window, first)
+
+
+@dataclass(frozen=True)
+class Start:
+    """A container of a service seen for the first time during the watch."""
+
+    t: float
+    service: str
+    node: str
+    container: str
+    kind: str  # "restart" (its node ran the service before), "move" (another node did), "new"
+    before: tuple[str, ...]  # nodes that ran the service just before
+
+
+def starts(census: list[Census]) -> list[Start]:
+    """Containers that started during the watch (those of the first look are the baseline)."""
+    seen: set[str] = set()
+    running: dict[str, dict[str, set[str]]] = {}  # service -> node -> container ids
+    last: dict[str, tuple[str, ...]] = {}  # service -> the nodes that ran it most recently
+    baseline_nodes: set[str] = set()
+    out: list[Start] = []
+    for c in sorted(census, key=lambda c: c.t):
+        if not c.reachable:
+            continue
+        first_look = c.node not in baseline_nodes
+        baseline_nodes.add(c.node)
+        for service, ids in c.containers.items():
+            for cid in ids:
+                if cid in seen:
+                    continue
+                seen.add(cid)
+                if first_look:
+                    continue
+                before = tuple(sorted(n for n, s in running.get(service, {}).items() if s)
+                               ) or last.get(service, ())
+                kind = ("restart" if c.node in before else "move" if before else "new")
+                out.append(Start(c.t, service, c.node, cid, kind, before))
+        for service in {*running, *c.containers}:
+            running.setdefault(service, {})[c.node] = set(c.containers.get(service, ()))
+            now = tuple(sorted(n for n, ids in running[service].items() if ids))
+            if now:
+                last[service] = now
+    return out
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """A stretch during which `count` copies of a singleton service ran at once."""
+
+    service: str
+    start: float
+    end: float
+    count: int
+    nodes: tuple[str, ...]
+
+
+def overlaps(census: list[Census], end: float, stale: float = 3 * INTERVAL) -> list[Overlap]:
+    """Stretches with more than one Home Assistant process (HA) or running container (other
+    singletons) across the cluster. A node's last look counts for `stale` seconds; a node that
+    cannot be asked counts as running nothing (a lab node that is killed runs nothing; on a
+    real cluster an unreachable node is unknown, which this cannot see)."""
+    looks = sorted(census, key=lambda c: c.t)
+    out: list[Overlap] = []
+    for service in SINGLETONS:
+        current: dict[str, tuple[float, int]] = {}  # node -> (t, copies)
+        open_: Overlap | None = None
+        for c in looks:
+            copies = 0
+            if c.reachable:
+                copies = (c.ha_processes if service == "homeassistant"
+                          else len(c.containers.get(service, ())))
+            current[c.node] = (c.t, copies)
+            live = {n: k for n, (t, k) in current.items() if k and c.t - t <= stale}
+            total = sum(live.values())
+            if total > 1:
+                if open_ is None:
+                    open_ = Overlap(service, c.t, c.t, total, tuple(sorted(live)))
+                else:
+                    open_ = Overlap(service, open_.start, c.t, max(open_.count, total),
+                                    tuple(sorted({*open_.nodes, *live})))
+            elif open_ is not None:
+                out.append(Overlap(service, open_.start, c.t, open_.count, open_.nodes))
+                open_ = None
+        if open_ is not None:
+            out.append(Overlap(service, open_.start, end, open_.count, open_.nodes))
+    return out
+
+
+@dataclass
+class WatchReport:
+    """What a watch saw: availability per probe, container starts, overlaps."""
+
+    window: float
+    fault: float | None
+    probes: dict[str, Availability]
+    starts: list[Start]
+    overlaps: list[Overlap]
+    committed: list[str]  # tokens of the Galera rows the `galera` probe committed
+
+    def started(self, service: str) -> list[Start]:
+        return [s for s in self.starts if s.service == service]
+
+    def lines(self, names: dict[str, str] | None = None) -> list[str]:
+        """A table for people."""
+        names = names or {}
+        out = [f"  probed every {INTERVAL:g} s for {self.window:.0f} s"
+               + (f" (fault at {self.fault:.0f} s)" if self.fault is not None else "") + ":",
+               f"    {'':<22} {'unavailable':>11} {'longest':>8} {'gaps':>5} {'first answer':>13}"
+               f" {'avail.':>8}"]
+        for key, a in self.probes.items():
+            first = ("-" if a.first_answer is None and self.fault is None else
+                     "never" if a.first_answer is None else f"{a.first_answer:.1f} s")
+            out.append(f"    {names.get(key, key):<22} {a.down:>9.1f} s {a.longest:>6.1f} s "
+                       f"{len(a.gaps):>5} {first:>13} {a.percent:>7.2f}%")
+        for s in self.starts:
+            out.append(f"    {s.t:6.1f} s  {s.service} {s.kind}: new container {s.container} on "
+                       f"{s.node}" + (f" (ran on {', '.join(s.before)})" if s.before else ""))
+        for o in self.overlaps:
+            out.append(f"    {o.start:6.1f} s  TWO {o.service.upper()}S: {o.count} ran at once "
+                       f"for {o.end - o.start:.1f} s on {', '.join(o.nodes)}")
+        if not self.starts:
+            out.append("    no container started or moved")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The probes
+
+
+def http_ok(address: str, port: int, timeout: float) -> bool:
+    """GET /manifest.json answers below 500."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{address}:{port}/manifest.json", timeout=timeout) as resp:
+            return int(resp.status) < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except (OSError, ValueError):
+        return False
+
+
+def mqtt_round_trip(host: str, port: int, user: str, password: str, timeout: float) -> bool:
+    """Log in, subscribe, publish with QoS 1 and get the message back within `timeout`."""
+    from tasks.drill import MQTTSession
+
+    topic = f"haswarm/watch/{uuid.uuid4().hex[:12]}"
+    try:
+        session = MQTTSession(host, port, user, password, timeout)
+    except (OSError, TimeoutError):
+        return False
+    got: list[bytes] = []
+    try:
+        session.client.on_message = lambda client, userdata, msg: got.append(msg.payload)
+        session.client.subscribe(topic, qos=1)
+        session.client.publish(topic, b"ping", qos=1)
+        session._until(lambda: bool(got), timeout)
+        return True
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        session.close()
+
+
+class Watch:
+    """Probes and census in background threads; `stop()` returns the report."""
+
+    def __init__(self, c: Cluster, run_on: RunOn, *, mqtt_user: str, mqtt_password: str,
+                 log: Callable[[str], None] | None = None, galera: bool = True) -> None:
+        self.c = c
+        self.run_on = run_on
+        self.mqtt_user, self.mqtt_password = mqtt_user, mqtt_password
+        self.log = log or (lambda msg: None)
+        self.galera = galera
+        self.t0 = time.monotonic()
+        self.fault: float | None = None
+        self.samples: dict[str, list[Sample]] = {"ha": [], "mqtt": [], "galera": []}
+        if not galera:
+            del self.samples["galera"]
+        self.census: list[Census] = []
+        self.committed: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._token = f"watch-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self._n = 0
+        self._last_good: dict[str, str] = {}
+
+    # -- life ----------------------------------------------------------------------------
+    def start(self) -> Watch:
+        self.t0 = time.monotonic()
+        jobs: list[tuple[str, Callable[[], None]]] = [
+            (f"census-{n.name}", lambda n=n.name: self._census_loop(n)) for n in self.c.nodes]
+        jobs += [(f"probe-{k}", lambda k=k: self._probe_loop(k)) for k in self.samples]
+        for name, fn in jobs:
+            t = threading.Thread(target=fn, name=f"watch-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def mark_fault(self, at: float | None = None) -> None:
+        """The moment of the fault (time.monotonic(); default now)."""
+        self.fault = (at if at is not None else time.monotonic()) - self.t0
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def stop(self) -> WatchReport:
+        self._stop.set()
+        for t in self._threads:
+            t.join(15)
+        end = self.now()
+        with self._lock:
+            probes = {k: availability(k, list(v), end, self.fault)
+                      for k, v in self.samples.items()}
+            census = list(self.census)
+        return WatchReport(window=end, fault=self.fault, probes=probes, starts=starts(census),
+                           overlaps=overlaps(census, end), committed=list(self.committed))
+
+    # -- loops ---------------------------------------------------------------------------
+    def _every(self, fn: Callable[[float], None]) -> None:
+        while not self._stop.is_set():
+            t = self.now()
+            fn(t)
+            self._stop.wait(max(0.0, INTERVAL - (self.now() - t)))
+
+    def _census_loop(self, node: str) -> None:
+        def look(t: float) -> None:
+            out = self.run_on(node, CENSUS_CMD, 2.0)
+            if out is None:
+                c = Census(t, node, False)
+            else:
+                containers, ha = parse_census(out, self.c.name)
+                c = Census(t, node, True, containers, ha)
+            with self._lock:
+                self.census.append(c)
+
+        self._every(look)
+
+    def _probe_loop(self, key: str) -> None:
+        check = {"ha": self._ha, "mqtt": self._mqtt, "galera": self._galera}[key]
+
+        def once(t: float) -> None:
+            try:
+                where = check()
+            except Exception as e:  # noqa: BLE001 - a failing probe is a failed try
+                where = None
+                self.log(f"{key}: {type(e).__name__}: {e}")
+            with self._lock:
+                self.samples[key].append(Sample(t, where is not None, where or ""))
+
+        self._every(once)
+
+    def _order(self, key: str, names: list[str]) -> list[str]:
+        last = self._last_good.get(key)
+        return ([last] if last in names else []) + [n for n in names if n != last]
+
+    def _ha(self) -> str | None:
+        addr = {n.name: n.address for n in self.c.nodes}
+        for name in self._order("ha", list(addr)):
+            if http_ok(addr[name], self.c.homeassistant.port, 1.0):
+                self._last_good["ha"] = name
+                return name
+        return None
+
+    def _mqtt(self) -> str | None:
+        if self.c.vip.address:  # the sensors' address: only there
+            ok = mqtt_round_trip(self.c.vip.address, self.c.mqtt.port, self.mqtt_user,
+                                 self.mqtt_password, 1.5)
+            return self.c.vip.address if ok else None
+        addr = {n.name: n.address for n in self.c.nodes}
+        for name in self._order("mqtt", list(addr)):
+            if mqtt_round_trip(addr[name], self.c.mqtt.port, self.mqtt_user,
+                               self.mqtt_password, 1.5):
+                self._last_good["mqtt"] = name
+                return name
+        return None
+
+    def db_containers(self) -> dict[str, str]:
+        """{node: its db container} from each node's latest census."""
+        latest: dict[str, Census] = {}
+        with self._lock:
+            for c in self.census:
+                latest[c.node] = c
+        return {n: c.containers["db"][0] for n, c in latest.items()
+                if c.reachable and c.containers.get("db")}
+
+    def _galera(self) -> str | None:
+        from tasks.drill import insert_sql
+
+        dbs = self.db_containers()
+        for node in self._order("galera", sorted(dbs)):
+            self._n += 1
+            token = f"{self._token}-{self._n}"
+            sql = insert_sql(token, node, "watch", "watch", create=not self.committed)
+            out = self.run_on(node, f"timeout 2 docker exec -i {dbs[node]} mariadb --batch "
+                                    f"-e {_sh_quote(sql)} && echo committed", 3.0)
+            if out is not None and "committed" in out:
+                with self._lock:
+                    self.committed.append(token)
+                self._last_good["galera"] = node
+                return node
+        return None
+
+
+def _sh_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+def lab_runner(lab: object) -> RunOn:
+    """run_on through the lab (nsenter: no SSH, and it also sees into a cut node)."""
+    def run_on(node: str, cmd: str, timeout: float) -> str | None:
+        try:
+            p = lab.exec(node, cmd, check=False, timeout=timeout)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - node not running, or no answer in time
+            return None
+        return p.stdout if p.returncode == 0 else None
+
+    return run_on
+
+
+def remote_runner(r: object) -> RunOn:
+    """run_on over SSH (a real cluster)."""
+    def run_on(node: str, cmd: str, timeout: float) -> str | None:
+        try:
+            res = r.run(node, "watch", cmd, check=False, timeout=timeout)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - unreachable
+            return None
+        return res.stdout if res.ok else None
+
+    return run_on

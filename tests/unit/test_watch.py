@@ -1,0 +1,91 @@
+"""The pure analysis of tasks/watch.py: gaps, availability, container starts, overlaps."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.watch import Census, Sample, availability, gaps, overlaps, parse_census, starts
+
+
+def samples(pattern: str, step: float = 0.5) -> list[Sample]:
+    """'++--+' -> samples every `step` s: + answered, - did not."""
+    return [Sample(i * step, ch == "+") for i, ch in enumerate(pattern)]
+
+
+def test_gaps_run_from_the_first_failure_to_the_next_answer():
+    assert gaps(samples("++--+++-+"), end=4.5) == [(1.0, 2.0), (3.5, 4.0)]
+    assert gaps(samples("+++"), end=1.5) == []
+    assert gaps(samples("+--"), end=2.0) == [(0.5, 2.0)]  # still down at the end
+
+
+def test_availability_figures():
+    a = availability("ha", samples("++++----++++++-+"), end=8.0, fault=1.9)
+    assert a.down == pytest.approx(2.5)
+    assert a.longest == pytest.approx(2.0)
+    assert len(a.gaps) == 2
+    assert a.first_answer == pytest.approx(4.0 - 1.9)
+    assert a.percent == pytest.approx(100 * (1 - 2.5 / 8.0))
+
+
+def test_answering_through_the_fault_is_a_first_answer_of_zero():
+    a = availability("ha", samples("+" * 40 + "--" + "+" * 4), end=23.0, fault=2.0)
+    assert a.first_answer == 0.0  # the late gap has another cause; it still counts as down
+    assert a.down == pytest.approx(1.0)
+
+
+def test_never_answering_again():
+    a = availability("ha", samples("++----"), end=3.0, fault=0.9)
+    assert a.first_answer is None
+
+
+CENSUS_OUT = """\
+3f2a1b4c5d6e haswarm_homeassistant.1.abc
+9a8b7c6d5e4f haswarm_db.x2y.def
+1111aaaa2222 other_service.1.zz
+#ha 1
+"""
+
+
+def test_parse_census():
+    containers, ha = parse_census(CENSUS_OUT.replace("_homeassistant.1.abc", "_homeassistant")
+                                  .replace("_db.x2y.def", "_db"), "haswarm")
+    assert containers == {"homeassistant": ("3f2a1b4c5d6e",), "db": ("9a8b7c6d5e4f",)}
+    assert ha == 1
+
+
+def look(t: float, node: str, ha: str | None = None, ha_procs: int | None = None,
+         reachable: bool = True) -> Census:
+    containers = {"homeassistant": (ha,)} if ha else {}
+    procs = ha_procs if ha_procs is not None else (1 if ha else 0)
+    return Census(t, node, reachable, containers, procs)
+
+
+def test_a_move_off_a_healthy_node_and_the_overlap_it_caused():
+    census = [look(0.0, "pi1"), look(0.0, "pi2"), look(0.0, "pi3", "old")]
+    for i in range(1, 40):
+        t = i * 0.5
+        census.append(look(t, "pi1", "new" if t >= 10 else None))
+        census.append(look(t, "pi3", "old" if t < 15 else None))
+        census.append(look(t, "pi2", reachable=False))
+    s = starts(census)
+    assert [(x.service, x.kind, x.node, x.before) for x in s] == [
+        ("homeassistant", "move", "pi1", ("pi3",))]
+    assert s[0].t == 10.0
+    o = overlaps(census, end=20.0)
+    assert [(x.service, x.count, x.nodes) for x in o] == [("homeassistant", 2, ("pi1", "pi3"))]
+    assert o[0].start == 10.0 and o[0].end == 15.0
+
+
+def test_a_restart_on_the_same_node_and_no_overlap_when_the_old_one_is_gone():
+    census = [look(0.0, "pi1", "a")]
+    census += [look(0.5, "pi1"), look(1.0, "pi1", "b")]
+    s = starts(census)
+    assert [(x.kind, x.node) for x in s] == [("restart", "pi1")]
+    assert overlaps(census, end=1.0) == []
+
+
+def test_a_waiting_container_is_not_a_running_home_assistant():
+    # pi1's new container waits for the lease (no HA process) while pi3's still runs
+    census = [look(t, "pi3", "old") for t in (0.0, 0.5, 1.0)]
+    census += [look(t, "pi1", "new", ha_procs=0) for t in (0.0, 0.5, 1.0)]
+    assert overlaps(census, end=1.0) == []
