@@ -35,6 +35,8 @@ DB_NAME = "homeassistant"
 DB_USER = "homeassistant"
 HA_PURGE_KEEP_DAYS = 10
 HA_DB_WAIT_SECONDS = 300
+# Inside the HA container, on the shared volume: who holds it runs Home Assistant (one at most).
+HA_LOCK_FILE = "/config/.haswarm/homeassistant.lock"
 # Mosquitto 2.x password hashes: PBKDF2-SHA512, 101 iterations, 12-byte salt ($7$ format).
 _MQTT_ITERATIONS = 101
 
@@ -59,7 +61,8 @@ def config_sources(c: Cluster) -> dict[str, Path]:
     b = build_dir(c)
     return {"mosquitto_conf": b / "mosquitto" / "mosquitto.conf",
             "galera_cnf": b / "galera.cnf",
-            "ha_entrypoint": b / "homeassistant" / "haswarm-entrypoint.sh"}
+            "ha_entrypoint": b / "homeassistant" / "haswarm-entrypoint.sh",
+            "ha_lock": b / "homeassistant" / "haswarm-lock.py"}
 
 
 def secret_sources(c: Cluster) -> dict[str, Path]:
@@ -160,7 +163,8 @@ def outputs(c: Cluster) -> list[Output]:
         Output("homeassistant/configuration.yaml", "configuration.yaml.j2",
                {"time_zone": c.homeassistant.time_zone}),
         Output("homeassistant/haswarm-entrypoint.sh", "haswarm-entrypoint.sh.j2",
-               {"db_wait_seconds": HA_DB_WAIT_SECONDS}, mode=0o755),
+               {"db_wait_seconds": HA_DB_WAIT_SECONDS, "lock_file": HA_LOCK_FILE}, mode=0o755),
+        Output("homeassistant/haswarm-lock.py", "haswarm-lock.py.j2", {}, mode=0o755),
     ]
     if c.mdns.restart_cron:
         outs.append(Output("avahi-restart.cron", "avahi-restart.cron.j2",
