@@ -242,6 +242,11 @@ def volume_options(c: Cluster) -> dict[str, str]:
     return {
         # Drop a silently vanished node after this many seconds (default 42: writes stall 77 s).
         "network.ping-timeout": str(c.gluster.ping_timeout),
+        # The bricks drop a silent client (and the locks it held: the Home Assistant lock,
+        # stack/haswarm-lock.py.j2) ~4 s after that client itself has given the volume up, so
+        # a cut-off HA has fenced itself before another can take the lock (defaults: 20 s idle
+        # + 9 x 2 s probes; 42 s with unacknowledged data).
+        **server_keepalive(c.gluster.ping_timeout),
         # Client quorum: write only while more than half of the copies are reachable.
         "cluster.quorum-type": "auto",
         # Server quorum: glusterd stops its bricks when it loses contact with most of the pool.
@@ -253,6 +258,13 @@ def volume_options(c: Cluster) -> dict[str, str]:
         "cluster.heal-timeout": "60",
         "cluster.favorite-child-policy": "mtime",
     }
+
+
+def server_keepalive(ping_timeout: int) -> dict[str, str]:
+    """Brick-side TCP keepalive: a silent client is dropped after ping_timeout + 4 s."""
+    idle = max(1, ping_timeout - 1)
+    return {"server.keepalive-time": str(idle), "server.keepalive-interval": "1",
+            "server.keepalive-count": "5", "server.tcp-user-timeout": str(ping_timeout + 4)}
 
 
 def peers_to_probe(c: Cluster, peers: list[Peer]) -> list[Node]:

@@ -81,6 +81,22 @@ VOLUME_INFO = """\
             <value>5</value>
           </option>
           <option>
+            <name>server.keepalive-time</name>
+            <value>4</value>
+          </option>
+          <option>
+            <name>server.keepalive-interval</name>
+            <value>1</value>
+          </option>
+          <option>
+            <name>server.keepalive-count</name>
+            <value>5</value>
+          </option>
+          <option>
+            <name>server.tcp-user-timeout</name>
+            <value>9</value>
+          </option>
+          <option>
             <name>cluster.granular-entry-heal</name>
             <value>on</value>
           </option>
@@ -309,7 +325,8 @@ def test_plan_volume_changed_option_and_stopped(c: Cluster) -> None:
     slower = c.model_copy(update={"gluster": c.gluster.model_copy(update={"ping_timeout": 10})})
     vol = gluster.parse_volume_info(VOLUME_INFO.replace("<statusStr>Started", "<statusStr>Stopped"))
     assert cmds(gluster.plan_volume(slower, vol)) == [
-        "gluster --mode=script volume set haswarm network.ping-timeout 10",
+        "gluster --mode=script volume set haswarm network.ping-timeout 10 server.keepalive-time 9 "
+        "server.tcp-user-timeout 14",
         "gluster --mode=script volume start haswarm",
     ]
 
