@@ -66,6 +66,9 @@ TAG = "haswarm-lab"                 # iptables comment, cgroup parent directory
 NETNS_PREFIX = "hswlab-"            # /run/netns/hswlab-NAME
 VETH_PREFIX = "hsw-"                # host end of a node's veth: hsw-NAME
 STATE_DIR = PROJECT_ROOT / ".lab"
+# Host directories a node mounts a fresh tmpfs over (lab/node-init.sh): the lab's state cannot
+# live below them.
+NODE_PRIVATE_DIRS = (Path("/tmp"), Path("/run"), Path("/dev/shm"))
 SCRIPTS_DIR = PROJECT_ROOT / "lab"
 CGROUP_FS = Path("/sys/fs/cgroup")
 NODE_CONTROLLERS = ("memory", "pids")     # the node's processes are placed in these
@@ -619,6 +622,12 @@ class Lab:
         """Raise LabError if this machine cannot run the lab (root, packages, cgroup v1)."""
         if os.geteuid() != 0:
             raise LabError("the lab needs root (namespaces, a bridge, iptables): run as root")
+        hidden = next((d for d in NODE_PRIVATE_DIRS
+                       if self.state_dir.resolve().is_relative_to(d)), None)
+        if hidden is not None:
+            raise LabError(f"the lab's state {self.state_dir} is under {hidden}, which every "
+                           "node mounts afresh (a node could not read its own disk): clone the "
+                           f"project outside {hidden}")
         tools = HOST_TOOLS if services else {k: HOST_TOOLS[k] for k in ("ip", "iptables")}
         missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
         if missing:
