@@ -19,6 +19,7 @@ if warning := two_node_warning(CLUSTER):
 from tasks.avahi import task_avahi  # noqa: E402
 from tasks.drill import task_drill  # noqa: E402
 from tasks.gluster import task_gluster  # noqa: E402
+from tasks.guard import task_leader_guard  # noqa: E402
 from tasks.homeassistant import task_ha_files  # noqa: E402
 from tasks.images import (  # noqa: E402
     task_base_image,
@@ -55,7 +56,7 @@ __all__ = [
     "task_base_image", "task_buildx", "task_images", "task_preload_images",
     "task_avahi", "task_gluster", "task_ha_files", "task_preflight", "task_render",
     "task_secrets", "task_setup", "task_swarm", "task_stack_objects", "task_stack",
-    "task_vip", "task_status", "task_drill",
+    "task_vip", "task_leader_guard", "task_status", "task_drill",
     "task_lab_up", "task_lab_down", "task_lab_kill", "task_lab_cut", "task_lab_heal",
     "task_lab_boot", "task_lab_status",
 ]
@@ -66,7 +67,8 @@ def task_setup():
     lab = ["lab-up"] if CLUSTER.lab else []  # the lab starts itself when it is the target
     return {"actions": None,
             "task_dep": [*lab, "preflight", "secrets", "render", "images", "preload-images",
-                         "gluster", "ha-files", "avahi", "swarm", "stack-objects", "stack", "vip"]}
+                         "gluster", "ha-files", "avahi", "swarm", "leader-guard", "stack-objects",
+                         "stack", "vip"]}
 
 
 def task_swarm():

@@ -212,15 +212,16 @@ class DrillResult(Outcome):
     watch: WatchReport | None = None  # continuous probes and census (tasks/watch.py)
 
     def incidents(self) -> list[str]:
-        """What a household would call broken although the fault did not force it: Home
-        Assistant restarted or moved while its node stayed up, two HAs (or brokers) at once."""
+        """What the fault did not force: a container stopped on a node that stayed up (Home
+        Assistant or Mosquitto moved off a healthy node, a Galera member restarted there), or
+        two Home Assistants (or brokers) at once."""
         if self.watch is None:
             return []
         out = []
-        if "homeassistant" not in self.ran:
-            for s in self.watch.started("homeassistant"):
-                out.append(f"Home Assistant {s.kind} at {s.t:.1f} s (new container on {s.node}) "
-                           f"although its node {', '.join(s.before) or '?'} never failed")
+        for s in self.watch.stops:
+            if s.node != self.node:
+                out.append(f"{s.service} container {s.container} stopped at {s.t:.1f} s on "
+                           f"{s.node}, which never failed")
         for o in self.watch.overlaps:
             out.append(f"{o.count} {o.service} ran at once for {o.end - o.start:.1f} s "
                        f"({', '.join(o.nodes)})")

@@ -35,6 +35,7 @@ DB_NAME = "homeassistant"
 DB_USER = "homeassistant"
 HA_PURGE_KEEP_DAYS = 10
 HA_DB_WAIT_SECONDS = 300
+LEADER_GUARD_INTERVAL = 5  # seconds between two looks of the leader guard
 # Inside the HA container, on the shared volume: who holds it runs Home Assistant (one at most).
 HA_LOCK_FILE = "/config/.haswarm/homeassistant.lock"
 # Mosquitto 2.x password hashes: PBKDF2-SHA512, 101 iterations, 12-byte salt ($7$ format).
@@ -166,6 +167,11 @@ def outputs(c: Cluster) -> list[Output]:
                {"db_wait_seconds": HA_DB_WAIT_SECONDS, "lock_file": HA_LOCK_FILE}, mode=0o755),
         Output("homeassistant/haswarm-lock.py", "haswarm-lock.py.j2", {}, mode=0o755),
     ]
+    if c.swarm.leader_guard:
+        outs.append(Output("leader-guard.sh", "leader-guard.sh.j2",
+                           {"name": c.name, "interval": LEADER_GUARD_INTERVAL,
+                            "window": 60 - LEADER_GUARD_INTERVAL}, mode=0o755))
+        outs.append(Output("leader-guard.cron", "leader-guard.cron.j2", {}))
     if c.mdns.restart_cron:
         outs.append(Output("avahi-restart.cron", "avahi-restart.cron.j2",
                            {"mdns_name": c.mdns.name, "restart_command": c.mdns.restart_command}))

@@ -183,6 +183,34 @@ def starts(census: list[Census]) -> list[Start]:
 
 
 @dataclass(frozen=True)
+class Stop:
+    """A container that was running on a node and is gone at the node's next look (the node
+    itself still answering)."""
+
+    t: float
+    service: str
+    node: str
+    container: str
+
+
+def stops(census: list[Census]) -> list[Stop]:
+    """Containers that stopped on a node that stayed reachable."""
+    last: dict[str, Census] = {}
+    out: list[Stop] = []
+    for c in sorted(census, key=lambda c: c.t):
+        if not c.reachable:
+            continue
+        prev = last.get(c.node)
+        if prev is not None:
+            for service, ids in prev.containers.items():
+                for cid in ids:
+                    if cid not in c.containers.get(service, ()):
+                        out.append(Stop(c.t, service, c.node, cid))
+        last[c.node] = c
+    return out
+
+
+@dataclass(frozen=True)
 class Overlap:
     """A stretch during which `count` copies of a singleton service ran at once."""
 
@@ -235,6 +263,7 @@ class WatchReport:
     starts: list[Start]
     overlaps: list[Overlap]
     committed: list[str]  # tokens of the Galera rows the `galera` probe committed
+    stops: list[Stop] = field(default_factory=list)
 
     def started(self, service: str) -> list[Start]:
         return [s for s in self.starts if s.service == service]
@@ -353,7 +382,8 @@ class Watch:
                       for k, v in self.samples.items()}
             census = list(self.census)
         return WatchReport(window=end, fault=self.fault, probes=probes, starts=starts(census),
-                           overlaps=overlaps(census, end), committed=list(self.committed))
+                           overlaps=overlaps(census, end), committed=list(self.committed),
+                           stops=stops(census))
 
     # -- loops ---------------------------------------------------------------------------
     def _every(self, fn: Callable[[float], None]) -> None:

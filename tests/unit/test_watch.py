@@ -89,3 +89,26 @@ def test_a_waiting_container_is_not_a_running_home_assistant():
     census = [look(t, "pi3", "old") for t in (0.0, 0.5, 1.0)]
     census += [look(t, "pi1", "new", ha_procs=0) for t in (0.0, 0.5, 1.0)]
     assert overlaps(census, end=1.0) == []
+
+
+def test_drill_incidents_are_the_containers_the_fault_did_not_force():
+    from tasks.drill import DrillResult
+    from tasks.watch import WatchReport, stops
+
+    def census(*looks: tuple[float, str, dict[str, tuple[str, ...]] | None]) -> list[Census]:
+        return [Census(t, n, ids is not None, ids or {}, 0) for t, n, ids in looks]
+
+    def result(looks: list[Census]) -> DrillResult:
+        report = WatchReport(window=60, fault=3, probes={}, starts=starts(looks),
+                             overlaps=[], committed=[], stops=stops(looks))
+        return DrillResult(fault="kill", node="pi1", ran=["db", "mosquitto"], watch=report)
+
+    # pi1 killed: its containers vanish with it; mosquitto moves to pi3, db returns on pi1
+    expected = census((0, "pi1", {"db": ("d1",), "mosquitto": ("m1",)}), (0, "pi3", {}),
+                      (5, "pi1", None), (6, "pi3", {"mosquitto": ("m2",)}),
+                      (40, "pi1", {"db": ("d4",)}))
+    assert result(expected).incidents() == []
+    # a new leader declared healthy pi2 Down: its db was replaced
+    wrong = census((0, "pi2", {"db": ("d2",)}), (29, "pi2", {}), (30, "pi2", {"db": ("d3",)}))
+    incidents = result(wrong).incidents()
+    assert len(incidents) == 1 and "db container d2 stopped at 29.0 s on pi2" in incidents[0]
