@@ -163,7 +163,7 @@ class Swarm(_Strict):
     dispatcher_heartbeat: float = Field(1, gt=0, le=60, description="seconds")
     publish_mode: Literal["ingress", "host"] = "ingress"
     restart_delay: float = Field(0, ge=0, le=300, description="seconds")
-    leader_guard: bool = True  # keep the raft leader off Home Assistant's node (tasks/guard.py)
+    leader_guard: bool = False  # keep the raft leader off HA's node (tasks/guard.py; see there)
 
 
 class HomeAssistant(_Strict):
