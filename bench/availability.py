@@ -32,9 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import running_lab  # noqa: E402
+
 from tasks import drill, status  # noqa: E402
-from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster  # noqa: E402
-from tasks.lab import Lab  # noqa: E402
+from tasks.config import Cluster  # noqa: E402
 from tasks.remote import Remote  # noqa: E402
 from tasks.stack import find_manager  # noqa: E402
 
@@ -122,10 +123,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    c = load_cluster(LAB_CLUSTER_FILE)
-    lab = Lab(c)
-    if not lab.is_up():
-        raise SystemExit("the lab is not running: doit lab-up && doit setup")
+    c, lab = running_lab()
     rows: list[dict[str, Any]] = []
     status.wait_converged(c, 600, log=say)
     if args.heartbeat is not None:

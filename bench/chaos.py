@@ -33,9 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import running_lab  # noqa: E402
+
 from tasks import drill, status, watch  # noqa: E402
-from tasks.config import LAB_CLUSTER_FILE, load_cluster  # noqa: E402
-from tasks.lab import Lab  # noqa: E402
 from tasks.remote import Remote  # noqa: E402
 
 
@@ -71,10 +71,7 @@ def main() -> int:
     hold_min, hold_max = (float(x) for x in args.hold.split(","))
     kinds = [k for k in args.kinds.split(",") if k]
 
-    c = load_cluster(LAB_CLUSTER_FILE)
-    lab = Lab(c)
-    if not lab.is_up():
-        raise SystemExit("the lab is not running: doit lab-up && doit setup")
+    c, lab = running_lab()
     st = status.wait_converged(c, 600, log=say)
     with Remote(c) as r:
         markers = drill.write_markers(r, c, st, c.names[0], "chaos", say)
