@@ -1383,10 +1383,10 @@ def preload_action(nodes: list[str] | None, step: str) -> TaskFailed | None:
     return None
 
 
-def clean_saved(paths: list[str]) -> None:
+def clean_saved(paths: list[str], dryrun: bool = False) -> None:
     """Clean action of the image tasks. The saved files are the controller's build cache (a Home
     Assistant build takes minutes): a plain `doit clean` keeps them, `doit purge=yes clean`
-    removes them."""
+    removes them. With `clean -n`, only says which."""
     from tasks.config import purge_requested
 
     present = [Path(p) for p in paths if Path(p).exists()]
@@ -1394,31 +1394,45 @@ def clean_saved(paths: list[str]) -> None:
         return
     names = ", ".join(_rel(p) for p in present)
     if not purge_requested():
-        print(f"kept {names} (build cache; `doit purge=yes clean` removes it)")
+        print(f"{'would keep' if dryrun else 'kept'} {names} (build cache; "
+              "`doit purge=yes clean` removes it)")
+        return
+    if dryrun:
+        print(f"would remove {names}")
         return
     for p in present:
         p.unlink()
     print(f"removed {names}")
 
 
-def clean_preload(nodes: list[str] | None, step_name: str) -> TaskFailed | None:
+def clean_preload(nodes: list[str] | None, step_name: str,
+                  dryrun: bool = False) -> TaskFailed | None:
     """Clean action of preload-images: forget the stamp; with `purge=yes` also remove the
-    stack's images from the nodes (those no container uses any more), as before setup."""
+    stack's images from the nodes (those no container uses any more), as before setup. With
+    `clean -n`, asks the nodes (read-only) and says which images would go."""
     from tasks import state
     from tasks.config import purge_requested
     from tasks.remote import Remote, RemoteError
 
     c = current()
-    state.forget(c, step_name)
+    if not dryrun:
+        state.forget(c, step_name)
     if not purge_requested():
-        print(f"{step_name} (clean): images kept on the nodes (`purge=yes` removes them)")
+        print(f"{step_name} (clean): images {'would be ' if dryrun else ''}kept on the nodes "
+              "(`purge=yes` removes them)")
         return None
     refs = " ".join(shlex.quote(img.image) for img in stack_images(c).values())
     # an image a container still uses stays (a plain `docker image rm` refuses it): said, not
     # an error; `doit purge=yes clean` removes the stack before this task
-    cmd = (f"for ref in {refs}; do docker image inspect \"$ref\" >/dev/null 2>&1 || continue; "
-           "if docker image rm \"$ref\" >/dev/null 2>&1; then echo \"removed $ref\"; "
-           "else echo \"kept $ref (a container uses it)\"; fi; done")
+    if dryrun:
+        cmd = (f"for ref in {refs}; do docker image inspect \"$ref\" >/dev/null 2>&1 || "
+               "continue; if [ -n \"$(docker ps -aq --filter ancestor=$ref)\" ]; then "
+               "echo \"would keep $ref (a container uses it now)\"; "
+               "else echo \"would remove $ref\"; fi; done")
+    else:
+        cmd = (f"for ref in {refs}; do docker image inspect \"$ref\" >/dev/null 2>&1 || "
+               "continue; if docker image rm \"$ref\" >/dev/null 2>&1; then "
+               "echo \"removed $ref\"; else echo \"kept $ref (a container uses it)\"; fi; done")
     try:
         with Remote(c) as r:
             out = r.run_all("images: remove preloaded", cmd, nodes)

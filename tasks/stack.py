@@ -817,17 +817,3 @@ def stack_task(c: Cluster, after: Iterable[str] = ()) -> dict[str, Any]:
         "clean": [clean],
         "verbosity": 2,
     }
-
-
-def task_stack_objects() -> dict[str, Any]:
-    """Create the Docker configs and secrets the stack uses (missing ones only)."""
-    from tasks.config import current
-
-    return objects_task(current(), after=["secrets", "render"])
-
-
-def task_stack() -> dict[str, Any]:
-    """Deploy the stack (bootstraps Galera when fresh); wait until all services run."""
-    from tasks.config import current
-
-    return stack_task(current(), after=["render"])

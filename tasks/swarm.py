@@ -517,10 +517,3 @@ def swarm_task(c: Cluster, after: Sequence[str] = ()) -> dict[str, Any]:
         "clean": [clean],
         "verbosity": 2,
     }
-
-
-def task_swarm() -> dict[str, Any]:
-    """Form the Docker swarm (all nodes managers; dispatcher heartbeat)."""
-    from tasks.config import current
-
-    return swarm_task(current())
