@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster
+from tasks.service import service
 
 if TYPE_CHECKING:
     from tasks.lab import Lab
@@ -76,14 +77,9 @@ MDNS_TIMEOUT = 150.0
 WATCH_BEFORE = 3.0
 WATCH_AFTER = 120.0
 
-# Start/stop the Docker engine: systemd on a Pi, the lab's stand-in otherwise.
-_SYSTEMD = "[ -d /run/systemd/system ] && command -v systemctl >/dev/null"
-DOCKER_STOP = (f"if {_SYSTEMD}; then systemctl stop docker.socket docker.service; "
-               "elif [ -x /usr/local/sbin/lab-service ]; then /usr/local/sbin/lab-service docker "
-               "stop; else service docker stop; fi")
-DOCKER_START = (f"if {_SYSTEMD}; then systemctl start docker.socket docker.service; "
-                "elif [ -x /usr/local/sbin/lab-service ]; then /usr/local/sbin/lab-service "
-                "docker start; else service docker start; fi")
+# Start/stop the Docker engine (systemd on a Pi, the lab's stand-in otherwise).
+DOCKER_STOP = service("docker", "stop", units="docker.socket docker.service")
+DOCKER_START = service("docker", "start", units="docker.socket docker.service")
 
 
 # Errors of the background `docker stop` of a docker fault, by node.

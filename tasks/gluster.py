@@ -36,6 +36,7 @@ from doit.tools import config_changed
 
 from tasks import render
 from tasks.config import Cluster, Node, current, purge_requested
+from tasks.service import SYSTEMD, service
 from tasks.state import forget, mark_done, stamp
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 GLUSTER = "gluster --mode=script"
 # The uid/gid the eclipse-mosquitto image (and the lab's) runs the broker as.
 MOSQUITTO_UID = 1883
-LAB_SERVICE = "/usr/local/sbin/lab-service"
 # A dead FUSE mount makes stat hang until the client gives up: never wait longer than this.
 STAT_TIMEOUT = 8
 # Marker of haswarm's own line in /etc/fstab (the line below it is haswarm's entry).
@@ -593,20 +593,12 @@ def _glusterd_answers(r: Remote, node: Node, step: str) -> bool:
     return res.ok
 
 
-START_GLUSTERD = (
-    # systemd (a Pi): enable for the next boot and start now
-    "if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then "
-    "systemctl enable --now glusterd; "
-    # the lab's stand-in for systemctl
-    f"elif [ -x {LAB_SERVICE} ]; then {LAB_SERVICE} glusterd start; "
-    "elif command -v service >/dev/null; then service glusterd start; "
-    "else glusterd; fi"
-)
+START_GLUSTERD = service("glusterd", "start", enable=True, direct="glusterd")
 
 DAEMON_PROBES = {
     "cli": "if command -v gluster >/dev/null; then echo yes; else echo no; fi",
-    "disabled": "if [ -d /run/systemd/system ] && command -v systemctl >/dev/null && "
-                "! systemctl is-enabled -q glusterd 2>/dev/null; then echo yes; else echo no; fi",
+    "disabled": f"if {SYSTEMD} && ! systemctl is-enabled -q glusterd 2>/dev/null; "
+                "then echo yes; else echo no; fi",
     "answers": f"if timeout 20 {GLUSTER} peer status >/dev/null 2>&1; then echo yes; "
                "else echo no; fi",
 }

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
 from tasks.remote import key_values
+from tasks.service import SYSTEMD
 
 if TYPE_CHECKING:
     from tasks.remote import Remote
@@ -61,7 +62,6 @@ SETTLE_TIMEOUT = 30.0
 # Bumped when the check script or the start commands change (re-runs the step).
 CHECK_VERSION = 1
 
-_SYSTEMD = "[ -d /run/systemd/system ] && command -v systemctl >/dev/null"
 KEEPALIVED_ARGS = (f"--dont-fork --vrrp --no-syslog --log-console -f {CONF} -p {PIDFILE} "
                    f"-r {VRRP_PIDFILE}")
 RUNNING = (f"{{ [ -e {PIDFILE} ] && kill -0 \"$(cat {PIDFILE})\" 2>/dev/null; }}")
@@ -187,20 +187,20 @@ def start_command(changed: bool) -> str:
     systemd = ("systemctl enable keepalived >/dev/null 2>&1; "
                + ("systemctl reload-or-restart keepalived" if changed
                   else "systemctl is-active -q keepalived || systemctl restart keepalived"))
-    return (f"if {_SYSTEMD}; then {systemd}; else {direct}; fi; "
+    return (f"if {SYSTEMD}; then {systemd}; else {direct}; fi; "
             "for i in $(seq 50); do "
             f"{{ {RUNNING} || pidof keepalived >/dev/null; }} && exit 0; sleep 0.1; done; "
             f"echo 'keepalived did not start; see {LOG} or journalctl -u keepalived' >&2; exit 1")
 
 
-STOP = (f"if {_SYSTEMD}; then systemctl disable --now keepalived >/dev/null 2>&1 || true; fi; "
+STOP = (f"if {SYSTEMD}; then systemctl disable --now keepalived >/dev/null 2>&1 || true; fi; "
         f"if {RUNNING}; then pid=$(cat {PIDFILE}); kill -TERM \"$pid\"; "
         "for i in $(seq 100); do kill -0 \"$pid\" 2>/dev/null || break; sleep 0.1; done; fi; "
         f"rm -f {PIDFILE} {VRRP_PIDFILE}")
 
 FACTS = (
     "echo installed=$(command -v keepalived >/dev/null && echo yes || echo no); "
-    f"echo systemd=$({_SYSTEMD} && echo yes || echo no); "
+    f"echo systemd=$({SYSTEMD} && echo yes || echo no); "
     f"echo running=$({{ {RUNNING} || pidof keepalived >/dev/null; }} && echo yes || echo no); "
     f"echo conf=$([ -e {CONF} ] && {{ head -n 1 {CONF} | grep -qxF {shlex.quote(MARKER)} "
     "&& echo haswarm || echo other; } || echo none)"
