@@ -16,26 +16,22 @@ except ConfigError as error:
 if warning := two_node_warning(CLUSTER):
     print(warning, file=sys.stderr)
 
-from tasks.avahi import task_avahi  # noqa: E402
-from tasks.drill import task_drill  # noqa: E402
-from tasks.gluster import task_gluster  # noqa: E402
-from tasks.guard import task_leader_guard  # noqa: E402
-from tasks.homeassistant import task_ha_files  # noqa: E402
-from tasks.images import (  # noqa: E402
-    task_base_image,
-    task_buildx,
-    task_images,
-    task_preload_images,
-)
-from tasks.lab import (  # noqa: E402
+from lab.tasks import (  # noqa: E402
     task_lab_boot,
     task_lab_cut,
     task_lab_down,
+    task_lab_engine,
     task_lab_heal,
     task_lab_kill,
     task_lab_status,
     task_lab_up,
 )
+from tasks import images  # noqa: E402
+from tasks.avahi import task_avahi  # noqa: E402
+from tasks.drill import drill_task  # noqa: E402
+from tasks.gluster import task_gluster  # noqa: E402
+from tasks.guard import task_leader_guard  # noqa: E402
+from tasks.homeassistant import task_ha_files  # noqa: E402
 from tasks.preflight import task_preflight  # noqa: E402
 from tasks.render import task_render  # noqa: E402
 from tasks.secrets import task_secrets  # noqa: E402
@@ -57,14 +53,54 @@ __all__ = [
     "task_avahi", "task_gluster", "task_ha_files", "task_preflight", "task_render",
     "task_secrets", "task_setup", "task_swarm", "task_stack_objects", "task_stack",
     "task_vip", "task_leader_guard", "task_status", "task_drill",
-    "task_lab_up", "task_lab_down", "task_lab_kill", "task_lab_cut", "task_lab_heal",
-    "task_lab_boot", "task_lab_status",
+    "task_lab_engine", "task_lab_up", "task_lab_down", "task_lab_kill", "task_lab_cut",
+    "task_lab_heal", "task_lab_boot", "task_lab_status",
 ]
+
+
+# The lab starts itself (and, for the images, a Docker engine on this machine) when it is the
+# target; nothing in tasks/ knows the lab.
+LAB_UP = ["lab-up"] if CLUSTER.lab else []
+LAB_ENGINE = ["lab-engine"] if CLUSTER.lab else []
+
+
+def _after(deps: list[str], task: dict) -> dict:
+    return {**task, "task_dep": [*task.get("task_dep", []), *deps]} if deps else task
+
+
+def task_buildx():
+    """Fetch buildx (Debian trixie's docker-buildx) into BUILD/tools when docker lacks it."""
+    return images.task_buildx()
+
+
+def task_base_image():
+    """Make the base images the Dockerfiles build FROM exist locally for the platform."""
+    return _after(LAB_ENGINE, images.task_base_image())
+
+
+def task_images():
+    """Pull or build every image of the stack for the platform and save it (BUILD/images)."""
+    for t in images.task_images():
+        yield _after(LAB_ENGINE, t) if "actions" in t else t
+
+
+def task_preload_images():
+    """Put every image on every node (only what each lacks), nodes in parallel."""
+    yield from images.task_preload_images()
+
+
+def task_drill():
+    """Take a node down on purpose; probe every service; restore; check nothing was lost."""
+    if CLUSTER.lab:
+        from lab.faults import LabFaults
+
+        return drill_task(CLUSTER, LabFaults)
+    return drill_task(CLUSTER)
 
 
 def task_setup():
     """Deploy the whole cluster (everything below, in order)."""
-    lab = ["lab-up"] if CLUSTER.lab else []  # the lab starts itself when it is the target
+    lab = LAB_UP
     return {"actions": None,
             "task_dep": [*lab, "preflight", "secrets", "render", "images", "preload-images",
                          "gluster", "ha-files", "avahi", "swarm", "leader-guard", "stack-objects",

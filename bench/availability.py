@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import running_lab  # noqa: E402
 
+from lab.faults import LabFaults  # noqa: E402
 from tasks import drill, status  # noqa: E402
 from tasks.config import Cluster  # noqa: E402
 from tasks.remote import Remote  # noqa: E402
@@ -138,8 +139,8 @@ def main() -> int:
                         print(f"\n== {role} {fault}: no node has this role now, skipped")
                         continue
                     print(f"\n== {role} ({node}) {fault}", flush=True)
-                    r = drill.run_drill(c, fault, node, names=False, log=say,
-                                        watch_after=args.after)
+                    r = drill.run_drill(c, fault, node, faults=LabFaults(c, lab), names=False,
+                                        log=say, watch_after=args.after)
                     print(r.report(), flush=True)
                     rows.append(row(role, r))
     finally:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Chaos soak on the lab: random faults, every service probed throughout (figures, not a test).
 
-See tasks/chaos.py for what one run does. At the end it prints availability % per service,
+See lab/chaos.py for what one run does. At the end it prints availability % per service,
 every gap with the fault that was active when it began, the containers that started (restart /
 move), every moment two Home Assistants ran, and what was lost.
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import running_lab  # noqa: E402
 
-from tasks.chaos import run_chaos  # noqa: E402
+from lab.chaos import run_chaos  # noqa: E402
 
 
 def say(msg: str) -> None:

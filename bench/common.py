@@ -7,8 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lab.driver import Lab  # noqa: E402
 from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster  # noqa: E402
-from tasks.lab import Lab  # noqa: E402
 
 
 def running_lab() -> tuple[Cluster, Lab]:

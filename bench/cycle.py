@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lab.driver import Lab  # noqa: E402
 from tasks.config import LAB_CLUSTER_FILE, load_cluster  # noqa: E402
-from tasks.lab import Lab  # noqa: E402
 from tests.lab.conftest import doit  # noqa: E402
 from tests.lab.test_cycle import snapshot  # noqa: E402
 

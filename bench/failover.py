@@ -47,9 +47,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lab.driver import Lab, instance_lab  # noqa: E402
+from lab.faults import LabFaults  # noqa: E402
 from tasks import drill, status, vip  # noqa: E402
 from tasks.config import LAB_CLUSTER_FILE, VIP, Cluster, load_cluster  # noqa: E402
-from tasks.lab import Lab, instance_lab  # noqa: E402
 from tasks.remote import Remote  # noqa: E402
 from tasks.stack import find_manager  # noqa: E402
 
@@ -89,7 +90,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def one(c: Cluster, fault: str, node: str | None, names: bool = False) -> dict[str, Any]:
     """One drill, reported, as a row."""
     print(f"\n== {fault} {node or '(node running Home Assistant)'}", flush=True)
-    r = drill.run_drill(c, fault, node, names=names, log=say)
+    r = drill.run_drill(c, fault, node, faults=LabFaults(c), names=names, log=say)
     print(r.report(), flush=True)
     return {"fault": fault, "node": r.node, "ran": r.ran, "leader": r.leader,
             "figures": r.figures,

@@ -96,7 +96,7 @@ def main() -> int:
     c = load_cluster(cluster_file())
     lab = None
     if c.lab:
-        from tasks.lab import Lab
+        from lab.driver import Lab
         lab = Lab(c)
     results: dict[str, list[dict[str, Any]]] = {n.name: [] for n in c.nodes}
     with Remote(c) as r:

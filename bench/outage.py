@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Full-outage figures on the lab (a script printing figures, not a timed test).
 
-Variants (`tasks.drill.run_outage`; seconds are counted from the moment the first node comes
+Variants (`lab.outage.run_outage`; seconds are counted from the moment the first node comes
 back):
   at-once      every node killed at the same instant, all booted together (CI runs this one:
                tests/lab/test_outage.py)
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import running_lab  # noqa: E402
 
-from tasks import drill, status  # noqa: E402
+from lab.outage import run_outage  # noqa: E402
+from tasks import status  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -71,7 +72,7 @@ def main() -> int:
         for variant in [v for v in args.variants.split(",") if v]:
             kill_plan, boot_plan = plans(c.names, variant, args.gap, args.die_gap)
             print(f"\n== {variant}", flush=True)
-            r = drill.run_outage(c, kill_plan, boot_plan, log=say, measure_timeout=900)
+            r = run_outage(c, kill_plan, boot_plan, log=say, measure_timeout=900)
             print(r.report(), flush=True)
             rows.append({"variant": variant, "figures": r.figures, "where": r.where,
                          "rows": r.rows_committed, "lost": r.lost, "kill": kill_plan,

@@ -6,7 +6,7 @@ Prints:
     (goal: parallel <= 1.5x one node);
   - bytes sent and wall time of a second run (goals: 0 bytes, <= 2 s).
 
-Which nodes: by default a private lab instance (`tasks.lab.instance_lab("pbench")`: nodes
+Which nodes: by default a private lab instance (`lab.driver.instance_lab("pbench")`: nodes
 pbench1..3 on their own bridge and subnet, state in .lab/instance-pbench) is started for the run
 and purged afterwards, so nobody else's lab is disturbed; `--shared-lab` uses the running lab of
 config/lab.yml instead. To
@@ -97,7 +97,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="leave the private lab running")
     args = ap.parse_args()
 
-    from tasks.lab import Lab, instance_lab
+    from lab.driver import Lab, instance_lab
 
     lab = Lab(load_cluster(LAB_CLUSTER_FILE)) if args.shared_lab else instance_lab(INSTANCE, 3)
     c = lab.cluster

@@ -275,7 +275,7 @@ class Cluster(_Strict):
     vip: VIP = Field(default_factory=VIP)
     build_dir: Path = Field(Path("build"), description="rendered files (relative to project root)")
     secrets_dir: Path = Field(Path("secrets"), description="generated secrets (relative to root)")
-    lab: bool = Field(False, description="this cluster is the local lab (see tasks/lab.py)")
+    lab: bool = Field(False, description="this cluster is the local lab (see lab/driver.py)")
 
     def ssh_for(self, node: Node) -> SSH:
         """The SSH settings for one node: its own keys override the cluster-wide ones."""

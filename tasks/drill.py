@@ -34,9 +34,7 @@ bench/failover.py use it.
 
 from __future__ import annotations
 
-import os
 import shlex
-import signal
 import sys
 import threading
 import time
@@ -44,16 +42,15 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tasks.config import Cluster
 from tasks.service import service
 
 if TYPE_CHECKING:
-    from tasks.lab import Lab
     from tasks.remote import Remote
     from tasks.status import ClusterStatus
-    from tasks.watch import WatchReport
+    from tasks.watch import RunOn, WatchReport
 
 FAULTS = ("kill", "cut", "docker")
 DB_NAME = "haswarm"
@@ -300,24 +297,14 @@ def choose_target(st: ClusterStatus, node: str | None) -> str:
     return ha[0]
 
 
-def check_fault(c: Cluster, fault: str) -> None:
+def check_fault(faults: Faults, fault: str) -> None:
     """Refuse faults this cluster cannot have."""
     if fault not in FAULTS:
         raise DrillError(f"unknown fault {fault!r}: choose one of {', '.join(FAULTS)}")
-    if fault in ("kill", "cut") and not c.lab:
+    if fault not in faults.kinds:
         raise DrillError(f"--fault {fault} needs the lab (it ends a simulated node); on a real "
                          "cluster use --fault docker (or pull the plug yourself and watch "
                          "`doit status`)")
-
-
-def lab_for(c: Cluster) -> Lab:
-    """The lab this cluster file describes (an instance lab with HASWARM_LAB_INSTANCE)."""
-    from tasks.lab import Lab, instance_lab
-
-    instance = os.environ.get("HASWARM_LAB_INSTANCE", "")
-    if instance:
-        return instance_lab(instance, len(c.nodes))
-    return Lab(c)
 
 
 def sql(r: Remote, node: str, container: str, statements: str, timeout: float = 20) -> str:
@@ -569,69 +556,71 @@ def failover_probes(r: Remote, c: Cluster, st: ClusterStatus, target: str, fault
     return probes
 
 
-def start_watch(c: Cluster, lab: Lab | None, log: Callable[[str], None]) -> Any:
-    """Continuous probes and census (tasks/watch.py), through the lab or over SSH."""
+def start_watch(c: Cluster, faults: Faults, log: Callable[[str], None]) -> Any:
+    """Continuous probes and census (tasks/watch.py), looking into nodes as `faults` can."""
     from tasks import watch
-    from tasks.remote import Remote
 
-    if lab is not None:
-        run_on = watch.lab_runner(lab)
-    else:
-        r = Remote(c)
-        r.redact(*_secret_values(c))
-        run_on = watch.remote_runner(r)
-    return watch.Watch(c, run_on, mqtt_user=MQTT_USER, mqtt_password=mqtt_password(c),
-                       log=log).start()
+    return watch.Watch(c, faults.run_on(), mqtt_user=MQTT_USER,
+                       mqtt_password=mqtt_password(c), log=log).start()
 
 
 # ---------------------------------------------------------------------------------------------
 # Fault and restore
 
 
-def inject(c: Cluster, fault: str, target: str, lab: Lab | None
-           ) -> tuple[float, threading.Thread | None]:
-    """Take `target` down; returns the moment of the fault (time.monotonic()) and, for the
-    docker fault, the thread still stopping the engine (containers stop gracefully, up to their
-    stop grace periods: the probes run meanwhile; join it before the restore)."""
-    from tasks.remote import Remote
+class Faults(Protocol):
+    """How a drill takes a node down and brings it back, and how it looks into the nodes:
+    `DockerFaults` on a real cluster, `lab.faults.LabFaults` in the lab (kill, cut too)."""
 
-    if fault in ("kill", "cut"):
-        assert lab is not None
-        t0 = time.monotonic()
-        if fault == "kill":
-            lab.kill(target)
-        else:
-            lab.cut(target)
-        return t0, None
+    kinds: tuple[str, ...]
 
-    def stop() -> None:
-        from tasks.remote import RemoteError
+    def inject(self, kind: str, node: str) -> threading.Thread | None:
+        """Take `node` down; a thread still at work (join it before `restore`), if any."""
 
-        try:
-            with Remote(c) as r:
-                r.run(target, "drill: stop docker", DOCKER_STOP, timeout=180)
-        except RemoteError as e:  # reported by run_drill after the join
-            STOP_ERRORS[target] = str(e)
+    def restore(self, kind: str, node: str) -> None:
+        """Bring `node` back."""
 
-    t0 = time.monotonic()
-    thread = threading.Thread(target=stop, name="drill-stop-docker", daemon=True)
-    thread.start()
-    return t0, thread
+    def run_on(self) -> RunOn:
+        """How the watch runs a command on a node (see tasks/watch.py)."""
 
 
-def restore(c: Cluster, fault: str, target: str, lab: Lab | None) -> None:
-    """Bring `target` back (lab: boot / heal; docker: start the engine)."""
-    from tasks.remote import Remote
+class DockerFaults:
+    """A real cluster: the one fault is stopping a node's Docker engine, over SSH."""
 
-    if fault == "kill":
-        assert lab is not None
-        lab.boot(target)
-    elif fault == "cut":
-        assert lab is not None
-        lab.heal(target)
-    else:
-        with Remote(c) as r:
-            r.run(target, "drill: start docker", DOCKER_START, timeout=180)
+    kinds: tuple[str, ...] = ("docker",)
+
+    def __init__(self, c: Cluster) -> None:
+        self.c = c
+
+    def inject(self, kind: str, node: str) -> threading.Thread | None:
+        """Stop the engine in the background: its containers stop gracefully, up to their stop
+        grace periods, while the probes run."""
+        def stop() -> None:
+            from tasks.remote import Remote, RemoteError
+
+            try:
+                with Remote(self.c) as r:
+                    r.run(node, "drill: stop docker", DOCKER_STOP, timeout=180)
+            except RemoteError as e:  # reported by run_drill after the join
+                STOP_ERRORS[node] = str(e)
+
+        thread = threading.Thread(target=stop, name="drill-stop-docker", daemon=True)
+        thread.start()
+        return thread
+
+    def restore(self, kind: str, node: str) -> None:
+        from tasks.remote import Remote
+
+        with Remote(self.c) as r:
+            r.run(node, "drill: start docker", DOCKER_START, timeout=180)
+
+    def run_on(self) -> RunOn:
+        from tasks.remote import Remote
+        from tasks.watch import remote_runner
+
+        r = Remote(self.c)
+        r.redact(*_secret_values(self.c))
+        return remote_runner(r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,6 +718,7 @@ def cleanup(r: Remote, c: Cluster, m: Markers) -> None:
 
 
 def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
+              faults: Faults | None = None,
               confirm: Callable[[str], bool] | None = None,
               log: Callable[[str], None] | None = None,
               measure_timeout: float = MEASURE_TIMEOUT,
@@ -736,7 +726,8 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
               ready_timeout: float = READY_TIMEOUT, names: bool = True,
               during: Callable[[str], None] | None = None,
               watch_after: float = WATCH_AFTER) -> DrillResult:
-    """The whole drill (see the module docstring). `confirm(question)` is asked before a fault
+    """The whole drill (see the module docstring). `faults`: how to take the node down (default:
+    `DockerFaults`; the lab passes its own). `confirm(question)` is asked before a fault
     on a real cluster (None: refuse unless it is the lab). `names`: also measure the mDNS name
     (up to a minute or more). `during(target)` is called once the failover figures are in,
     before the node is restored (tests look at the degraded cluster there). `watch_after`:
@@ -746,9 +737,9 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
     from tasks.remote import Remote
 
     say = log or (lambda msg: print(f"drill: {msg}", flush=True))
-    fault = fault or ("kill" if c.lab else "docker")
-    check_fault(c, fault)
-    lab = lab_for(c) if c.lab else None
+    faults = faults or DockerFaults(c)
+    fault = fault or faults.kinds[0]
+    check_fault(faults, fault)
     password = mqtt_password(c)  # fails early without secrets
     del password
 
@@ -762,7 +753,7 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
     result = DrillResult(fault=fault, node=target,
                          ran=sorted({ct.service for ct in tn.containers}),
                          leader=bool(tn.swarm and tn.swarm.leader))
-    if not c.lab:
+    if fault == "docker" and not c.lab:
         question = (f"stop Docker on {target} ({tn.address}), which runs "
                     f"{', '.join(result.ran) or 'nothing'}? Home Assistant is unavailable until "
                     "it has moved")
@@ -779,10 +770,11 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
         time.sleep(wait)
 
     committed: list[str] = []
-    watcher = start_watch(c, lab, say)
+    watcher = start_watch(c, faults, say)
     time.sleep(WATCH_BEFORE)
     say(f"fault: {fault} {target}")
-    t0, stopping = inject(c, fault, target, lab)
+    t0 = time.monotonic()
+    stopping = faults.inject(fault, target)
     watcher.mark_fault(t0)
     try:
         with Remote(c) as r:
@@ -798,7 +790,7 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
                 result.notes.append(f"stopping Docker failed: {STOP_ERRORS.pop(target)}")
         say(f"restoring {target}")
         t_restore = time.monotonic()
-        restore(c, fault, target, lab)
+        faults.restore(fault, target)
         result.figures["restored"] = time.monotonic() - t_restore
     result.figures.update(figures)
     result.where.update(where)
@@ -826,191 +818,6 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Full outage (lab): every node down, then back, with no operator action
-
-
-@dataclass(kw_only=True)
-class OutageResult(Outcome):
-    """What a full outage measured: seconds from the first node's return (boot started)."""
-
-    kill_plan: list[tuple[float, str]]
-    boot_plan: list[tuple[float, str]]
-
-    def report(self) -> str:
-        """The figures as a few lines for people."""
-        def plan(p: list[tuple[float, str]]) -> str:
-            return ", ".join(f"{n}@{t:g}s" for t, n in p)
-
-        def fmt(key: str) -> str:
-            v = self.figures.get(key)
-            return "never (timeout)" if v is None else f"{v:.1f} s"
-
-        lines = [f"outage: killed {plan(self.kill_plan)}; booted {plan(self.boot_plan)}",
-                 "  seconds after the first node came back:"]
-        for key, label in (("galera", "Galera commits a write"),
-                           ("mqtt", "Mosquitto accepts a login"),
-                           ("ha", "Home Assistant answers HTTP"),
-                           ("converged", "whole cluster converged (doit status clean)")):
-            where = f"  ({self.where[key]})" if key in self.where else ""
-            lines.append(f"    {label:<46} {fmt(key)}{where}")
-        lines.append(("  LOST: " + "; ".join(self.lost)) if self.lost else
-                     f"  nothing lost: {self.rows_committed} Galera rows, the file on Gluster, "
-                     "the retained MQTT message")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
-def _write_rows(r: Remote, st: ClusterStatus, nodes: list[str], prefix: str, count: int,
-                phase: str, timeout: float = 60) -> list[str]:
-    """Commit `count` rows through the db containers of `nodes` in turn (retrying while no
-    primary component accepts them); their tokens."""
-    tokens: list[str] = []
-    deadline = time.monotonic() + timeout
-    i = 0
-    while len(tokens) < count and time.monotonic() < deadline:
-        node = nodes[i % len(nodes)]
-        cid = db_container(st, node)
-        i += 1
-        if cid is None:
-            continue
-        token = f"{prefix}-{phase}-{len(tokens)}"
-        try:
-            sql(r, node, cid, insert_sql(token, node, "outage", phase, False), timeout=5)
-        except Exception:  # noqa: BLE001 - not Primary (yet): try again / another node
-            time.sleep(0.5)
-            continue
-        tokens.append(token)
-    return tokens
-
-
-def run_outage(c: Cluster, kill_plan: list[tuple[float, str]] | None = None,
-               boot_plan: list[tuple[float, str]] | None = None, *,
-               log: Callable[[str], None] | None = None, rows: int = 10,
-               measure_timeout: float = 600.0, converge_timeout: float = CONVERGE_TIMEOUT,
-               ready_timeout: float = READY_TIMEOUT) -> OutageResult:
-    """Lab only: kill every node (`kill_plan`: (seconds from the first kill, node); default:
-    all at once), boot them (`boot_plan`: (seconds from the first boot, node); default: all
-    at once, in cluster order), measure from the first boot until Galera commits, Mosquitto
-    accepts a login and Home Assistant answers, wait until converged, read every marker back.
-    Between staggered kills, rows are committed on the nodes still alive (while they form a
-    primary component): the last to die hold rows the first lack."""
-    from tasks import status
-    from tasks.remote import Remote
-
-    say = log or (lambda msg: print(f"outage: {msg}", flush=True))
-    if not c.lab:
-        raise DrillError("a full outage is a lab drill: it kills every node")
-    lab = lab_for(c)
-    names = c.names
-    kill_plan = kill_plan or [(0.0, n) for n in names]
-    boot_plan = boot_plan or [(0.0, n) for n in names]
-    result = OutageResult(kill_plan=kill_plan, boot_plan=boot_plan)
-    say("checking that the cluster is healthy first")
-    try:
-        st = status.wait_converged(c, ready_timeout, log=say)
-    except TimeoutError as e:
-        raise DrillError(f"the cluster is not healthy, not starting: {e}") from None
-    with Remote(c) as r:
-        r.redact(*_secret_values(c))
-        markers = write_markers(r, c, st, names[0], "outage", say)
-        committed = [markers.token, *_write_rows(r, st, names, markers.token, rows, "before")]
-    wait = c.mqtt.autosave_interval + 2 - (time.monotonic() - markers.published_at)
-    if wait > 0:
-        say(f"waiting {wait:.0f} s (longer than mqtt.autosave_interval)")
-        time.sleep(wait)
-
-    groups: dict[float, list[str]] = {}
-    for delay, node in sorted(kill_plan):
-        groups.setdefault(delay, []).append(node)
-    alive = list(names)
-    t_kill = time.monotonic()
-    try:
-        for delay, group in groups.items():
-            if t_kill + delay > time.monotonic() and len(alive) > 1:
-                # rows only the nodes still alive will have (while they are a primary component)
-                budget = max(1.0, min(30.0, t_kill + delay - time.monotonic()))
-                with Remote(c) as r:
-                    r.redact(*_secret_values(c))
-                    got = _write_rows(r, st, alive, markers.token, 3, f"before-{group[0]}",
-                                      timeout=budget)
-                committed += got
-                say(f"committed {len(got)} rows on {', '.join(alive)}")
-            time.sleep(max(0.0, t_kill + delay - time.monotonic()))
-            pids = [p for p in (lab.pid(n) for n in group) if p is not None]
-            for pid in pids:  # the whole group dies at the same instant
-                os.kill(pid, signal.SIGKILL)
-            for n in group:
-                lab.kill(n)  # reaps and removes the node's netns, veth, cgroups
-                alive.remove(n)
-            say(f"killed {', '.join(group)} at {time.monotonic() - t_kill:.1f} s")
-    finally:
-        t_return = time.monotonic()
-
-        def boot_all() -> None:
-            waves: dict[float, list[str]] = {}
-            for delay, node in sorted(boot_plan):
-                waves.setdefault(delay, []).append(node)
-            for delay, wave in waves.items():
-                time.sleep(max(0.0, t_return + delay - time.monotonic()))
-                say(f"booting {', '.join(wave)} at {time.monotonic() - t_return:.1f} s")
-                # nodes due at the same moment boot in parallel (each waits for its own services)
-                with ThreadPoolExecutor(max_workers=len(wave)) as pool:
-                    list(pool.map(lab.boot, wave))
-            for n in names:  # a node the plan missed comes back too
-                if lab.pid(n) is None:
-                    lab.boot(n)
-
-        booter = threading.Thread(target=boot_all, name="outage-boot")
-        booter.start()
-    try:
-        from tasks.stack import http_answer
-
-        password = mqtt_password(c)
-
-        def ha() -> str | None:
-            for n in c.nodes:
-                code = http_answer(n.address, c.homeassistant.port, timeout=1.0)
-                if code is not None and code < 500:
-                    return n.name
-            return None
-
-        def broker() -> str | None:
-            for n in c.nodes:
-                if mqtt_accepts(n.address, c.mqtt.port, MQTT_USER, password, timeout=1.0):
-                    return n.name
-            return None
-
-        after: list[str] = []
-
-        def galera() -> str | None:
-            fresh = status.gather(c)
-            with Remote(c) as r:
-                got = _write_rows(r, fresh, [n.name for n in fresh.nodes if n.reachable],
-                                  markers.token, 1, "after", timeout=5)
-            after.extend(got)
-            return "committed" if got else None
-
-        figures, where = measure(
-            [Probe("galera", galera, 2.0), Probe("mqtt", broker, 1.0), Probe("ha", ha, 1.0)],
-            t_return, measure_timeout, say)
-        committed += after
-        result.figures.update(figures)
-        result.where.update(where)
-    finally:
-        booter.join()
-    done, final = converge(c, t_return, converge_timeout, say)
-    result.figures["converged"] = done["converged"]
-    result.rows_committed = len(committed)
-    final = final or status.gather(c)
-    with Remote(c) as r:
-        r.redact(*_secret_values(c))
-        result.lost = verify(r, c, final, markers, committed)
-        if not result.lost:
-            cleanup(r, c, markers)
-    return result
-
-
 def _secret_values(c: Cluster) -> list[str]:
     from tasks.stack import secret_values
 
@@ -1028,24 +835,23 @@ def _confirm(question: str) -> bool:
     return answer in ("y", "yes")
 
 
-def task_drill() -> dict[str, Any]:
-    """Take a node down on purpose; measure failover; restore; check nothing was lost."""
-    from tasks.config import current
-
-    c = current()
+def drill_task(c: Cluster, make_faults: Callable[[Cluster], Faults] | None = None
+               ) -> dict[str, Any]:
+    """The `doit drill` task dict; `make_faults` gives the faults this cluster can have (dodo.py
+    passes the lab's for the lab; default: `DockerFaults`)."""
 
     def action(fault: str = "", node: str = "", yes: bool = False,
                after: float = WATCH_AFTER) -> Any:
         from doit.exceptions import TaskFailed
 
-        from tasks.lab import LabError
         from tasks.remote import RemoteError, redact
 
+        faults = (make_faults or DockerFaults)(c)
         try:
-            result = run_drill(c, fault, node or None,
+            result = run_drill(c, fault, node or None, faults=faults,
                                confirm=(lambda q: True) if yes else _confirm,
                                watch_after=after)
-        except (DrillError, RemoteError, LabError, KeyError, TimeoutError) as e:
+        except (DrillError, RemoteError, KeyError, TimeoutError, OSError) as e:
             return TaskFailed(redact(f"drill: {e}", _secret_values(c)))
         print(result.report(), flush=True)
         if not result.ok:

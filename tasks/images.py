@@ -958,19 +958,13 @@ def save_image(c: Cluster, service: str, img: Image, info: dict[str, Any],
 
 
 def ensure_engine(c: Cluster, log: Callable[[str], None] = print) -> None:
-    """A Docker engine must answer on this machine (the lab starts one when none does)."""
+    """A Docker engine must answer on this machine (for the lab, `doit lab-engine` starts one
+    first: dodo.py makes the image tasks depend on it)."""
     if docker_available():
         return
-    if c.lab:
-        from tasks.lab import Lab, LabError
-
-        try:
-            log(f"docker: {Lab(c).ensure_controller_engine()}")
-        except LabError as e:
-            raise ImageError(str(e)) from None
-        return
     raise ImageError("no Docker engine answers the docker CLI on this machine: install Docker "
-                     "(apt install docker.io) and start it, or set DOCKER_HOST")
+                     "(apt install docker.io) and start it, or set DOCKER_HOST"
+                     + (" (for the lab: doit lab-engine)" if c.lab else ""))
 
 
 def make_image(c: Cluster, service: str, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -475,18 +475,6 @@ def _sh_quote(s: str) -> str:
     return "'" + s.replace("'", "'\"'\"'") + "'"
 
 
-def lab_runner(lab: object) -> RunOn:
-    """run_on through the lab (nsenter: no SSH, and it also sees into a cut node)."""
-    def run_on(node: str, cmd: str, timeout: float) -> str | None:
-        try:
-            p = lab.exec(node, cmd, check=False, timeout=timeout)  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - node not running, or no answer in time
-            return None
-        return p.stdout if p.returncode == 0 else None
-
-    return run_on
-
-
 def remote_runner(r: object) -> RunOn:
     """run_on over SSH (a real cluster)."""
     def run_on(node: str, cmd: str, timeout: float) -> str | None:

@@ -1,13 +1,13 @@
 """Shared pytest fixtures.
 
-`lab`: the local lab of config/lab.yml (see tasks/lab.py), up for the whole session. If no node
+`lab`: the local lab of config/lab.yml (see lab/driver.py), up for the whole session. If no node
 of it was running when the session started, the fixture brings it up and takes it down at the
 end; if the lab (or part of it) was already running (someone is using it), the missing nodes
 are started and the lab is left running afterwards. Tests that use it skip when this machine
 cannot run the lab (not root, missing packages).
 
 Tests must leave the lab as they found it (other people and sessions may be using it): faults
-that end nodes belong on a private lab (`tasks.lab.instance_lab`, see tests/lab/test_lab.py).
+that end nodes belong on a private lab (`lab.driver.instance_lab`, see tests/lab/test_lab.py).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def _fresh_doit_vars():
 
 @pytest.fixture(scope="session")
 def lab():
+    from lab.driver import Lab, LabError
     from tasks.config import LAB_CLUSTER_FILE, load_cluster
-    from tasks.lab import Lab, LabError
 
     if os.geteuid() != 0:
         pytest.skip("the lab needs root")

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from lab.driver import Lab
 from tasks import avahi, gluster, render, state
 from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
-from tasks.lab import Lab
 
 pytestmark = pytest.mark.lab
 

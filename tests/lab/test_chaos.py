@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.chaos import run_chaos
+from lab.chaos import run_chaos
 
 pytestmark = pytest.mark.lab
 

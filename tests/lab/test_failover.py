@@ -22,6 +22,7 @@ import time
 
 import pytest
 
+from lab.faults import LabFaults
 from tasks import drill, status, vip
 from tasks.config import VIP, Cluster
 from tasks.remote import Remote
@@ -105,7 +106,7 @@ def check_always(result: drill.DrillResult) -> None:
         result.watch.overlaps
 
 
-def test_kill_a_node_running_db_but_not_home_assistant(cv):
+def test_kill_a_node_running_db_but_not_home_assistant(cv, lab):
     """Home Assistant must not notice: not a second unavailable, not restarted, not moved."""
     st = status.wait_converged(cv, 600, log=say)
     who = roles(st)
@@ -113,7 +114,8 @@ def test_kill_a_node_running_db_but_not_home_assistant(cv):
     # prefer a node that is neither the leader nor the broker's (the plainest case)
     others.sort(key=lambda n: (n == who["leader"], n == who["mqtt"]))
     target = others[0]
-    result = drill.run_drill(cv, "kill", target, names=False, log=say, watch_after=AFTER)
+    result = drill.run_drill(cv, "kill", target, faults=LabFaults(cv, lab), names=False,
+                             log=say, watch_after=AFTER)
     check_always(result)
     assert result.watch is not None and "homeassistant" not in result.ran
     if result.leader:
@@ -123,14 +125,15 @@ def test_kill_a_node_running_db_but_not_home_assistant(cv):
     assert result.incidents() == []
 
 
-def test_kill_the_leader(cv):
+def test_kill_the_leader(cv, lab):
     """The leader's death: never two Home Assistants, nothing lost; when the leader did not run
     HA, HA should stay where it is (not yet always: a new leader may declare a healthy node
     Down when its agent re-registers late, measured in bench/availability.py)."""
     st = status.wait_converged(cv, 600, log=say)
     leader = roles(st)["leader"]
     assert leader is not None
-    result = drill.run_drill(cv, "kill", str(leader), names=False, log=say, watch_after=AFTER)
+    result = drill.run_drill(cv, "kill", str(leader), faults=LabFaults(cv, lab), names=False,
+                             log=say, watch_after=AFTER)
     check_always(result)
     assert result.watch is not None
     ha = result.watch.probes["ha"]
@@ -141,14 +144,15 @@ def test_kill_the_leader(cv):
                      + "; ".join(result.incidents()))
 
 
-def test_kill_the_node_running_home_assistant(cv):
+def test_kill_the_node_running_home_assistant(cv, lab):
     seen: dict[str, object] = {}
 
     def during(target: str) -> None:
         st = status.gather(cv)  # `doit status` with the node down
         seen["status"], seen["table"] = st, status.table(st)
 
-    result = drill.run_drill(cv, "kill", names=False, log=say, during=during,
+    result = drill.run_drill(cv, "kill", faults=LabFaults(cv, lab), names=False, log=say,
+                             during=during,
                              watch_after=AFTER)
     check_always(result)
     st = seen["status"]
@@ -169,12 +173,13 @@ def test_kill_the_node_running_home_assistant(cv):
         assert result.figures["vip"] is not None
 
 
-def test_cut_another_node(cv):
+def test_cut_another_node(cv, lab):
     st = status.wait_converged(cv, 600, log=say)
     ha = st.where("homeassistant")[0]
     broker = st.where("mosquitto")[0]
     target = broker if broker != ha else next(n for n in cv.names if n != ha)
-    result = drill.run_drill(cv, "cut", target, names=False, log=say, watch_after=AFTER)
+    result = drill.run_drill(cv, "cut", target, faults=LabFaults(cv, lab), names=False,
+                             log=say, watch_after=AFTER)
     check_always(result)
     assert result.figures["heal"] is not None and result.figures["galera_synced"] is not None
     assert result.figures["mqtt"] is not None and result.figures["vip"] is not None

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
+from lab.driver import Lab
 from tasks import gluster, homeassistant, render, stack
 from tasks.config import LAB_CLUSTER_FILE, PROJECT_ROOT, Cluster, load_cluster
-from tasks.lab import Lab
 
 pytestmark = pytest.mark.lab
 

@@ -1,10 +1,10 @@
-"""The lab itself (tasks/lab.py, lab/node-init.sh, lab/lab-service.sh).
+"""The lab itself (lab/driver.py, lab/node-init.sh, lab/lab-service.sh).
 
 Two labs are used:
 - the shared lab of config/lab.yml (the `lab` fixture of tests/conftest.py) for everything that
   leaves it as it was: SSH with host keys, services, reachability, private /etc, identities;
 - a private lab for this module (`private`, nodes pl1..pl3 on their own bridge and subnet, state
-  in .lab/instance-<name>, see tasks.lab.instance_lab) for what ends nodes or the lab: kill ->
+  in .lab/instance-<name>, see lab.driver.instance_lab) for what ends nodes or the lab: kill ->
   boot, cut -> heal, a swarm + Gluster smoke check, and last `test_down_leaves_nothing`, which
   takes the private lab down (with --purge) and checks that no netns, veth, bridge, iptables
   rule, cgroup, mount or process of it is left. Other people keep using the shared lab while
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-import tasks.lab as labmod
-from tasks.lab import Lab, LabError, instance_lab
+import lab.driver as labmod
+import lab.tasks as labtasks
+from lab.driver import Lab, LabError, instance_lab
 
 pytestmark = pytest.mark.lab
 
@@ -49,9 +50,9 @@ def _connect(address: str, port: int, timeout: float) -> str:
 # Task creators: cheap at load time (doit list)
 
 
-@pytest.mark.parametrize("creator", [n for n in dir(labmod) if n.startswith("task_lab_")])
+@pytest.mark.parametrize("creator", [n for n in dir(labtasks) if n.startswith("task_lab_")])
 def test_task_creators_are_cheap(creator: str) -> None:
-    fn = getattr(labmod, creator)
+    fn = getattr(labtasks, creator)
     t0 = time.monotonic()
     task = fn()
     assert time.monotonic() - t0 < 0.05

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import drill, status
+from lab.outage import run_outage
+from tasks import status
 
 pytestmark = pytest.mark.lab
 
@@ -32,7 +33,7 @@ def ready(lab, cluster, deployed):
 
 
 def test_all_nodes_killed_then_all_booted(lab, ready):
-    result = drill.run_outage(ready, log=say)
+    result = run_outage(ready, log=say)
     print("\n" + result.report())
     assert all(lab.pid(n) is not None for n in lab.names)
     assert not result.lost, result.lost

@@ -272,7 +272,7 @@ def test_lab_unreachable_node_named_within_10_s(lab: object,
 def test_private_lab_faults(capsys: pytest.CaptureFixture[str]) -> None:
     """On a private lab (never the shared one): a silently cut link, a stopped Docker engine and
     a killed node are each named, with the reason, within connect_timeout + a few seconds."""
-    from tasks.lab import LabError, instance_lab
+    from lab.driver import LabError, instance_lab
 
     if os.geteuid() != 0:
         pytest.skip("the lab needs root")

@@ -316,13 +316,16 @@ def test_mqtt_connack_reads_the_return_code():
 
 
 def test_faults_and_target(c):
-    real = c.model_copy(update={"lab": False})
-    drill.check_fault(c, "kill")
+    from lab.faults import LabFaults
+
+    real = drill.DockerFaults(c.model_copy(update={"lab": False}))
+    lab = LabFaults(c, lab=object())  # type: ignore[arg-type]  # kinds only, nothing runs
+    drill.check_fault(lab, "kill")
     drill.check_fault(real, "docker")
     with pytest.raises(drill.DrillError, match="needs the lab"):
         drill.check_fault(real, "cut")
     with pytest.raises(drill.DrillError, match="unknown fault"):
-        drill.check_fault(c, "reboot")
+        drill.check_fault(lab, "reboot")
     st = healthy(c)
     assert drill.choose_target(st, None) == "pi1"
     assert drill.choose_target(st, "pi3") == "pi3"

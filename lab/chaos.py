@@ -18,13 +18,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from lab.driver import Lab
+from lab.faults import LabFaults
 from tasks import drill, status, watch
 from tasks.config import Cluster
-
-if TYPE_CHECKING:
-    from tasks.lab import Lab
 
 
 @dataclass
@@ -87,7 +85,8 @@ def run_chaos(c: Cluster, lab: Lab, *, count: int = 3, minutes: float = 0.0,
     with Remote(c) as r:
         markers = drill.write_markers(r, c, st, c.names[0], "chaos", log)
     time.sleep(c.mqtt.autosave_interval + 2)
-    w = watch.Watch(c, watch.lab_runner(lab), mqtt_user=drill.MQTT_USER,
+    faults = LabFaults(c, lab)
+    w = watch.Watch(c, faults.run_on(), mqtt_user=drill.MQTT_USER,
                     mqtt_password=drill.mqtt_password(c)).start()
     faults: list[Fault] = []
     deadline = time.monotonic() + minutes * 60 if minutes else None
@@ -100,13 +99,13 @@ def run_chaos(c: Cluster, lab: Lab, *, count: int = 3, minutes: float = 0.0,
             time.sleep(rng.uniform(*spacing))
             kind, node = rng.choice(kinds), rng.choice(c.names)
             log(f"fault {len(faults) + 1}: {kind} {node}")
-            t0, stopping = drill.inject(c, kind, node, lab)
-            f = Fault(kind, node, t0 - w.t0)
+            f = Fault(kind, node, w.now())
+            stopping = faults.inject(kind, node)
             faults.append(f)
             time.sleep(rng.uniform(*hold))
             if stopping is not None:
                 stopping.join(240)
-            drill.restore(c, kind, node, lab)
+            faults.restore(kind, node)
             f.restored = w.now()
             log(f"restored {node}")
     finally:
