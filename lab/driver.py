@@ -64,9 +64,10 @@ TAG = "haswarm-lab"                 # iptables comment, cgroup parent directory
 NETNS_PREFIX = "hswlab-"            # /run/netns/hswlab-NAME
 VETH_PREFIX = "hsw-"                # host end of a node's veth: hsw-NAME
 STATE_DIR = PROJECT_ROOT / ".lab"
-# Host directories a node mounts a fresh tmpfs over (lab/node-init.sh): the lab's state cannot
-# live below them.
-NODE_PRIVATE_DIRS = (Path("/tmp"), Path("/run"), Path("/dev/shm"))
+# Host directories every node mounts its own file system over (lab/node-init.sh: tmpfs, its own
+# directories, overlays): the project (and so the lab's state) cannot live below them.
+NODE_PRIVATE_DIRS = tuple(Path(d) for d in ("/tmp", "/run", "/dev/shm", "/root", "/srv", "/mnt",
+                                            "/var", "/etc", "/usr/local"))
 SCRIPTS_DIR = PROJECT_ROOT / "lab"
 CGROUP_FS = Path("/sys/fs/cgroup")
 NODE_CONTROLLERS = ("memory", "pids")     # the node's processes are placed in these
@@ -624,8 +625,9 @@ class Lab:
                        if self.state_dir.resolve().is_relative_to(d)), None)
         if hidden is not None:
             raise LabError(f"the lab's state {self.state_dir} is under {hidden}, which every "
-                           "node mounts afresh (a node could not read its own disk): clone the "
-                           f"project outside {hidden}")
+                           "node mounts its own file system over (a node could not read its own "
+                           f"disk): clone the project elsewhere (not below "
+                           f"{', '.join(map(str, NODE_PRIVATE_DIRS))})")
         tools = HOST_TOOLS if services else {k: HOST_TOOLS[k] for k in ("ip", "iptables")}
         missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
         if missing:
