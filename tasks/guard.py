@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks import render
 from tasks.config import Cluster, Node, current
-from tasks.gluster import Op, apply_ops, on_nodes, remote_task
+from tasks.ops import Op, apply_ops, on_nodes, remote_task
 
 if TYPE_CHECKING:
     from tasks.remote import Remote

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
-from tasks.gluster import GlusterOutputError, cli_xml, parse_sections, probe_script
+from tasks.gluster import GlusterOutputError, cli_xml
+from tasks.ops import parse_sections, probe_script
 
 if TYPE_CHECKING:
     from tasks.remote import Remote

@@ -226,7 +226,7 @@ def plan_problems(facts: dict[str, str], interface_ok: bool, iface: str) -> list
 
 def setup(c: Cluster, r: Remote) -> dict[str, Any]:
     """keepalived with the VIP on every node; then one holder that answers MQTT."""
-    from tasks.gluster import StepError, on_nodes, say
+    from tasks.ops import StepError, on_nodes, say
 
     if c.vip.address is None:
         say(c.nodes[0], "vip: no vip.address in the cluster file: removing haswarm's "
@@ -308,7 +308,7 @@ def wait_holder(c: Cluster, r: Remote, timeout: float) -> str:
 
 def remove(c: Cluster, r: Remote, dryrun: bool) -> None:
     """Stop keepalived and remove haswarm's files on every node that answers."""
-    from tasks.gluster import on_nodes, say
+    from tasks.ops import on_nodes, say
 
     def one(node: Node) -> None:
         facts = key_values(r.run(node, "vip: facts", FACTS).stdout)
@@ -357,7 +357,7 @@ def values(c: Cluster) -> dict[str, Any]:
 def task_vip() -> dict[str, Any]:
     """VIP (keepalived, VRRP) that follows Mosquitto; no-op without vip.address."""
     from tasks.config import current
-    from tasks.gluster import remote_task
+    from tasks.ops import remote_task
     from tasks.render import TEMPLATES
 
     c = current()
@@ -366,7 +366,7 @@ def task_vip() -> dict[str, Any]:
         try:
             return setup(cl, r)
         except VIPError as e:
-            from tasks.gluster import StepError
+            from tasks.ops import StepError
 
             raise StepError(str(e)) from None
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from lab.driver import Lab
-from tasks import avahi, gluster, render, state
+from tasks import avahi, ops, render, state
 from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
 
 pytestmark = pytest.mark.lab
@@ -40,7 +40,7 @@ def on(lab: Lab, name: str, cmd: str, check: bool = True) -> str:
 def run(c: Cluster, steps: list[tuple[str, Callable[..., Any]]], clean: bool = False) -> float:
     started = time.monotonic()
     for step, fn in steps:
-        res = gluster.clean_step(c, step, fn, False) if clean else gluster.run_step(c, step, fn)
+        res = ops.clean_step(c, step, fn, False) if clean else ops.run_step(c, step, fn)
         assert res is None, str(res)
     return time.monotonic() - started
 
@@ -140,7 +140,7 @@ def test_dry_run_changes_nothing(lab: Lab, cluster: Cluster,
     assert stamp.exists()
     capsys.readouterr()
     for step, fn in CLEAN:
-        assert gluster.clean_step(cluster, step, fn, True) is None
+        assert ops.clean_step(cluster, step, fn, True) is None
     out = capsys.readouterr().out
     assert f"would remove {avahi.CRON_FILE}" in out and "would restart avahi-daemon" in out
     assert {n: on(lab, n, f"cat {avahi.AVAHI_CONF} {avahi.CRON_FILE}")

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from lab.driver import Lab
-from tasks import gluster, homeassistant, render, stack
+from tasks import gluster, homeassistant, ops, render, stack
 from tasks.config import LAB_CLUSTER_FILE, PROJECT_ROOT, Cluster, load_cluster
 
 pytestmark = pytest.mark.lab
@@ -69,7 +69,7 @@ def run(c: Cluster, steps: list[tuple[str, Callable[..., Any]]], *, clean: bool 
         monkeypatch.setattr(gluster, "purge_requested", lambda: purge)
     started = time.monotonic()
     for step, fn in steps:
-        res = gluster.clean_step(c, step, fn, False) if clean else gluster.run_step(c, step, fn)
+        res = ops.clean_step(c, step, fn, False) if clean else ops.run_step(c, step, fn)
         assert res is None, str(res)
     return time.monotonic() - started
 
