@@ -35,7 +35,8 @@ from typing import Any
 
 from tasks import render
 from tasks.config import Cluster, Node
-from tasks.remote import Remote, RemoteError, key_values, progress
+from tasks.facts import GaleraMember, galera_command, parse_galera
+from tasks.remote import Remote, RemoteError, progress
 from tasks.stack import (
     DB_VOLUME,
     StackError,
@@ -57,7 +58,6 @@ from tasks.stack import (
 SEED = "db-seed"
 DB = "db"
 HA = "homeassistant"
-STATUS_CMD = "/usr/local/bin/galera-status"
 
 # Seconds for each wait (a Pi is slower than the lab: a full SST by mariabackup takes minutes).
 SEED_TIMEOUT = 300.0
@@ -75,63 +75,12 @@ STEADY = ("deploy-steady", "wait-stack", "probe-ha")
 # Facts
 
 
-@dataclass(frozen=True)
-class Member:
-    """One running Galera container (db or db-seed) and what galera-status says about it."""
-
-    node: str
-    service: str
-    container: str
-    phase: str = ""
-    cluster_status: str = "none"
-    local_state: str = "none"
-    cluster_size: int = 0
-
-    @property
-    def synced(self) -> bool:
-        """Synced in a Primary component: serving, with all the data."""
-        return self.cluster_status == "Primary" and self.local_state == "Synced"
-
-    def describe(self) -> str:
-        """'pi2 Synced', 'seed@pi1 Donor/Desynced', 'pi3 joining'."""
-        who = f"seed@{self.node}" if self.service == SEED else self.node
-        if self.synced:
-            return f"{who} Synced"
-        state = self.local_state if self.local_state != "none" else self.phase or "starting"
-        return f"{who} {state}"
-
-
-def member_from_status(node: str, service: str, container: str, text: str) -> Member:
-    """A Member from one galera-status output (missing keys: not answering)."""
-    s = key_values(text)
-    try:
-        size = int(s.get("cluster_size", "0"))
-    except ValueError:
-        size = 0
-    return Member(node=node, service=service, container=container, phase=s.get("phase", ""),
-                  cluster_status=s.get("cluster_status", "none"),
-                  local_state=s.get("local_state", "none").replace("_", " "), cluster_size=size)
+Member = GaleraMember  # one running db / db-seed container (tasks/facts.py)
 
 
 def parse_status_sections(node: str, text: str, services: dict[str, str]) -> list[Member]:
     """Output of several galera-status runs, each after a '== CONTAINER' line."""
-    members = []
-    current: str | None = None
-    chunk: list[str] = []
-
-    def flush() -> None:
-        if current is not None:
-            members.append(member_from_status(node, services.get(current, ""), current,
-                                              "\n".join(chunk)))
-
-    for line in text.splitlines():
-        if line.startswith("== "):
-            flush()
-            current, chunk = line[3:].strip(), []
-        else:
-            chunk.append(line)
-    flush()
-    return members
+    return parse_galera(text, services, node)
 
 
 def members(r: Remote, c: Cluster, state: StackState) -> list[Member]:
@@ -145,8 +94,7 @@ def members(r: Remote, c: Cluster, state: StackState) -> list[Member]:
 
     def one(n: Node) -> list[Member]:
         ids = by_node[n.name]
-        cmd = "; ".join(f"echo '== {cid}'; docker exec {shlex.quote(cid)} {STATUS_CMD} "
-                        "2>/dev/null" for cid in ids)
+        cmd = galera_command(list(ids))
         try:
             res = r.run(n, "galera: status", cmd, check=False, timeout=30)
         except RemoteError:

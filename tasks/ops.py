@@ -17,6 +17,7 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from tasks.config import Cluster, Node
+from tasks.facts import gather  # noqa: F401  (re-exported: steps read facts, then apply ops)
 from tasks.state import forget, mark_done, stamp
 
 if TYPE_CHECKING:
@@ -59,41 +60,6 @@ def apply_ops(r: Remote, node: Node, step: str, ops: list[Op], *, dryrun: bool =
         if op.put is not None:
             r.put(node, step, op.put[1], op.put[0], mode=0o644)
     return True
-
-
-# ---------------------------------------------------------------------------------------------
-# Facts: several probes in one round trip
-
-
-_SECTION = "@@haswarm-fact@@"
-
-
-def probe_script(probes: dict[str, str]) -> str:
-    """One shell script printing every probe's output under its own header line."""
-    return "; ".join(f"echo {_SECTION}{key}; {{ {cmd}\n}} 2>&1" for key, cmd in probes.items())
-
-
-def parse_sections(stdout: str) -> dict[str, str]:
-    """Split the output of `probe_script` back into {probe: output}."""
-    out: dict[str, str] = {}
-    key = None
-    lines: list[str] = []
-    for line in stdout.splitlines(keepends=True):
-        if line.startswith(_SECTION):
-            if key is not None:
-                out[key] = "".join(lines)
-            key, lines = line[len(_SECTION):].strip(), []
-        elif key is not None:
-            lines.append(line)
-    if key is not None:
-        out[key] = "".join(lines)
-    return out
-
-
-def gather(r: Remote, node: Node, step: str, probes: dict[str, str]) -> dict[str, str]:
-    """Run every probe on `node` in one command and return {probe: output}."""
-    res = r.run(node, step, probe_script(probes), check=False, timeout=60)
-    return parse_sections(res.stdout)
 
 
 # ---------------------------------------------------------------------------------------------

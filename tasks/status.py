@@ -30,14 +30,13 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
+from tasks.facts import GALERA_STATUS, GaleraMember, parse_galera, parse_sections, probe_script
 from tasks.gluster import GlusterOutputError, cli_xml
-from tasks.ops import parse_sections, probe_script
 
 if TYPE_CHECKING:
     from tasks.remote import Remote
     from tasks.stack import Container
 
-GALERA_STATUS = "/usr/local/bin/galera-status"
 KEEPALIVED_PID = "/run/keepalived.pid"
 # Seconds one node may take for its whole probe script once connected; each command inside is
 # bounded further by `timeout` (a dead FUSE mount, a hung glusterd or dockerd).
@@ -253,57 +252,6 @@ def bricks_from(c: Cluster, status_text: str | None, heal_text: str | None) -> l
     return out
 
 
-@dataclass(frozen=True)
-class GaleraView:
-    """One running Galera container (db or db-seed) as `galera-status` describes it."""
-
-    container: str
-    service: str  # db | db-seed
-    phase: str = ""
-    cluster_status: str = "none"  # Primary | non-Primary | Disconnected | none
-    local_state: str = "none"  # Synced | Donor/Desynced | Joining | ... | none
-    cluster_size: int = 0
-    seqno: int | None = None
-    uuid: str = ""
-
-    @property
-    def synced(self) -> bool:
-        """Synced in a Primary component."""
-        return self.cluster_status == "Primary" and self.local_state == "Synced"
-
-    def describe(self) -> str:
-        """'Synced/Primary size 3', or the entrypoint's phase while the server is not up."""
-        if self.local_state == "none":
-            return self.phase or "starting"
-        return f"{self.local_state}/{self.cluster_status} size {self.cluster_size}"
-
-
-def parse_galera(text: str, services: dict[str, str]) -> list[GaleraView]:
-    """Several `galera-status` outputs, each after a '== CONTAINER' line -> views."""
-    out = []
-    chunks: list[tuple[str, list[str]]] = []
-    for line in text.splitlines():
-        if line.startswith("== "):
-            chunks.append((line[3:].strip(), []))
-        elif chunks:
-            chunks[-1][1].append(line)
-    for cid, lines in chunks:
-        kv = {}
-        for line in lines:
-            key, sep, value = line.strip().partition("=")
-            if sep:
-                kv[key] = value
-        if not kv:
-            continue
-        out.append(GaleraView(container=cid, service=services.get(cid, ""),
-                              phase=kv.get("phase", ""),
-                              cluster_status=kv.get("cluster_status", "none"),
-                              local_state=kv.get("local_state", "none").replace("_", " "),
-                              cluster_size=_int(kv.get("cluster_size")) or 0,
-                              seqno=_int(kv.get("seqno")), uuid=kv.get("uuid", "")))
-    return out
-
-
 def parse_mount(text: str) -> str:
     """The mount probe -> 'ok', 'dead' (mounted, not answering), 'not mounted', or
     'wrong type (X)'."""
@@ -355,7 +303,7 @@ class NodeStatus:
     manager: bool = False  # docker info: ControlAvailable
     swarm: SwarmNode | None = None  # the swarm's view (docker node inspect on a manager)
     containers: list[Container] = field(default_factory=list)
-    galera: list[GaleraView] = field(default_factory=list)
+    galera: list[GaleraMember] = field(default_factory=list)
     mount: str = ""  # ok | dead | not mounted | wrong type (X) | "" (unknown)
     brick: Brick | None = None
     index: int | None = None  # entries in the brick's heal index (node probe)
@@ -399,7 +347,7 @@ class ClusterStatus:
         """Nodes where a broker sends CONNACK from here."""
         return [n.name for n in self.nodes if n.mqtt is not None]
 
-    def galera_members(self) -> list[GaleraView]:
+    def galera_members(self) -> list[GaleraMember]:
         """The running `db` members (the seed excluded) on every node that answered."""
         return [m for n in self.nodes for m in n.galera if m.service == "db"]
 
@@ -442,7 +390,7 @@ class ClusterStatus:
                     out.append(f"{n.name}: no db container running")
                 for m in n.galera:
                     if m.service == "db" and (not m.synced or m.cluster_size != count):
-                        out.append(f"{n.name}: Galera {m.describe()} (want Synced/Primary, "
+                        out.append(f"{n.name}: Galera {m.state()} (want Synced/Primary, "
                                    f"size {count})")
                 if c.vip.address and n.keepalived is False:
                     out.append(f"{n.name}: keepalived is not running (the VIP cannot move here)")
@@ -720,7 +668,7 @@ def _galera_cell(n: NodeStatus) -> str:
     ms = [m for m in n.galera if m.service in DB_SERVICES]
     if not ms:
         return "-"
-    return "; ".join(("seed " if m.service == "db-seed" else "") + m.describe() for m in ms)
+    return "; ".join(("seed " if m.service == "db-seed" else "") + m.state() for m in ms)
 
 
 def _answers_cell(st: ClusterStatus, n: NodeStatus) -> str:

@@ -176,9 +176,10 @@ def test_parse_services_and_galera_and_swarm():
     assert status.parse_services(SERVICES, "haswarm") == {
         "db": "3/3", "db-seed": "0/0", "homeassistant": "1/1", "mosquitto": "1/1"}
     views = status.parse_galera(GALERA, {"89af6f078e62": "db", "94bc6c3dbb79": "db-seed"})
-    assert len(views) == 1  # the failed exec gives no view
     assert views[0].synced and views[0].seqno == 12 and views[0].cluster_size == 3
-    assert views[0].describe() == "Synced/Primary size 3"
+    assert views[0].state() == "Synced/Primary size 3"
+    assert len(views) == 2 and not views[1].synced  # the failed exec: a member with no state
+    assert views[1].state() == "starting"
     assert status.parse_updates("haswarm_homeassistant\tupdating\nhaswarm_db\tcompleted\n"
                                 "haswarm_mosquitto\t\n", "haswarm") == {"homeassistant": "updating"}
     assert status.parse_swarm(SWARM_INFO) == ("active", True)
@@ -215,7 +216,7 @@ def healthy(c: Cluster, **changes) -> status.ClusterStatus:
         nodes.append(status.NodeStatus(
             n.name, n.address, reachable=True, swarm_state="active", manager=True,
             swarm=swarm[n.name], containers=cts,
-            galera=[status.GaleraView(f"db{i}", "db", "running", "Primary", "Synced", 3, 40)],
+            galera=[status.GaleraMember(f"db{i}", "db", "running", "Primary", "Synced", 3, 40)],
             mount="ok", brick=bricks[i], http=302 if n.name == "pi1" else None,
             mqtt=0 if n.name == "pi2" else None))
     st = status.ClusterStatus(cluster=c, nodes=nodes, observer="pi1", gluster_known=True,
@@ -245,7 +246,7 @@ def test_node_down_is_shown_with_what_others_say(c):
                     strict=True):
         n.brick = b
     for n in st.nodes[:2]:
-        n.galera = [status.GaleraView("x", "db", "running", "Primary", "Synced", 2, 41)]
+        n.galera = [status.GaleraMember("x", "db", "running", "Primary", "Synced", 2, 41)]
     problems = st.problems()
     assert "pi3 does not answer over SSH (no answer from 10.77.0.13 port 22 within 5 s)" \
         in problems

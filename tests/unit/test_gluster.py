@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import avahi, gluster, homeassistant, ops
+from tasks import avahi, gluster, homeassistant
+from tasks import facts as fact_lib
 from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
 from tasks.gluster import Op, StepError
 
@@ -445,8 +446,8 @@ localhost:/haswarm /mnt/haswarm fuse.glusterfs rw,relatime,user_id=0,group_id=0 
 
 def test_mount_facts_from_probe_output(c: Cluster) -> None:
     # the probe script runs in sh; its sections come back apart
-    out = sh(ops.probe_script({"a": "echo one; echo two", "b": "false", "c": "echo 3"}))
-    assert ops.parse_sections(out.stdout) == {"a": "one\ntwo\n", "b": "", "c": "3\n"}
+    out = sh(fact_lib.probe_script({"a": "echo one; echo two", "b": "false", "c": "echo 3"}))
+    assert fact_lib.parse_sections(out.stdout) == {"a": "one\ntwo\n", "b": "", "c": "3\n"}
     facts = gluster.mount_facts(c, {"fstab": "@@missing@@\n", "mounts": PROC_MOUNTS,
                                     "alive": "yes\n", "exists": "yes\n"})
     assert facts == gluster.MountFacts(fstab=None, types=["fuse.glusterfs"], alive=True,

@@ -1,0 +1,127 @@
+"""Facts read from the nodes: the command that reads each and its pure parser, in one place for
+setup (tasks/galera.py, tasks/gluster.py ...), `doit status` and `doit drill`.
+
+Several probes go to a node in one round trip: `probe_script` joins them with a header line per
+probe, `parse_sections` splits the output again, `gather` does both over SSH.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasks.config import Node
+    from tasks.remote import Remote
+
+_SECTION = "@@haswarm-fact@@"
+
+
+def probe_script(probes: dict[str, str]) -> str:
+    """One shell script printing every probe's output under its own header line."""
+    return "; ".join(f"echo {_SECTION}{key}; {{ {cmd}\n}} 2>&1" for key, cmd in probes.items())
+
+
+def parse_sections(stdout: str) -> dict[str, str]:
+    """Split the output of `probe_script` back into {probe: output}."""
+    out: dict[str, str] = {}
+    key = None
+    lines: list[str] = []
+    for line in stdout.splitlines(keepends=True):
+        if line.startswith(_SECTION):
+            if key is not None:
+                out[key] = "".join(lines)
+            key, lines = line[len(_SECTION):].strip(), []
+        elif key is not None:
+            lines.append(line)
+    if key is not None:
+        out[key] = "".join(lines)
+    return out
+
+
+def gather(r: Remote, node: Node, step: str, probes: dict[str, str]) -> dict[str, str]:
+    """Run every probe on `node` in one command and return {probe: output}."""
+    res = r.run(node, step, probe_script(probes), check=False, timeout=60)
+    return parse_sections(res.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Galera: `galera-status` (images/mariadb-galera) in each running db / db-seed container
+
+GALERA_STATUS = "/usr/local/bin/galera-status"
+SEED = "db-seed"
+
+
+@dataclass(frozen=True)
+class GaleraMember:
+    """One running Galera container (db or db-seed) as `galera-status` describes it."""
+
+    container: str
+    service: str  # db | db-seed
+    phase: str = ""  # the entrypoint's phase while the server is not up
+    cluster_status: str = "none"  # Primary | non-Primary | Disconnected | none
+    local_state: str = "none"  # Synced | Donor/Desynced | Joining ... | none
+    cluster_size: int = 0
+    seqno: int | None = None
+    uuid: str = ""
+    node: str = ""
+
+    @property
+    def synced(self) -> bool:
+        """Synced in a Primary component: serving, with all the data."""
+        return self.cluster_status == "Primary" and self.local_state == "Synced"
+
+    def describe(self) -> str:
+        """'pi2 Synced', 'seed@pi1 Donor/Desynced', 'pi3 joining' (progress lines)."""
+        who = f"seed@{self.node}" if self.service == SEED else self.node
+        if self.synced:
+            return f"{who} Synced"
+        state = self.local_state if self.local_state != "none" else self.phase or "starting"
+        return f"{who} {state}"
+
+    def state(self) -> str:
+        """'Synced/Primary size 3', or the entrypoint's phase while the server is not up."""
+        if self.local_state == "none":
+            return self.phase or "starting"
+        return f"{self.local_state}/{self.cluster_status} size {self.cluster_size}"
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def galera_command(containers: list[str]) -> str:
+    """`galera-status` in each container, each output after a '== CONTAINER' line."""
+    import shlex
+
+    return "; ".join(f"echo '== {cid}'; timeout 10 docker exec {shlex.quote(cid)} "
+                     f"{GALERA_STATUS} 2>/dev/null" for cid in containers)
+
+
+def parse_galera(text: str, services: dict[str, str], node: str = "") -> list[GaleraMember]:
+    """Several `galera-status` outputs, each after a '== CONTAINER' line -> members. A container
+    that did not answer (exec failed) is a member with no state."""
+    chunks: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith("== "):
+            chunks.append((line[3:].strip(), []))
+        elif chunks:
+            chunks[-1][1].append(line)
+    out = []
+    for cid, lines in chunks:
+        kv = {}
+        for line in lines:
+            key, sep, value = line.strip().partition("=")
+            if sep:
+                kv[key] = value
+        out.append(GaleraMember(container=cid, service=services.get(cid, ""),
+                                phase=kv.get("phase", ""),
+                                cluster_status=kv.get("cluster_status", "none"),
+                                local_state=kv.get("local_state", "none").replace("_", " "),
+                                cluster_size=_int(kv.get("cluster_size")) or 0,
+                                seqno=_int(kv.get("seqno")), uuid=kv.get("uuid", ""),
+                                node=node))
+    return out
