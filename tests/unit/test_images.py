@@ -192,7 +192,7 @@ def test_emulation_without_f_flag_is_refused(tmp_path, monkeypatch):
 
 def test_emulation_missing_names_the_packages(tmp_path, monkeypatch):
     monkeypatch.delenv("DOCKER_HOST", raising=False)
-    monkeypatch.setattr(images.shutil, "which", lambda name: None)
+    monkeypatch.setattr(images.core.shutil, "which", lambda name: None)
     d = fake_binfmt(tmp_path, None)
     with pytest.raises(images.ImageError) as e:
         images.ensure_emulation(ARM, native=AMD, binfmt_dir=d)
@@ -497,12 +497,12 @@ def test_task_creators_touch_neither_docker_nor_ssh(tmp_path, monkeypatch):
 
 def test_builder_falls_back_to_legacy_when_buildx_cannot_be_had(tmp_path, monkeypatch):
     notes: list[str] = []
-    monkeypatch.setattr(images, "_buildx_works", lambda cmd: False)
+    monkeypatch.setattr(images.build, "_buildx_works", lambda cmd: False)
 
     def no_fetch(dest, log=print):
         raise images.ImageError("apt-get update (trixie only) failed")
 
-    monkeypatch.setattr(images, "fetch_buildx", no_fetch)
+    monkeypatch.setattr(images.build, "fetch_buildx", no_fetch)
     monkeypatch.delenv(images.BUILDER_ENV, raising=False)
     assert images.buildx_command(tmp_path, log=notes.append) is None
     assert "legacy builder" in notes[0] and "trixie" in notes[0]
@@ -515,8 +515,8 @@ def test_builder_falls_back_to_legacy_when_buildx_cannot_be_had(tmp_path, monkey
 
 def test_builder_prefers_the_docker_plugin_then_the_fetched_binary(tmp_path, monkeypatch):
     monkeypatch.delenv(images.BUILDER_ENV, raising=False)
-    monkeypatch.setattr(images, "_buildx_works", lambda cmd: cmd == ["docker", "buildx"])
+    monkeypatch.setattr(images.build, "_buildx_works", lambda cmd: cmd == ["docker", "buildx"])
     assert images.buildx_command(tmp_path, fetch=False) == ["docker", "buildx"]
     (tmp_path / "docker-buildx").write_text("")
-    monkeypatch.setattr(images, "_buildx_works", lambda cmd: cmd != ["docker", "buildx"])
+    monkeypatch.setattr(images.build, "_buildx_works", lambda cmd: cmd != ["docker", "buildx"])
     assert images.buildx_command(tmp_path, fetch=False) == [str(tmp_path / "docker-buildx")]

@@ -1,0 +1,232 @@
+"""Images: make every image of the stack exist for the cluster's platform, then put it on the nodes.
+
+    doit images            pull or build each image, check its platform, save BUILD/images/<svc>.tar
+    doit base-image        the local Debian base the Dockerfiles start FROM (made when missing)
+    doit buildx            fetch the buildx builder (Debian trixie's docker-buildx) into BUILD/tools
+    doit preload-images    load what each node lacks, all nodes in parallel (preload-images:pi1 ...)
+
+Building (`images:<service>`), in this order:
+1. The context's executable `prepare` (if any) runs on this machine with the context as cwd
+   (downloads wheels...; it must be idempotent). It gets HASWARM_PLATFORM=<platform>.
+2. `FROM` resolution. Without a registry, `FROM debian:bookworm` must exist locally *for the
+   target platform*, but one tag names one image in a classic Docker engine: the amd64
+   `debian:bookworm` and an armhf one cannot share it. Measured on dockerd 20.10: the legacy
+   builder with `--platform linux/arm/v7` silently builds FROM the amd64 image (and yields an
+   amd64 image); BuildKit refuses the mismatch and goes to the registry; BuildKit's named
+   contexts (`--build-context debian:bookworm=docker-image://...`) are refused by the engine's
+   built-in BuildKit 0.8. So `base-image` makes (mmdebstrap + `docker load`, correct
+   architecture/variant recorded) a per-platform tag such as `haswarm/debian:bookworm-armhf`, and
+   the build uses a copy of the Dockerfile whose `FROM debian:bookworm` lines (or `ARG` defaults
+   feeding a `FROM ${VAR}`) name that tag. A local `debian:bookworm` that already matches the
+   platform is used as it is; an image the project cannot bootstrap is left to the builder (pull).
+3. `docker buildx build --platform P --load` (docker driver) when buildx can be had, else the
+   legacy builder (`DOCKER_BUILDKIT=0 docker build --platform P`); both build arm/v7 and arm64
+   under QEMU (binfmt is checked and registered first). HASWARM_BUILDER=legacy|buildx forces one.
+4. The image's recorded OS/architecture/variant must match the platform, then
+   `docker save REPO:TAG` (tag kept) writes the tarball; `<service>.json` records the image ID
+   and layers, and `images:manifest` gathers them into `manifest.json` for the preload.
+Pulled images: `docker pull --platform P` (a matching local image is used when no registry
+answers), then steps 4.
+
+Up to date: a built image while its context files (as git sees them: tracked or untracked but not
+ignored, so the `prepare` downloads do not count: they are a function of the tracked pins) and the
+resolved base are unchanged and its pin/platform are the same; a pulled one while its pin and
+platform are the same. Nothing here talks to Docker or SSH while tasks are loaded.
+
+Preload: per node one `docker image inspect` over SSH gives the facts (tags, image IDs, layer
+chains); only what is missing is sent: a tag whose image is there is just re-tagged; a missing
+image goes as one `docker load` stream built on the fly from the saved tarballs (through the
+remote layer's Docker client, nothing is copied to the node's disk first), leaving out every
+layer the node already holds (the Debian base is sent once, not once per image). After loading,
+the facts are read again: tag, image ID and platform must match. Nodes run in parallel threads
+(`Remote.on_all`), one progress line each; a failed node is named with its reason after the
+others finished. Up to date: each preload task stamps build/state/<task>.json (tasks.state) once
+every node checked out, and runs again when manifest.json, the nodes or the platform change;
+`doit -a preload-images` checks the nodes again (a node holding everything then prints
+"pi1: 3 images already present, nothing sent").
+
+The package, one job per module:
+    core.py     platforms, the local Docker engine, QEMU emulation (binfmt), ImageError
+    base.py     FROM lines, the local Debian bases (mmdebstrap + docker load), tar streams
+    build.py    buildx, build or pull, platform check, save, manifest
+    preload.py  per node facts, the plan of what is missing, one docker load stream
+    here        the doit task creators (no Docker, no SSH at load time: `doit list` is instant)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from doit.tools import config_changed
+
+from tasks.config import current
+from tasks.images.base import (
+    BaseChoice,
+    FromLine,
+    TarEntry,
+    base_refs,
+    base_tag,
+    bootstrap_suite,
+    ensure_base,
+    normalize_ref,
+    parse_froms,
+    rewrite_froms,
+    tar_stream,
+)
+from tasks.images.build import (
+    build_context,
+    build_image,
+    buildx_command,
+    context_dir,
+    context_files,
+    fetch_buildx,
+    fetch_buildx_action,
+    images_dir,
+    local_bases,
+    make_image,
+    manifest_path,
+    pull_image,
+    resolve_bases,
+    run_prepare,
+    save_image,
+    stack_images,
+    step,
+    tools_dir,
+    verify_local,
+    write_manifest,
+)
+from tasks.images.core import (
+    BINFMT_DIR,
+    BUILDER_ENV,
+    SERVICES,
+    ImageError,
+    Platform,
+    daemon_platform,
+    docker_available,
+    ensure_emulation,
+    image_matches,
+    local_image,
+)
+from tasks.images.preload import (
+    FACTS_CMD,
+    NodeFacts,
+    Plan,
+    Wanted,
+    _SavedImage,
+    chain_ids,
+    check_node,
+    clean_preload,
+    clean_saved,
+    load_entries,
+    node_facts,
+    plan_node,
+    preload,
+    preload_action,
+    read_manifest,
+)
+
+__all__ = [
+    "BINFMT_DIR", "BUILDER_ENV", "FACTS_CMD", "SERVICES", "BaseChoice", "FromLine",
+    "ImageError", "NodeFacts", "Plan", "Platform", "TarEntry", "Wanted", "_SavedImage",
+    "base_refs", "base_tag", "bootstrap_suite", "build_context", "build_image",
+    "buildx_command", "chain_ids", "check_node", "context_dir", "context_files",
+    "daemon_platform", "docker_available", "ensure_base", "ensure_emulation", "fetch_buildx",
+    "image_matches", "images_dir", "load_entries", "local_bases", "local_image",
+    "make_image", "manifest_path", "node_facts", "normalize_ref", "parse_froms", "plan_node",
+    "preload", "pull_image", "read_manifest", "resolve_bases", "rewrite_froms", "run_prepare",
+    "save_image", "stack_images", "tar_stream", "tools_dir", "verify_local", "write_manifest",
+    "task_buildx", "task_base_image", "task_images", "task_preload_images",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Task creators (no Docker, no SSH here: `doit list` stays instant)
+
+
+def task_buildx() -> dict[str, Any]:
+    """Fetch buildx (Debian trixie's docker-buildx) into BUILD/tools when docker lacks it."""
+    c = current()
+    dest = tools_dir(c) / "docker-buildx"
+    return {"actions": [(fetch_buildx_action, [dest])], "targets": [dest], "uptodate": [True],
+            "clean": [(clean_saved, [[str(dest)]])], "verbosity": 2}
+
+
+def task_base_image() -> dict[str, Any]:
+    """Make the base images the Dockerfiles build FROM exist locally for the platform."""
+    c = current()
+    return {
+        "basename": "base-image",
+        "actions": [(step, [resolve_bases, c])],
+        "targets": [images_dir(c) / "base.json"],
+        "clean": [(clean_saved, [[str(images_dir(c) / "base.json")]])],
+        "verbosity": 2,
+    }
+
+
+def task_images() -> Iterator[dict[str, Any]]:
+    """Pull or build every image of the stack for the platform and save it (BUILD/images)."""
+    c = current()
+    out = images_dir(c)
+    yield {"basename": "images", "name": None,
+           "doc": "Pull or build every image of the stack for the platform, save it to "
+                  "BUILD/images."}
+    for service, img in stack_images(c).items():
+        if img.build is not None:
+            ctx = context_dir(img)
+            deps = [*context_files(ctx), out / "base.json"]
+            doc = f"Build {img.image} from {img.build} for {c.platform}, save {service}.tar."
+        else:
+            deps = []
+            doc = f"Pull {img.image} for {c.platform}, save {service}.tar."
+        yield {
+            "basename": "images",
+            "name": service,
+            "doc": doc,
+            "actions": [(step, [make_image, c, service])],
+            "file_dep": [str(p) for p in deps],
+            "targets": [str(out / f"{service}.tar"), str(out / f"{service}.json")],
+            "uptodate": [config_changed({"image": img.image, "platform": c.platform,
+                                         "build": str(img.build) if img.build else None})],
+            "clean": [(clean_saved, [[str(out / f"{service}.tar"), str(out / f"{service}.json")]])],
+            "verbosity": 2,
+        }
+    yield {
+        "basename": "images",
+        "name": "manifest",
+        "doc": "Gather the saved images into manifest.json (read by preload-images).",
+        "actions": [(step, [write_manifest, c])],
+        "file_dep": [str(out / f"{s}.json") for s in stack_images(c)],
+        "targets": [str(manifest_path(c))],
+        "clean": [(clean_saved, [[str(manifest_path(c))]])],
+    }
+
+
+def task_preload_images() -> Iterator[dict[str, Any]]:
+    """Put every image on every node (only what each lacks), nodes in parallel.
+
+    `preload-images` does all nodes at once (threads); `preload-images:pi1` one node. These are
+    plain tasks named with a colon rather than doit subtasks, because doit runs a group's
+    subtasks one after the other. Up to date (stamp files, no SSH) while manifest.json and the
+    nodes are unchanged; `doit -a preload-images` checks the nodes again."""
+    from tasks import state
+
+    c = current()
+    manifest = manifest_path(c)
+    nodes = {n.name: n.address for n in c.nodes}
+    steps = [("preload-images", None, f"Put every image on every node ({', '.join(nodes)}) "
+              "in parallel, sending only what each lacks.")]
+    steps += [(f"preload-images:{name}", [name], f"Put every image on {name} ({addr}).")
+              for name, addr in nodes.items()]
+    for basename, only, doc in steps:
+        step = basename.replace(":", "-")
+        yield {
+            "basename": basename,
+            "doc": doc,
+            "actions": [(preload_action, [only, step])],
+            "file_dep": [str(manifest)],
+            "targets": [str(state.stamp(c, step))],
+            "uptodate": [config_changed({"platform": c.platform, "nodes": nodes, "only": only})],
+            "clean": [(clean_preload, [only, step])],
+            "verbosity": 2,
+        }
