@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tasks.config import Cluster
+from tasks.errors import HaswarmError
 from tasks.service import service
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ DOCKER_START = service("docker", "start", units="docker.socket docker.service")
 STOP_ERRORS: dict[str, str] = {}
 
 
-class DrillError(Exception):
+class DrillError(HaswarmError):
     """The drill cannot start or go on; str() says why and what to do."""
 
 

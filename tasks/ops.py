@@ -17,6 +17,7 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from tasks.config import Cluster, Node
+from tasks.errors import HaswarmError
 from tasks.facts import gather  # noqa: F401  (re-exported: steps read facts, then apply ops)
 from tasks.state import forget, mark_done, stamp
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from tasks.remote import Remote
 
 
-class StepError(Exception):
+class StepError(HaswarmError):
     """A step cannot go on for a reason the user must resolve; str() says what and what to do."""
 
 
@@ -82,9 +83,8 @@ def on_nodes(r: Remote, step: str, fn: Callable[[Node], Any],
         try:
             return fn(node)
         except StepError as e:
-            msg, _, hint = str(e).partition("\n  what to do: ")
             raise RemoteError([Failure(node=node.name, address=node.address, step=step,
-                                       kind=Kind.ERROR, detail=msg, hint=hint)]) from None
+                                       kind=Kind.ERROR, detail=e.message, hint=e.hint)]) from None
 
     return r.on_all(step, wrapped, nodes)
 

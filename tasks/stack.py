@@ -42,6 +42,7 @@ from doit.exceptions import TaskFailed
 
 from tasks import render, secrets
 from tasks.config import Cluster, Node, purge_requested
+from tasks.errors import HaswarmError
 from tasks.remote import Failure, Kind, Remote, RemoteError, progress, redact
 from tasks.state import forget, mark_done, stamp
 
@@ -62,7 +63,7 @@ REMOVE_TIMEOUT = 180.0  # stack rm: the db's stop grace period is 60 s
 STOP_FIRST = ("homeassistant",)
 
 
-class StackError(Exception):
+class StackError(HaswarmError):
     """The stack did not reach the wanted state; str() says which service, why, what to do."""
 
 

@@ -40,6 +40,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
+from tasks.errors import HaswarmError
 from tasks.remote import key_values
 from tasks.service import SYSTEMD
 
@@ -69,7 +70,7 @@ RUNNING = (f"{{ [ -e {PIDFILE} ] && kill -0 \"$(cat {PIDFILE})\" 2>/dev/null; }}
 START_DIRECT = f"setsid keepalived {KEEPALIVED_ARGS} </dev/null >>{LOG} 2>&1 &"
 
 
-class VIPError(Exception):
+class VIPError(HaswarmError):
     """The VIP cannot be set up as asked; str() says why and what to do."""
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import HaswarmError
+
 SERVICES = ("homeassistant", "mariadb", "mosquitto", "portainer", "portainer_agent")
 
 # Local bootstrap of Debian bases (no registry needed).
@@ -27,7 +29,7 @@ LOAD_TIMEOUT = 900
 CHUNK = 1 << 20
 
 
-class ImageError(Exception):
+class ImageError(HaswarmError):
     """Something the user has to act on; str() says what and how."""
 
 
