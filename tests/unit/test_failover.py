@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -34,11 +35,12 @@ IPS = {"pi1": "10.77.0.11", "pi2": "10.77.0.12", "pi3": "10.77.0.13"}
 # ---------------------------------------------------------------------------------------------
 # recorded output
 
-NODE_INSPECT = """\
-{"id":"o7p071hn4w8q","host":"pi1","state":"ready","addr":"10.77.0.11","availability":"active","role":"manager","manager":{"Leader":true,"Reachability":"reachable","Addr":"10.77.0.11:2377"}}
-{"id":"x0f604u3wb0z","host":"pi2","state":"ready","addr":"10.77.0.12","availability":"active","role":"manager","manager":{"Reachability":"reachable","Addr":"10.77.0.12:2377"}}
-{"id":"cs99sfr9mz3u","host":"pi3","state":"down","addr":"10.77.0.13","availability":"active","role":"manager","manager":{"Reachability":"unreachable","Addr":"10.77.0.13:2377"}}
-"""  # noqa: E501
+def recorded(name: str) -> str:
+    """An output recorded from the lab (tests/unit/data/<fact>/<case>)."""
+    return (Path(__file__).parent / "data" / name).read_text()
+
+
+NODE_INSPECT = recorded("swarm/node-inspect.txt")
 
 
 def _brick_node(host: str, status_: int = 1) -> str:
@@ -54,41 +56,7 @@ VOLUME_STATUS_TWO_UP = (
     "</node><node><hostname>Self-heal Daemon</hostname><path>10.77.0.12</path><status>1</status>"
     "</node><tasks/></volume></volumes></volStatus></cliOutput>")
 
-HEAL_SUMMARY = """<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
-<cliOutput>
-  <healInfo>
-    <bricks>
-      <brick hostUuid="a66d">
-        <name>10.77.0.11:/srv/gluster/haswarm</name>
-        <status>Connected</status>
-        <totalNumberOfEntries>4</totalNumberOfEntries>
-        <numberOfEntriesInHealPending>4</numberOfEntriesInHealPending>
-        <numberOfEntriesInSplitBrain>0</numberOfEntriesInSplitBrain>
-        <numberOfEntriesPossiblyHealing>0</numberOfEntriesPossiblyHealing>
-      </brick>
-      <brick hostUuid="6124">
-        <name>10.77.0.12:/srv/gluster/haswarm</name>
-        <status>Connected</status>
-        <totalNumberOfEntries>0</totalNumberOfEntries>
-        <numberOfEntriesInHealPending>0</numberOfEntriesInHealPending>
-        <numberOfEntriesInSplitBrain>0</numberOfEntriesInSplitBrain>
-        <numberOfEntriesPossiblyHealing>0</numberOfEntriesPossiblyHealing>
-      </brick>
-      <brick hostUuid="91a5">
-        <name>10.77.0.13:/srv/gluster/haswarm</name>
-        <status>Transport endpoint is not connected</status>
-        <totalNumberOfEntries>-</totalNumberOfEntries>
-        <numberOfEntriesInHealPending>-</numberOfEntriesInHealPending>
-        <numberOfEntriesInSplitBrain>-</numberOfEntriesInSplitBrain>
-        <numberOfEntriesPossiblyHealing>-</numberOfEntriesPossiblyHealing>
-      </brick>
-    </bricks>
-  </healInfo>
-  <opRet>0</opRet>
-  <opErrno>0</opErrno>
-  <opErrstr/>
-</cliOutput>
-"""
+HEAL_SUMMARY = recorded("gluster/heal-summary.xml")
 
 HEAL_CLEAN = HEAL_SUMMARY.replace("<totalNumberOfEntries>4<", "<totalNumberOfEntries>0<").replace(
     "Transport endpoint is not connected", "Connected").replace(
@@ -97,27 +65,9 @@ HEAL_CLEAN = HEAL_SUMMARY.replace("<totalNumberOfEntries>4<", "<totalNumberOfEnt
 VOLUME_STATUS_ALL_UP = VOLUME_STATUS_TWO_UP.replace(
     _brick_node("10.77.0.12"), _brick_node("10.77.0.12") + _brick_node("10.77.0.13"))
 
-SERVICES = """haswarm_db\t3/3 (max 1 per node)
-haswarm_db-seed\t0/0
-haswarm_homeassistant\t1/1
-haswarm_mosquitto\t1/1
-other_thing\t1/1
-"""
+SERVICES = recorded("swarm/service-ls.txt")
 
-GALERA = """== 89af6f078e62
-address=10.0.1.6
-phase=running
-uuid=0519e472-e8f1-11f1-ab15-dee3f3b15277
-seqno=12
-safe=0
-cluster_status=Primary
-local_state=Synced
-cluster_size=3
-data=yes
-pc=no
-== 94bc6c3dbb79
-OCI runtime exec failed: exec failed: unable to start container process: unknown
-"""
+GALERA = recorded("galera/status-db-and-failed-exec.txt")
 
 SWARM_INFO = '{"state":"active","control":true,"error":""}'
 

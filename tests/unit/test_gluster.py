@@ -18,201 +18,30 @@ from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
 from tasks.gluster import Op, StepError
 
 # `gluster --mode=script --xml volume info haswarm` on pi1 after setup
-VOLUME_INFO = """\
-<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
-<cliOutput>
-  <opRet>0</opRet>
-  <opErrno>0</opErrno>
-  <opErrstr/>
-  <volInfo>
-    <volumes>
-      <volume>
-        <name>haswarm</name>
-        <id>feb866f7-d0ca-40d4-a14d-df7f446f896c</id>
-        <status>1</status>
-        <statusStr>Started</statusStr>
-        <snapshotCount>0</snapshotCount>
-        <brickCount>3</brickCount>
-        <distCount>1</distCount>
-        <replicaCount>3</replicaCount>
-        <arbiterCount>0</arbiterCount>
-        <disperseCount>0</disperseCount>
-        <redundancyCount>0</redundancyCount>
-        <type>2</type>
-        <typeStr>Replicate</typeStr>
-        <transport>0</transport>
-        <bricks>
-          <brick uuid="a66d0c23-04de-49d3-aa83-f87ea581c7b8">10.77.0.11:/srv/gluster/haswarm
-            <name>10.77.0.11:/srv/gluster/haswarm</name>
-            <hostUuid>a66d0c23-04de-49d3-aa83-f87ea581c7b8</hostUuid>
-            <isArbiter>0</isArbiter></brick>
-          <brick uuid="612472b0-6e96-48c8-8808-17dff3ac064b">10.77.0.12:/srv/gluster/haswarm
-            <name>10.77.0.12:/srv/gluster/haswarm</name>
-            <hostUuid>612472b0-6e96-48c8-8808-17dff3ac064b</hostUuid>
-            <isArbiter>0</isArbiter></brick>
-          <brick uuid="91a59f04-8cae-49b4-9d44-5b0875e9dcef">10.77.0.13:/srv/gluster/haswarm
-            <name>10.77.0.13:/srv/gluster/haswarm</name>
-            <hostUuid>91a59f04-8cae-49b4-9d44-5b0875e9dcef</hostUuid>
-            <isArbiter>0</isArbiter></brick>
-        </bricks>
-        <optCount>11</optCount>
-        <options>
-          <option>
-            <name>cluster.favorite-child-policy</name>
-            <value>mtime</value>
-          </option>
-          <option>
-            <name>cluster.heal-timeout</name>
-            <value>60</value>
-          </option>
-          <option>
-            <name>cluster.self-heal-daemon</name>
-            <value>on</value>
-          </option>
-          <option>
-            <name>cluster.server-quorum-type</name>
-            <value>server</value>
-          </option>
-          <option>
-            <name>cluster.quorum-type</name>
-            <value>auto</value>
-          </option>
-          <option>
-            <name>network.ping-timeout</name>
-            <value>5</value>
-          </option>
-          <option>
-            <name>server.keepalive-time</name>
-            <value>4</value>
-          </option>
-          <option>
-            <name>server.keepalive-interval</name>
-            <value>1</value>
-          </option>
-          <option>
-            <name>server.keepalive-count</name>
-            <value>5</value>
-          </option>
-          <option>
-            <name>server.tcp-user-timeout</name>
-            <value>9</value>
-          </option>
-          <option>
-            <name>cluster.granular-entry-heal</name>
-            <value>on</value>
-          </option>
-          <option>
-            <name>storage.fips-mode-rchecksum</name>
-            <value>on</value>
-          </option>
-          <option>
-            <name>transport.address-family</name>
-            <value>inet</value>
-          </option>
-          <option>
-            <name>nfs.disable</name>
-            <value>on</value>
-          </option>
-          <option>
-            <name>performance.client-io-threads</name>
-            <value>off</value>
-          </option>
-        </options>
-      </volume>
-      <count>1</count>
-    </volumes>
-  </volInfo>
-</cliOutput>
-"""
+
+def recorded(name: str) -> str:
+    """An output recorded from the lab (tests/unit/data/<fact>/<case>)."""
+    return (Path(__file__).parent / "data" / name).read_text()
+
+
+VOLUME_INFO = recorded("gluster/volume-info.xml")
 
 # `gluster --mode=script --xml peer status` on pi1 after setup
-PEER_STATUS = """\
-<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
-<cliOutput>
-  <opRet>0</opRet>
-  <opErrno>0</opErrno>
-  <opErrstr/>
-  <peerStatus>
-    <peer>
-      <uuid>612472b0-6e96-48c8-8808-17dff3ac064b</uuid>
-      <hostname>10.77.0.12</hostname>
-      <hostnames>
-        <hostname>10.77.0.12</hostname>
-      </hostnames>
-      <connected>1</connected>
-      <state>3</state>
-      <stateStr>Peer in Cluster</stateStr>
-    </peer>
-    <peer>
-      <uuid>91a59f04-8cae-49b4-9d44-5b0875e9dcef</uuid>
-      <hostname>10.77.0.13</hostname>
-      <hostnames>
-        <hostname>10.77.0.13</hostname>
-      </hostnames>
-      <connected>1</connected>
-      <state>3</state>
-      <stateStr>Peer in Cluster</stateStr>
-    </peer>
-  </peerStatus>
-</cliOutput>
-"""
+PEER_STATUS = recorded("gluster/peer-status.xml")
 
 # the same on a node that has no peers yet
-NO_PEERS = """\
-<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
-<cliOutput>
-  <opRet>0</opRet>
-  <opErrno>0</opErrno>
-  <opErrstr/>
-  <peerStatus/>
-</cliOutput>
-"""
+NO_PEERS = recorded("gluster/peer-status-none.xml")
 
 # `gluster --mode=script --xml volume info haswarm` before the volume exists (exit code 0!)
-NO_VOLUME = """\
-<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
-<cliOutput>
-  <opRet>-1</opRet>
-  <opErrno>30806</opErrno>
-  <opErrstr>Volume does not exist</opErrstr>
-  <volInfo>
-    <volumes>
-      <count>0</count>
-    </volumes>
-  </volInfo>
-</cliOutput>
-"""
+NO_VOLUME = recorded("gluster/volume-info-none.xml")
 
 GLUSTERD_DOWN = "Connection failed. Please check if gluster daemon is operational.\n"
 
 DEBIAN_FSTAB = "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n"
-USER_FSTAB = """\
-# <file system> <mount point>   <type>  <options>       <dump>  <pass>
-UUID=1234-abcd  /               ext4    errors=remount-ro 0       1
-/dev/sda1       /media/usb      vfat    defaults,nofail 0       0
-nas:/backup     /mnt/backup     glusterfs defaults,_netdev 0 0
-"""
+USER_FSTAB = recorded("fstab/user.fstab")
 
 # the [server] section of Debian 12's /etc/avahi/avahi-daemon.conf (abridged)
-AVAHI_CONF = """\
-# See avahi-daemon.conf(5) for more information on this configuration
-# file!
-
-[server]
-#host-name=foo
-#domain-name=local
-use-ipv4=yes
-use-ipv6=yes
-#allow-interfaces=eth0
-ratelimit-interval-usec=1000000
-ratelimit-burst=1000
-
-[wide-area]
-enable-wide-area=yes
-
-[publish]
-#disable-publishing=no
-"""
+AVAHI_CONF = recorded("avahi/avahi-daemon.conf")
 
 
 @pytest.fixture
@@ -438,10 +267,7 @@ def test_escaped_mount_point() -> None:
     assert gluster.fstab_without_entry(fstab, "/mnt/my volume", "v") == DEBIAN_FSTAB
 
 
-PROC_MOUNTS = """\
-/dev/vda /srv ext4 rw,relatime 0 0
-localhost:/haswarm /mnt/haswarm fuse.glusterfs rw,relatime,user_id=0,group_id=0 0 0
-"""
+PROC_MOUNTS = recorded("mounts/proc-mounts.txt")
 
 
 def test_mount_facts_from_probe_output(c: Cluster) -> None:

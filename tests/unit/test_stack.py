@@ -6,6 +6,7 @@ The outputs below were recorded on the lab (dockerd 20.10.24, CLI 28.2.2) and tr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -301,17 +302,12 @@ def test_referenced_objects_and_marker(c):
 # ---------------------------------------------------------------------------------------------
 # Galera: status parsing and the bootstrap decision
 
+def recorded(name: str) -> str:
+    """An output recorded from the lab (tests/unit/data/<fact>/<case>)."""
+    return (Path(__file__).parent / "data" / name).read_text()
 
-STATUS = """\
-address=10.0.1.5
-phase=running
-uuid=2e6c3b6c-aaaa-11ee-8000-000000000000
-seqno=42
-safe=0
-cluster_status=Primary
-local_state=Synced
-cluster_size=4
-"""
+
+STATUS = recorded("galera/status-synced.txt")
 
 
 def test_parse_galera_status_sections():
