@@ -26,19 +26,32 @@ import io
 import re
 import selectors
 import shlex
-import shutil
 import socket
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tasks.config import Cluster, Node
+from tasks.docker_relay import _DockerRelay
+from tasks.failures import (  # noqa: F401  (re-exported: callers import them from here)
+    HIDDEN,
+    STDERR_LINE_WIDTH,
+    STDERR_TAIL_LINES,
+    Failure,
+    Kind,
+    RemoteError,
+    Result,
+    _host_pattern,
+    _sudo_problem,
+    key_values,
+    progress,
+    redact,
+    tail,
+)
 
 if TYPE_CHECKING:
     import docker
@@ -54,111 +67,10 @@ def _ssh() -> Any:
 
     return paramiko
 
-# Lines of stderr quoted in an error, and the width each is cut to.
-STDERR_TAIL_LINES = 15
-STDERR_LINE_WIDTH = 300
 # Seconds an SFTP read/write may stall before the upload is given up (not a limit on its length).
 SFTP_IO_TIMEOUT = 60.0
 # Exit code `read` uses for "no such file" (unlikely to come from `cat`, which exits 1).
 _MISSING = 77
-HIDDEN = "(command hidden: it carries a secret)"
-_REDACTED = "***"
-# Docker relay channels: a larger window than paramiko's 2 MiB keeps image uploads streaming.
-WINDOW = 16 * 1024 * 1024
-PACKET = 64 * 1024
-
-
-# ---------------------------------------------------------------------------------------------
-# Results and errors
-
-
-@dataclass(frozen=True)
-class Result:
-    """What a command printed and how it exited."""
-
-    stdout: str
-    stderr: str
-    exit_code: int
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-
-
-def key_values(text: str) -> dict[str, str]:
-    """`key=value` lines of a command's output -> dict (other lines are ignored)."""
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep:
-            out[key] = value
-    return out
-
-
-class Kind:
-    """What went wrong, coarsely (`Failure.kind`)."""
-
-    UNREACHABLE = "unreachable"
-    AUTH = "authentication failed"
-    HOST_KEY = "host key not trusted"
-    SUDO = "sudo refused"
-    COMMAND = "command failed"
-    TIMEOUT = "command timed out"
-    ERROR = "error"
-
-
-@dataclass(frozen=True)
-class Failure:
-    """One node's failure in one step. `str()` is a block of text for the user."""
-
-    node: str
-    address: str
-    step: str
-    kind: str
-    detail: str
-    hint: str
-    command: str | None = None
-    exit_code: int | None = None
-    stderr: str = ""
-
-    def __str__(self) -> str:
-        lines = [f"{self.node} ({self.address}) failed at {self.step!r}: {self.kind}"]
-        if self.detail:
-            lines.append(f"  {self.detail}")
-        if self.command is not None and self.kind in (Kind.COMMAND, Kind.TIMEOUT, Kind.SUDO):
-            lines.append(f"  command: {self.command}")
-        if self.stderr:
-            lines.append("  stderr:")
-            lines += [f"    | {line}" for line in self.stderr.splitlines()]
-        if self.hint:
-            lines.append(f"  what to do: {self.hint}")
-        return "\n".join(lines)
-
-
-class RemoteError(Exception):
-    """One or more nodes failed; `failures` holds one entry per failed node (and step)."""
-
-    def __init__(self, failures: Sequence[Failure]):
-        self.failures = list(failures)
-        super().__init__(self._message())
-
-    def __reduce__(self) -> tuple[type[RemoteError], tuple[list[Failure]]]:
-        return (RemoteError, (self.failures,))  # survives pickling (doit -n N runs processes)
-
-    @property
-    def nodes(self) -> list[str]:
-        """Names of the failed nodes, without repeats, in order."""
-        return list(dict.fromkeys(f.node for f in self.failures))
-
-    def _message(self) -> str:
-        blocks = [str(f) for f in self.failures]
-        if len(self.nodes) > 1:
-            blocks.insert(0, f"{len(self.nodes)} nodes failed: {', '.join(self.nodes)}")
-        return "\n\n".join(blocks)
-
-    def __str__(self) -> str:
-        return self._message()
 
 
 class UnknownHostKey(Exception):
@@ -180,59 +92,6 @@ class _RejectUnknown:
 
 class KeyFileProblem(Exception):
     """The private key named in the cluster file cannot be used."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Small helpers
-
-
-_print_lock = threading.Lock()
-
-
-def progress(node: Node | str, msg: str) -> None:
-    """Print one progress line such as "pi2: loading image 3/5" (flushed, whole lines)."""
-    name = node if isinstance(node, str) else node.name
-    with _print_lock:
-        print(f"{name}: {msg}", flush=True)
-
-
-def tail(text: str, lines: int = STDERR_TAIL_LINES, width: int = STDERR_LINE_WIDTH) -> str:
-    """The last `lines` non-empty lines of `text`, each cut to `width` characters."""
-    kept = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
-    return "\n".join(line if len(line) <= width else line[: width - 3] + "..." for line in kept)
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every secret value (and every line of a multi-line one) replaced by ***."""
-    pieces: set[str] = set()
-    for s in secrets:
-        if not s:
-            continue
-        pieces.add(s.strip())
-        pieces.update(line.strip() for line in s.splitlines())
-    # Longest first, so a secret containing another is replaced whole; very short pieces
-    # (blank lines, "1") would shred ordinary text and reveal little.
-    for piece in sorted((p for p in pieces if len(p) >= 4), key=len, reverse=True):
-        text = text.replace(piece, _REDACTED)
-    return text
-
-
-def _host_pattern(address: str, port: int) -> str:
-    """How known_hosts (and ssh-keygen -R) name a host: `addr`, or `[addr]:port` off port 22."""
-    return address if port == 22 else f"[{address}]:{port}"
-
-
-def _sudo_problem(res: Result) -> str | None:
-    """Why sudo refused to run the command, if it did."""
-    err = res.stderr
-    if res.exit_code == 127 and "sudo" in err and "not found" in err:
-        return "sudo is not installed"
-    for marker in ("a password is required", "a terminal is required", "no tty present"):
-        if "sudo:" in err and marker in err:
-            return "sudo wants a password (haswarm runs sudo non-interactively: sudo -n)"
-    if "is not in the sudoers file" in err or "is not allowed to execute" in err:
-        return "the user may not use sudo"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -765,105 +624,3 @@ def _meta_ok(state: list[str], mode: int, owner: str | None) -> bool:
     return state[1] == user and (not group or state[2] == group)
 
 
-# ---------------------------------------------------------------------------------------------
-# Docker over the SSH transport
-
-
-class _DockerRelay:
-    """A private unix socket; each connection to it becomes `docker system dial-stdio` on the
-    node, over a dedicated (host-key checked) SSH connection.
-
-    The Docker SDK keeps one connection pool per URL (25 by default, and its `num_pools` is
-    ignored for unix sockets), while sshd allows 10 sessions per connection: beyond
-    `MAX_CHANNELS`, the least recently used relayed connection is closed; the SDK sees it as
-    dropped and reconnects when it needs it again.
-    """
-
-    MAX_CHANNELS = 8
-
-    def __init__(self, conn: Connection, command: str):
-        self._conn = conn
-        self._command = command
-        self._dir = tempfile.mkdtemp(prefix="haswarm-docker-")  # 0700
-        self.path = str(Path(self._dir) / "docker.sock")
-        self.clients: list[docker.DockerClient] = []
-        self._active: dict[socket.socket, float] = {}  # local end -> last activity
-        self._lock = threading.Lock()
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(self.path)
-        self._server.listen(16)
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True, name="docker-relay").start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                local, _ = self._server.accept()
-            except OSError:
-                return
-            with self._lock:
-                while len(self._active) >= self.MAX_CHANNELS:
-                    oldest = min(self._active, key=self._active.__getitem__)
-                    del self._active[oldest]
-                    try:
-                        oldest.shutdown(socket.SHUT_RDWR)  # its pump sees EOF and ends
-                    except OSError:
-                        pass
-                self._active[local] = time.monotonic()
-            threading.Thread(target=self._pump, args=(local,), daemon=True).start()
-
-    def _touch(self, local: socket.socket) -> None:
-        with self._lock:
-            if local in self._active:
-                self._active[local] = time.monotonic()
-
-    def _pump(self, local: socket.socket) -> None:
-        chan = None
-        try:
-            try:
-                chan = self._conn.transport.open_session(window_size=WINDOW,
-                                                         max_packet_size=PACKET)
-                chan.exec_command(self._command)
-            except Exception:  # noqa: BLE001 - the client sees a closed connection, reports it
-                return
-            with selectors.DefaultSelector() as sel:
-                sel.register(local, selectors.EVENT_READ)
-                sel.register(chan, selectors.EVENT_READ)
-                while not self._closed:
-                    for key, _ in sel.select(timeout=1):
-                        if key.fileobj is local:
-                            data = local.recv(65536)
-                            if not data:  # the HTTP client closed: nothing more to relay
-                                return
-                            chan.sendall(data)
-                        else:
-                            data = chan.recv(65536)
-                            if not data:
-                                return
-                            local.sendall(data)
-                        self._touch(local)
-        except (OSError, EOFError, _ssh().SSHException):
-            return  # likewise
-        finally:
-            with self._lock:
-                self._active.pop(local, None)
-            for end in (chan, local):
-                try:
-                    if end is not None:
-                        end.close()
-                except (OSError, EOFError, _ssh().SSHException):
-                    pass
-
-    def close(self) -> None:
-        self._closed = True
-        for client in self.clients:
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self._server.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
-        try:
-            self._conn.close()
-        except Exception:  # noqa: BLE001
-            pass
