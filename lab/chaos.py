@@ -88,7 +88,7 @@ def run_chaos(c: Cluster, lab: Lab, *, count: int = 3, minutes: float = 0.0,
     faults = LabFaults(c, lab)
     w = watch.Watch(c, faults.run_on(), mqtt_user=drill.MQTT_USER,
                     mqtt_password=drill.mqtt_password(c)).start()
-    faults: list[Fault] = []
+    done: list[Fault] = []
     deadline = time.monotonic() + minutes * 60 if minutes else None
 
     def more() -> bool:
@@ -98,10 +98,10 @@ def run_chaos(c: Cluster, lab: Lab, *, count: int = 3, minutes: float = 0.0,
         while more():
             time.sleep(rng.uniform(*spacing))
             kind, node = rng.choice(kinds), rng.choice(c.names)
-            log(f"fault {len(faults) + 1}: {kind} {node}")
+            log(f"fault {len(done) + 1}: {kind} {node}")
             f = Fault(kind, node, w.now())
             stopping = faults.inject(kind, node)
-            faults.append(f)
+            done.append(f)
             time.sleep(rng.uniform(*hold))
             if stopping is not None:
                 stopping.join(240)
@@ -123,4 +123,4 @@ def run_chaos(c: Cluster, lab: Lab, *, count: int = 3, minutes: float = 0.0,
         lost = drill.verify(r, c, final, markers, [markers.token, *report.committed])
         if not lost:
             drill.cleanup(r, c, markers)
-    return ChaosResult(faults, report, converged, lost)
+    return ChaosResult(done, report, converged, lost)

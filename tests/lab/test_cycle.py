@@ -49,7 +49,7 @@ def ran(output: str) -> set[str]:
     return {line[3:].strip() for line in output.splitlines() if line.startswith(".  ")}
 
 
-ALWAYS = {"lab-up", "preflight", "base-image"}  # cheap checks that run on every setup
+ALWAYS = {"lab-up", "lab-engine", "preflight", "base-image"}  # cheap checks on every setup
 
 
 def test_changing_one_value_reruns_only_what_depends_on_it(deployed):
