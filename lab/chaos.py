@@ -92,7 +92,7 @@ def run_chaos(c: Cluster, lab: Lab, *, count: int = 3, minutes: float = 0.0,
     deadline = time.monotonic() + minutes * 60 if minutes else None
 
     def more() -> bool:
-        return len(faults) < count if deadline is None else time.monotonic() < deadline
+        return len(done) < count if deadline is None else time.monotonic() < deadline
 
     try:
         while more():
