@@ -7,6 +7,7 @@ probe, `parse_sections` splits the output again, `gather` does both over SSH.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -95,8 +96,6 @@ def _int(text: str | None) -> int | None:
 
 def galera_command(containers: list[str]) -> str:
     """`galera-status` in each container, each output after a '== CONTAINER' line."""
-    import shlex
-
     return "; ".join(f"echo '== {cid}'; timeout 10 docker exec {shlex.quote(cid)} "
                      f"{GALERA_STATUS} 2>/dev/null" for cid in containers)
 

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from tasks import render
 from tasks.config import Cluster, Node, current, purge_requested
-from tasks.ops import Op, StepError, apply_ops, gather, on_nodes, remote_task, say
+from tasks.facts import gather
+from tasks.ops import Op, StepError, apply_ops, on_nodes, remote_task, say
 from tasks.service import SYSTEMD, service
 
 if TYPE_CHECKING:

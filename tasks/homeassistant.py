@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from tasks import render
 from tasks.config import Cluster, current
+from tasks.facts import gather
 from tasks.gluster import mounted_node
-from tasks.ops import Op, StepError, apply_ops, gather, remote_task, say
+from tasks.ops import Op, StepError, apply_ops, remote_task, say
 
 if TYPE_CHECKING:
     from tasks.remote import Remote

@@ -18,7 +18,6 @@ from doit.tools import config_changed
 
 from tasks.config import Cluster, Node
 from tasks.errors import HaswarmError
-from tasks.facts import gather  # noqa: F401  (re-exported: steps read facts, then apply ops)
 from tasks.state import forget, mark_done, stamp
 
 if TYPE_CHECKING:

@@ -20,6 +20,7 @@ samples and are tested without a cluster.
 
 from __future__ import annotations
 
+import shlex
 import threading
 import time
 import urllib.error
@@ -462,17 +463,13 @@ class Watch:
             token = f"{self._token}-{self._n}"
             sql = insert_sql(token, node, "watch", "watch", create=not self.committed)
             out = self.run_on(node, f"timeout 2 docker exec -i {dbs[node]} mariadb --batch "
-                                    f"-e {_sh_quote(sql)} && echo committed", 3.0)
+                                    f"-e {shlex.quote(sql)} && echo committed", 3.0)
             if out is not None and "committed" in out:
                 with self._lock:
                     self.committed.append(token)
                 self._last_good["galera"] = node
                 return node
         return None
-
-
-def _sh_quote(s: str) -> str:
-    return "'" + s.replace("'", "'\"'\"'") + "'"
 
 
 def remote_runner(r: object) -> RunOn:
