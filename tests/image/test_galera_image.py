@@ -476,6 +476,35 @@ def test_a_node_that_stays_away_does_not_block_the_others_forever(cluster):
         assert cluster.rows(name)[-1] == "before kill 3"
 
 
+def test_the_last_to_leave_bootstraps_without_a_dead_node(cluster):
+    """What a swarm leader change can do: db3's node dies (kill -9), then swarm stops the two
+    healthy members one after the other. db1 left last and cleanly (safe_to_bootstrap 1), so it
+    holds every write: it bootstraps without waiting for db3, db2 joins it, and db3 joins when
+    it is back."""
+    db1, db2, db3 = NODES
+    cluster_uuid = cluster.status(db1)["uuid"]
+    docker("kill", db3)
+    cluster.query(db2, "INSERT INTO t (v) VALUES ('db3 was dead')")
+    docker("stop", "-t", "30", db2)
+    cluster.query(db1, "INSERT INTO t (v) VALUES ('only db1 has this')")
+    docker("stop", "-t", "30", db1)
+    since = now()
+    start = time.monotonic()
+    docker("start", db2, db1)
+    cluster.wait_synced([db1, db2], 2, 90)
+    FIGURES["last to leave + one more back, third dead -> Primary (s)"] = (
+        f"{time.monotonic() - start:.1f}"
+    )
+    assert "not waiting for" in cluster.logs(db1, since)
+    assert "bootstrapping the cluster from it" in cluster.logs(db1, since)
+    assert "bootstrapping" not in cluster.logs(db2, since)
+    assert cluster.rows(db2)[-2:] == ["db3 was dead", "only db1 has this"]
+    docker("start", db3)
+    cluster.wait_synced(NODES, 3, 90)
+    assert cluster.rows(db3)[-1] == "only db1 has this"
+    assert cluster.status(db3)["uuid"] == cluster_uuid
+
+
 def test_sigterm_stops_gracefully(cluster):
     """docker stop (SIGTERM) lets mariadbd flush: grastate.dat then holds the real seqno."""
     name = NODES[2]

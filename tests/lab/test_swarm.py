@@ -55,7 +55,7 @@ def test_three_managers_and_heartbeat(lab, cluster, formed):
     for name in lab.names:
         info = swarm_info(lab, name)
         assert info["LocalNodeState"] == "active" and info["ControlAvailable"] is True
-        assert info["Cluster"]["Spec"]["Dispatcher"]["HeartbeatPeriod"] == 1_000_000_000
+        assert info["Cluster"]["Spec"]["Dispatcher"]["HeartbeatPeriod"] == 2_000_000_000
         assert info["NodeAddr"] == cluster.node(name).address
     assert "init" in out and out.count("join as manager") == 2
 
@@ -66,7 +66,7 @@ def test_rerun_changes_nothing(lab, cluster, formed):
     print(f"\n[swarm] re-run: {seconds:.2f} s")
     assert "managers already" in out
     for word in ("init", "join", "promote", "heartbeat 5"):
-        assert word not in out.replace("dispatcher heartbeat 1 s", "")
+        assert word not in out.replace("dispatcher heartbeat 2 s", "")
     assert swarm_info(lab, "pi1")["Cluster"]["Version"]["Index"] == before
 
 

@@ -273,3 +273,12 @@ def test_no_default_password_in_the_repository():
         if f.suffix in {".yml", ".yaml", ".j2", ".cnf", ".conf", ".env", ".sh"} and f.is_file():
             text = f.read_text(errors="ignore").lower()
             assert "pass123" not in text and "password:" not in textwrap.dedent(text), name
+
+
+@pytest.mark.parametrize("seconds", [0.5, 1])
+def test_dispatcher_heartbeat_below_two_seconds_is_refused(tmp_path, seconds):
+    d = base()
+    d["swarm"]["dispatcher_heartbeat"] = seconds
+    msg = error_of(tmp_path, d)
+    assert f"swarm.dispatcher_heartbeat: {seconds:g} s is too short: use 2 or more" in msg
+    assert "re-register" in msg
