@@ -54,7 +54,7 @@ def pick(st: status.ClusterStatus, role: str) -> str | None:
 
     leader = next((n for n in st.nodes if n.swarm and n.swarm.leader), None)
     if role == "ha":
-        return (st.where("homeassistant") or [None])[0]
+        return (st.ha_nodes() or [None])[0]
     if role == "mqtt":
         return (st.where("mosquitto") or [None])[0]
     if role == "leader-ha":

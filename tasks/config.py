@@ -184,6 +184,11 @@ class Swarm(_Strict):
 class HomeAssistant(_Strict):
     time_zone: str = "UTC"
     port: int = Field(8123, ge=1, le=65535)
+    # A waiting Home Assistant container on every node; the one holding the volume's lock runs
+    # HA. Its failover then needs no scheduling by swarm, whose leader may be the node that
+    # died. Default: on with publish_mode host (the routing mesh would also send requests to
+    # the waiting ones).
+    standby: bool | None = None
 
     @field_validator("time_zone")
     @classmethod
@@ -309,6 +314,13 @@ class Cluster(_Strict):
     def names(self) -> list[str]:
         return [n.name for n in self.nodes]
 
+    @property
+    def ha_standby(self) -> bool:
+        """A Home Assistant container waits on every node (see HomeAssistant.standby)."""
+        if self.homeassistant.standby is None:
+            return self.swarm.publish_mode == "host"
+        return self.homeassistant.standby
+
     @field_validator("name")
     @classmethod
     def _stack_name(cls, v: str) -> str:
@@ -363,6 +375,12 @@ def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
                 "publishes no 32-bit ARM images after 2025.11. Pin 2025.11.x or older, or run a "
                 "64-bit OS on the Pis and set platform: linux/arm64.",
             ))
+    if c.homeassistant.standby and c.swarm.publish_mode != "host":
+        problems.append((
+            "homeassistant.standby",
+            "needs swarm.publish_mode: host. With the routing mesh (ingress) every node's "
+            "port would lead to any Home Assistant container, also to the waiting ones.",
+        ))
     if c.portainer.enabled and not (c.images.portainer and c.images.portainer_agent):
         problems.append(("images.portainer",
                          "portainer.enabled is true: images.portainer and images.portainer_agent "

@@ -291,7 +291,7 @@ def choose_target(st: ClusterStatus, node: str | None) -> str:
     if node:
         st.cluster.node(node)  # KeyError naming the nodes
         return node
-    ha = st.where("homeassistant")
+    ha = st.ha_nodes()
     if not ha:
         raise DrillError("Home Assistant runs on no node: nothing to fail over "
                          "(see `doit status`)")
@@ -752,7 +752,9 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
     target = choose_target(st, node)
     tn = st.node(target)
     result = DrillResult(fault=fault, node=target,
-                         ran=sorted({ct.service for ct in tn.containers}),
+                         ran=sorted({ct.service for ct in tn.containers
+                                     if ct.service != "homeassistant"
+                                     or target in st.ha_nodes()}),
                          leader=bool(tn.swarm and tn.swarm.leader))
     if fault == "docker" and not c.lab:
         question = (f"stop Docker on {target} ({tn.address}), which runs "

@@ -38,6 +38,7 @@ HA_DB_WAIT_SECONDS = 300
 LEADER_GUARD_INTERVAL = 5  # seconds between two looks of the leader guard
 # Inside the HA container, on the shared volume: who holds it runs Home Assistant (one at most).
 HA_LOCK_FILE = "/config/.haswarm/homeassistant.lock"
+HA_LOCK_READY = "/tmp/haswarm-lock.ready"  # in the container: written once the lock is held
 # Mosquitto 2.x password hashes: PBKDF2-SHA512, 101 iterations, 12-byte salt ($7$ format).
 _MQTT_ITERATIONS = 101
 
@@ -104,7 +105,7 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
     """Values for stack.yml. `bootstrap` renders the first-deploy variant (seed only)."""
     n = len(c.nodes)
     replicas = ({"db_seed": 1, "db": 0, "homeassistant": 0} if bootstrap
-                else {"db_seed": 0, "db": n, "homeassistant": 1})
+                else {"db_seed": 0, "db": n, "homeassistant": n if c.ha_standby else 1})
     images = {k: v.image for k, v in c.images if v is not None}
     return {
         "name": c.name,
@@ -119,6 +120,8 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
         "restart_delay": _seconds(c.swarm.restart_delay),
         "node_count": n,
         "replicas": replicas,
+        "ha_standby": c.ha_standby,
+        "lock_ready": HA_LOCK_READY,
         "db_name": DB_NAME,
         "db_user": DB_USER,
         "healthcheck_user": secrets.HEALTHCHECK_MQTT_USER,
@@ -164,7 +167,8 @@ def outputs(c: Cluster) -> list[Output]:
         Output("homeassistant/configuration.yaml", "configuration.yaml.j2",
                {"time_zone": c.homeassistant.time_zone}),
         Output("homeassistant/haswarm-entrypoint.sh", "haswarm-entrypoint.sh.j2",
-               {"db_wait_seconds": HA_DB_WAIT_SECONDS, "lock_file": HA_LOCK_FILE}, mode=0o755),
+               {"db_wait_seconds": HA_DB_WAIT_SECONDS, "lock_file": HA_LOCK_FILE,
+                "lock_ready": HA_LOCK_READY}, mode=0o755),
         Output("homeassistant/haswarm-lock.py", "haswarm-lock.py.j2", {}, mode=0o755),
     ]
     if c.swarm.leader_guard:

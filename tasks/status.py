@@ -339,6 +339,18 @@ class ClusterStatus:
         """Nodes running a container of `service`."""
         return [n.name for n in self.nodes if n.running(service)]
 
+    def ha_nodes(self) -> list[str]:
+        """Nodes where Home Assistant itself runs. With standby, every node has a container and
+        only the lock holder runs HA; host publishing makes it the only one that answers."""
+        if self.cluster.ha_standby:
+            return [n for n in self.ha_answers() if n in self.where(HA)]
+        return self.where(HA)
+
+    def ha_standbys(self) -> list[str]:
+        """Nodes with a Home Assistant container that waits (standby), not running HA."""
+        return [n for n in self.where(HA) if n not in self.ha_nodes()] \
+            if self.cluster.ha_standby else []
+
     def ha_answers(self) -> list[str]:
         """Nodes where Home Assistant answers HTTP (below 500) from here."""
         return [n.name for n in self.nodes if n.http is not None and n.http < 500]
@@ -398,11 +410,13 @@ class ClusterStatus:
             out.append("no node answers as a swarm manager: the swarm's view is unknown")
         elif not self.gluster_known:
             out.append(f"Gluster volume {c.gluster.volume}: status or heal info did not answer")
-        for service, want in ((HA, 1), (MQTT, 1)):
-            where = self.where(service)
-            if len(where) != want:
-                out.append(f"{service}: {len(where)} containers running "
-                           f"({', '.join(where) or 'none'}), want {want}")
+        for service, where in ((HA, self.ha_nodes()), (MQTT, self.where(MQTT))):
+            if len(where) > 1 or (len(where) == 0 and service == MQTT):
+                out.append(f"{service}: runs on {len(where)} nodes "
+                           f"({', '.join(where) or 'none'}), want 1")
+        if HA not in self.services and not self.where(HA):
+            out.append(f"{HA}: no container runs, want "
+                       f"{len(c.nodes) if c.ha_standby else 1}")
         for name, state in sorted(self.updating.items()):
             out.append(f"{name}: service update {state.replace('_', ' ')}")
         for name, replicas in sorted(self.services.items()):
@@ -728,7 +742,9 @@ def summary(st: ClusterStatus) -> list[str]:
     by = {n.name: n for n in st.nodes}
     out = []
     ha = st.ha_answers()
-    out.append(f"Home Assistant: runs on {', '.join(st.where(HA)) or 'no node'}; answers "
+    standby = st.ha_standbys()
+    out.append(f"Home Assistant: runs on {', '.join(st.ha_nodes()) or 'no node'}"
+               + (f" (standby on {', '.join(standby)})" if standby else "") + "; answers "
                + (", ".join(f"HTTP {by[x].http} at {by[x].address}:{c.homeassistant.port}"
                             for x in ha) if ha else "nowhere")
                + (f" (replicas {st.services[HA]})" if HA in st.services else ""))

@@ -66,22 +66,34 @@ class Census:
 
 
 def parse_census(text: str, stack: str) -> tuple[dict[str, tuple[str, ...]], int]:
-    """The output of CENSUS_CMD: ({service: container ids}, HA process count)."""
+    """The output of CENSUS_CMD: ({service: container ids}, HA process count).
+
+    A Home Assistant container counts only while Home Assistant runs in it: a container that
+    waits for the lock (a standby, or a second one swarm started) runs nothing yet."""
     containers: dict[str, list[str]] = {}
-    ha = 0
+    ha_in: list[str] = []  # the container of each HA process ("" when not in one)
     for line in text.splitlines():
         parts = line.split()
         if not parts:
             continue
         if parts[0] == "#ha":
-            ha = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            ha_in.append(parts[1][:12] if len(parts) > 1 else "")
         elif len(parts) >= 2 and parts[1].startswith(f"{stack}_"):
             containers.setdefault(parts[1].removeprefix(f"{stack}_"), []).append(parts[0][:12])
-    return {k: tuple(v) for k, v in containers.items()}, ha
+    if "homeassistant" in containers:
+        active = [cid for cid in containers["homeassistant"] if cid in ha_in]
+        if active:
+            containers["homeassistant"] = active
+        else:
+            del containers["homeassistant"]
+    return {k: tuple(v) for k, v in containers.items()}, len(ha_in)
 
 
+# One line per HA process, with the container it runs in (the 64-hex id in its cgroup path).
 CENSUS_CMD = ("docker ps --format '{{.ID}} {{.Label \"com.docker.swarm.service.name\"}}' "
-              f"2>/dev/null; echo \"#ha $(pgrep -f '{HA_PROCESS}' | wc -l)\"")
+              f"2>/dev/null; for p in $(pgrep -f '{HA_PROCESS}'); do "
+              "echo \"#ha $(grep -o -m1 '[0-9a-f]\\{64\\}' /proc/$p/cgroup 2>/dev/null "
+              "| head -n1)\"; done")
 
 
 def gaps(samples: list[Sample], end: float) -> list[tuple[float, float]]:

@@ -92,7 +92,7 @@ AFTER = 45.0
 def roles(st: status.ClusterStatus) -> dict[str, object]:
     """Who runs what now: the leader, HA's node, the broker's node."""
     leader = next((n.name for n in st.nodes if n.swarm and n.swarm.leader), None)
-    return {"leader": leader, "ha": st.where("homeassistant")[0],
+    return {"leader": leader, "ha": st.ha_nodes()[0],
             "mqtt": st.where("mosquitto")[0]}
 
 
@@ -175,7 +175,7 @@ def test_kill_the_node_running_home_assistant(cv, lab):
 
 def test_cut_another_node(cv, lab):
     st = status.wait_converged(cv, 600, log=say)
-    ha = st.where("homeassistant")[0]
+    ha = st.ha_nodes()[0]
     broker = st.where("mosquitto")[0]
     target = broker if broker != ha else next(n for n in cv.names if n != ha)
     result = drill.run_drill(cv, "cut", target, faults=LabFaults(cv, lab), names=False,

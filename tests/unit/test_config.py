@@ -282,3 +282,16 @@ def test_dispatcher_heartbeat_below_two_seconds_is_refused(tmp_path, seconds):
     msg = error_of(tmp_path, d)
     assert f"swarm.dispatcher_heartbeat: {seconds:g} s is too short: use 2 or more" in msg
     assert "re-register" in msg
+
+
+def test_standby_follows_the_publish_mode_and_needs_host_mode(tmp_path):
+    d = base()
+    assert d["swarm"]["publish_mode"] == "ingress"
+    assert load_cluster(write(tmp_path, d)).ha_standby is False
+    d["swarm"]["publish_mode"] = "host"
+    assert load_cluster(write(tmp_path, d)).ha_standby is True
+    d["homeassistant"] = {"standby": False}
+    assert load_cluster(write(tmp_path, d)).ha_standby is False
+    d["swarm"]["publish_mode"] = "ingress"
+    d["homeassistant"] = {"standby": True}
+    assert "homeassistant.standby: needs swarm.publish_mode: host" in error_of(tmp_path, d)

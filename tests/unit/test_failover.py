@@ -186,6 +186,21 @@ def test_healthy_status_has_no_problem_and_a_table(c):
     assert text.splitlines()[0].split()[:4] == ["NODE", "ADDRESS", "SSH", "SWARM"]
 
 
+def test_standby_containers_are_shown_and_two_answering_is_a_problem(c):
+    assert c.ha_standby  # the lab publishes on the host: a waiting HA on every node
+    st = healthy(c, services={"db": "3/3", "homeassistant": "3/3"})
+    for n in st.nodes[1:]:
+        n.containers.append(Container(n.name, f"ha-{n.name}", "homeassistant", "t", "running",
+                                      "healthy"))
+    assert st.ha_nodes() == ["pi1"] and st.ha_standbys() == ["pi2", "pi3"]
+    assert st.problems() == []
+    assert "Home Assistant: runs on pi1 (standby on pi2, pi3); answers HTTP 302" in \
+        status.table(st)
+    st.nodes[2].http = 200  # a second HA answers: never
+    assert st.ha_nodes() == ["pi1", "pi3"]
+    assert "homeassistant: runs on 2 nodes (pi1, pi3), want 1" in st.problems()
+
+
 def test_node_down_is_shown_with_what_others_say(c):
     st = healthy(c)
     down = st.node("pi3")

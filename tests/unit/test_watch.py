@@ -39,18 +39,27 @@ def test_never_answering_again():
 
 
 CENSUS_OUT = """\
-3f2a1b4c5d6e haswarm_homeassistant.1.abc
-9a8b7c6d5e4f haswarm_db.x2y.def
-1111aaaa2222 other_service.1.zz
-#ha 1
-"""
+3f2a1b4c5d6e haswarm_homeassistant
+9a8b7c6d5e4f haswarm_db
+1111aaaa2222 other_service
+#ha 3f2a1b4c5d6e""" + "0" * 52 + "\n"
 
 
 def test_parse_census():
-    containers, ha = parse_census(CENSUS_OUT.replace("_homeassistant.1.abc", "_homeassistant")
-                                  .replace("_db.x2y.def", "_db"), "haswarm")
+    containers, ha = parse_census(CENSUS_OUT, "haswarm")
     assert containers == {"homeassistant": ("3f2a1b4c5d6e",), "db": ("9a8b7c6d5e4f",)}
     assert ha == 1
+
+
+def test_a_home_assistant_container_without_the_process_does_not_count():
+    """A standby (or a second container swarm started) waits for the lock: it runs no HA."""
+    containers, ha = parse_census("3f2a1b4c5d6e haswarm_homeassistant\n"
+                                  "5555aaaa6666 haswarm_mosquitto\n", "haswarm")
+    assert containers == {"mosquitto": ("5555aaaa6666",)} and ha == 0
+    two = ("3f2a1b4c5d6e haswarm_homeassistant\n7777bbbb8888 haswarm_homeassistant\n"
+           "#ha 7777bbbb8888\n")
+    assert parse_census(two, "haswarm") == ({"homeassistant": ("7777bbbb8888",)}, 1)
+    assert parse_census("#ha\n", "haswarm") == ({}, 1)  # an HA outside any container
 
 
 def look(t: float, node: str, ha: str | None = None, ha_procs: int | None = None,
