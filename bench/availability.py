@@ -9,7 +9,8 @@ unavailable, the longest gap, the number of gaps, the first answer; the containe
 Roles (resolved from `doit status` just before each drill):
     ha            the node running Home Assistant
     db-only       a node running only a db task (not the leader when another such node exists)
-    leader-ha     the swarm leader while it runs Home Assistant (skipped when it does not)
+    leader-ha     the swarm leader while it runs Home Assistant (with standby, HA is moved there
+                  first; without, skipped when it does not)
     leader-no-ha  the swarm leader while it does not run Home Assistant
     mqtt          the node running Mosquitto
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,9 @@ def say(msg: str) -> None:
 
 def pick(st: status.ClusterStatus, role: str) -> str | None:
     """The node that has `role` now (None: no node has it)."""
-    def runs(n: status.NodeStatus) -> set[str]:
-        return {ct.service for ct in n.containers}
+    def runs(n: status.NodeStatus) -> set[str]:  # HA counts where it runs, not where it waits
+        return {ct.service for ct in n.containers
+                if ct.service != "homeassistant" or n.name in st.ha_nodes()}
 
     leader = next((n for n in st.nodes if n.swarm and n.swarm.leader), None)
     if role == "ha":
@@ -66,6 +69,22 @@ def pick(st: status.ClusterStatus, role: str) -> str | None:
         only.sort(key=lambda n: bool(n.swarm and n.swarm.leader))
         return only[0].name if only else None
     raise SystemExit(f"unknown role {role!r}: {', '.join(ROLES)}")
+
+
+def ha_to_leader(c: Cluster) -> None:
+    """With standby: stop the running Home Assistant until the leader's standby took over (each
+    try lands on one of the waiting ones; a few tries are enough)."""
+    for _ in range(8):
+        st = status.wait_converged(c, 900, log=say)
+        leader = next((n.name for n in st.nodes if n.swarm and n.swarm.leader), None)
+        active = st.ha_nodes()
+        if not c.ha_standby or leader is None or active == [leader]:
+            return
+        say(f"moving Home Assistant from {active[0]} towards the leader {leader}")
+        with Remote(c) as r:
+            r.run(c.node(active[0]), "bench: stop HA",
+                  f"docker ps -q -f name={c.name}_homeassistant | xargs -r docker kill")
+        time.sleep(5)
 
 
 def set_heartbeat(c: Cluster, seconds: float) -> None:
@@ -133,6 +152,8 @@ def main() -> int:
         for _ in range(args.repeat):
             for role in [r for r in args.roles.split(",") if r]:
                 for fault in [f for f in args.faults.split(",") if f]:
+                    if role == "leader-ha":
+                        ha_to_leader(c)
                     st = status.wait_converged(c, 900, log=say)
                     node = pick(st, role)
                     if node is None:
