@@ -29,13 +29,15 @@ from lab.tasks import (  # noqa: E402
 from tasks import images  # noqa: E402
 from tasks.avahi import task_avahi  # noqa: E402
 from tasks.drill import drill_task  # noqa: E402
+from tasks.galera import stack_task  # noqa: E402
 from tasks.gluster import task_gluster  # noqa: E402
 from tasks.guard import task_leader_guard  # noqa: E402
 from tasks.homeassistant import task_ha_files  # noqa: E402
+from tasks.plan import task_plan  # noqa: E402
 from tasks.preflight import task_preflight  # noqa: E402
 from tasks.render import task_render  # noqa: E402
 from tasks.secrets import task_secrets  # noqa: E402
-from tasks.stack import objects_task, stack_task  # noqa: E402
+from tasks.stack import objects_task  # noqa: E402
 from tasks.status import task_status  # noqa: E402
 from tasks.swarm import swarm_task  # noqa: E402
 from tasks.vip import task_vip  # noqa: E402
@@ -52,7 +54,7 @@ __all__ = [
     "task_base_image", "task_buildx", "task_images", "task_preload_images",
     "task_avahi", "task_gluster", "task_ha_files", "task_preflight", "task_render",
     "task_secrets", "task_setup", "task_swarm", "task_stack_objects", "task_stack",
-    "task_vip", "task_leader_guard", "task_status", "task_drill",
+    "task_vip", "task_leader_guard", "task_status", "task_drill", "task_plan",
     "task_lab_engine", "task_lab_up", "task_lab_down", "task_lab_kill", "task_lab_cut",
     "task_lab_heal", "task_lab_boot", "task_lab_status",
 ]

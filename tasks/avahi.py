@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks import render
 from tasks.config import Cluster, Node, current
-from tasks.ops import Op, StepError, apply_ops, on_nodes, remote_task
+from tasks.ops import Op, StepError, apply_ops, on_nodes, remote_task, say
 
 if TYPE_CHECKING:
     from tasks.remote import Remote
@@ -139,13 +139,13 @@ def _avahi_running(r: Remote, node: Node, step: str) -> bool:
     return r.run(node, step, "avahi-daemon --check 2>/dev/null", check=False).ok
 
 
-def setup_hostname(c: Cluster, r: Remote) -> dict[str, Any]:
+def setup_hostname(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """The shared mDNS name in every node's avahi-daemon.conf; restart Avahi where it changed."""
     step = "avahi:hostname"
 
     def one(node: Node) -> bool:
         ops = plan_hostname(c, r.read(node, AVAHI_CONF, step), _avahi_running(r, node, step))
-        return apply_ops(r, node, step, ops)
+        return apply_ops(r, node, step, ops, dryrun=dryrun)
 
     return {"changed": sorted(n for n, ch in on_nodes(r, step, one).items() if ch)}
 
@@ -161,7 +161,7 @@ def clean_hostname(c: Cluster, r: Remote, dryrun: bool) -> None:
     on_nodes(r, step, one)
 
 
-def setup_cron(c: Cluster, r: Remote) -> dict[str, Any]:
+def setup_cron(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """/etc/cron.d/haswarm-avahi on every node (when restart_cron), else make sure it is gone."""
     step = "avahi:cron"
     text = cron_text(c)
@@ -172,11 +172,11 @@ def setup_cron(c: Cluster, r: Remote) -> dict[str, Any]:
             exists = r.run(node, step, f"[ -e {q} ]", check=False).ok
             ops = [Op(f"remove {CRON_FILE} (mdns.restart_cron is off)", f"rm -f {q}")] \
                 if exists else []
-            return apply_ops(r, node, step, ops)
-        from tasks.remote import progress
-
-        changed = r.put(node, step, text, CRON_FILE, mode=0o644, owner="root:root")
-        progress(node, f"{step}: wrote {CRON_FILE}" if changed else f"{step}: nothing to do")
+            return apply_ops(r, node, step, ops, dryrun=dryrun)
+        changed = r.put(node, step, text, CRON_FILE, mode=0o644, owner="root:root",
+                        dryrun=dryrun)
+        say(node, f"{step}: {'would write' if dryrun else 'wrote'} {CRON_FILE}" if changed
+            else f"{step}: nothing to do")
         return changed
 
     return {"changed": sorted(n for n, ch in on_nodes(r, step, one).items() if ch)}
@@ -201,14 +201,11 @@ def task_avahi() -> Iterator[dict[str, Any]]:
     m = c.mdns
     yield remote_task(c, "avahi-hostname", "hostname",
                       f"avahi host-name={m.name} on every node (original line kept)",
-                      setup_hostname, clean_hostname,
-                      {"name": m.name, "restart": m.restart_command, "nodes": c.names},
-                      task_dep=["gluster"])
+                      setup_hostname, clean_hostname, task_dep=["gluster"])
     cron = render.build_dir(c) / "avahi-restart.cron"
     yield remote_task(c, "avahi-cron", "cron",
                       f"{CRON_FILE} on every node" if m.restart_cron
                       else f"{CRON_FILE} absent (mdns.restart_cron is off)",
                       setup_cron, clean_cron,
-                      {"restart_cron": m.restart_cron, "nodes": c.names},
                       file_dep=[str(cron)] if m.restart_cron else [],
                       task_dep=["avahi:hostname"])

@@ -39,8 +39,10 @@ from tasks.facts import GaleraMember, galera_command, parse_galera
 from tasks.remote import Remote, RemoteError, progress
 from tasks.stack import (
     DB_VOLUME,
+    STEP_STACK,
     StackError,
     StackState,
+    clean_stack,
     deploy,
     expected_replicas,
     find_manager,
@@ -282,6 +284,21 @@ class _Run:
         self.galera_wait("galera: seed removal", want_db=self.n, want_seed=0, size=self.n,
                          timeout=SEED_REMOVAL_TIMEOUT)
 
+    def describe(self, d: Decision) -> None:
+        """What `d` would do, said without doing it (a dry run)."""
+        if d.kind != "running":
+            progress(self.manager, f"stack: would run {', '.join(d.steps)}")
+            return
+        state = observe(self.r, self.c, self.manager)
+        text = self.steady.read_text()
+        if not is_deployed(self.r, self.c, self.manager, text, state):
+            progress(self.manager, "stack: would deploy stack.yml (it changed)")
+        problems = state.problems(expected_replicas(text, self.n), self.n)
+        for p in problems:
+            progress(self.manager, f"stack: would wait for: {p}")
+        if is_deployed(self.r, self.c, self.manager, text, state) and not problems:
+            progress(self.manager, "stack: nothing to do")
+
     def deploy_steady(self) -> None:
         text = self.steady.read_text()
         state = observe(self.r, self.c, self.manager)
@@ -320,19 +337,35 @@ class _Run:
         progress(node, f"homeassistant: answers HTTP {status} on port {port}")
 
 
-def converge(c: Cluster) -> dict[str, Any]:
-    """Bring stack and Galera to the steady state (see the module docstring); return facts for
-    the stamp. Raises StackError / RemoteError naming what did not converge."""
-    with Remote(c) as r:
-        r.redact(*secret_values(c))
-        manager = find_manager(r, c)
-        assert manager is not None
-        facts, _ = gather(r, c, manager)
-        d = decide(facts, len(c.nodes))
-        progress(manager, f"galera: {d.reason}")
-        if d.kind == "refuse":
-            raise StackError(f"galera: {d.reason}")
-        run = _Run(r, c, manager)
-        for step in d.steps:
-            getattr(run, step.replace("-", "_"))()
-        return {"decision": d.kind, "steps": list(d.steps)}
+def converge(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
+    """Bring stack and Galera to the steady state (see the module docstring); return its facts.
+    Raises StackError / RemoteError naming what did not converge. With `dryrun`, say what it
+    would do."""
+    r.redact(*secret_values(c))
+    manager = find_manager(r, c)
+    assert manager is not None
+    facts, _ = gather(r, c, manager)
+    d = decide(facts, len(c.nodes))
+    progress(manager, f"galera: {d.reason}")
+    if d.kind == "refuse":
+        raise StackError(f"galera: {d.reason}")
+    run = _Run(r, c, manager)
+    if dryrun:
+        run.describe(d)
+        return {}
+    for step in d.steps:
+        getattr(run, step.replace("-", "_"))()
+    return {"decision": d.kind, "steps": list(d.steps)}
+
+
+def stack_task(c: Cluster, after: Iterable[str] = ()) -> dict[str, Any]:
+    """The `stack` task dict: deploy (Galera bootstrap when fresh), converge, Home Assistant up."""
+    from tasks.ops import remote_task
+
+    base = render.build_dir(c)
+    task = remote_task(c, STEP_STACK, None,
+                       "Deploy the stack (bootstraps Galera when fresh); wait until all "
+                       "services run", converge, clean_stack,
+                       file_dep=[str(base / "stack.yml"), str(base / "stack.bootstrap.yml")],
+                       task_dep=["stack-objects", "swarm", *after])
+    return {**task, "basename": "stack"}

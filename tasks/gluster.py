@@ -546,7 +546,7 @@ def plan_daemon(facts: dict[str, str]) -> list[Op]:
     return ops
 
 
-def setup_daemon(c: Cluster, r: Remote) -> dict[str, Any]:
+def setup_daemon(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """glusterd answers on every node (started, and enabled under systemd, when it does not)."""
     from tasks.remote import progress
 
@@ -554,8 +554,8 @@ def setup_daemon(c: Cluster, r: Remote) -> dict[str, Any]:
 
     def one(node: Node) -> bool:
         ops = plan_daemon(gather(r, node, step, DAEMON_PROBES))
-        changed = apply_ops(r, node, step, ops)
-        if any(op.cmd == START_GLUSTERD for op in ops):
+        changed = apply_ops(r, node, step, ops, dryrun=dryrun)
+        if not dryrun and any(op.cmd == START_GLUSTERD for op in ops):
             deadline = time.monotonic() + DAEMON_WAIT
             while not _glusterd_answers(r, node, step):
                 if time.monotonic() > deadline:
@@ -569,7 +569,7 @@ def setup_daemon(c: Cluster, r: Remote) -> dict[str, Any]:
     return {"changed": sorted(n for n, ch in on_nodes(r, step, one).items() if ch)}
 
 
-def setup_peers(c: Cluster, r: Remote) -> dict[str, Any]:
+def setup_peers(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """The first node probes every node its `peer status` lacks; wait until all are connected."""
     from tasks.remote import progress
 
@@ -586,9 +586,9 @@ def setup_peers(c: Cluster, r: Remote) -> dict[str, Any]:
                   "first (gluster peer detach); every node's glusterd must be reachable on TCP "
                   "24007")
                for n in peers_to_probe(c, peers)]
-        apply_ops(r, first, step, ops)
+        apply_ops(r, first, step, ops, dryrun=dryrun)
         deadline = time.monotonic() + PEER_WAIT
-        while waiting := peers_not_ready(c, peers):
+        while not dryrun and (waiting := peers_not_ready(c, peers)):
             if time.monotonic() > deadline:
                 raise StepError(
                     f"peers {', '.join(waiting)} not 'Peer in Cluster (Connected)' after "
@@ -641,7 +641,7 @@ def clean_peers(c: Cluster, r: Remote, dryrun: bool) -> None:
         raise RemoteError([f for e in unreachable for f in e.failures])
 
 
-def setup_bricks(c: Cluster, r: Remote) -> dict[str, Any]:
+def setup_bricks(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """The brick directory exists on every node."""
     step = "gluster:bricks"
     b = shlex.quote(str(c.gluster.brick_dir))
@@ -649,7 +649,7 @@ def setup_bricks(c: Cluster, r: Remote) -> dict[str, Any]:
     def one(node: Node) -> bool:
         exists = r.run(node, step, f"[ -d {b} ]", check=False).ok
         ops = [] if exists else [Op(f"create brick dir {c.gluster.brick_dir}", f"mkdir -p {b}")]
-        return apply_ops(r, node, step, ops)
+        return apply_ops(r, node, step, ops, dryrun=dryrun)
 
     return {"created": sorted(n for n, ch in on_nodes(r, step, one).items() if ch)}
 
@@ -697,12 +697,14 @@ def _volume_on(r: Remote, node: Node, c: Cluster, step: str) -> Volume | None:
                         "(gluster:daemon)") from None
 
 
-def setup_volume(c: Cluster, r: Remote) -> dict[str, Any]:
+def setup_volume(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """Create the replica volume when absent, set its options, start it (from the first node)."""
     step = "gluster:volume"
 
     def one(first: Node) -> dict[str, Any]:
-        apply_ops(r, first, step, plan_volume(c, _volume_on(r, first, c, step)))
+        apply_ops(r, first, step, plan_volume(c, _volume_on(r, first, c, step)), dryrun=dryrun)
+        if dryrun:
+            return {}
         vol = _volume_on(r, first, c, step)
         if vol is None or vol.status != "Started":
             raise StepError(f"volume {c.gluster.volume} is not started after setup.\n  what to "
@@ -735,15 +737,16 @@ def fstab_entry(c: Cluster, node: Node) -> str:
     return (render.build_dir(c) / "nodes" / node.name / "fstab").read_text().strip()
 
 
-def setup_mount(c: Cluster, r: Remote) -> dict[str, Any]:
+def setup_mount(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """haswarm's fstab line on every node, and the volume mounted there."""
     step = "gluster:mount"
     entries = {n.name: fstab_entry(c, n) for n in c.nodes}
 
     def one(node: Node) -> bool:
         facts = mount_facts(c, gather(r, node, step, mount_probes(c)))
-        changed = apply_ops(r, node, step, plan_mount(c, entries[node.name], facts))
-        if changed:
+        changed = apply_ops(r, node, step, plan_mount(c, entries[node.name], facts),
+                            dryrun=dryrun)
+        if changed and not dryrun:
             after = mount_facts(c, gather(r, node, step, mount_probes(c)))
             if not (after.alive and any(_is_gluster(t) for t in after.types)):
                 raise StepError(f"{c.gluster.mount_point} is not a live glusterfs mount "
@@ -777,17 +780,21 @@ def mounted_node(c: Cluster, r: Remote, step: str) -> Node | None:
     return None
 
 
-def setup_dirs(c: Cluster, r: Remote) -> dict[str, Any]:
+def setup_dirs(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """Service directories on the volume (through one node's mount): HA config, Mosquitto data."""
     step = "gluster:dirs"
     node = mounted_node(c, r, step)
+    if node is None and dryrun:
+        say(c.nodes[0], f"{step}: would create {', '.join(d.path for d in service_dirs(c))} "
+                        "once the volume is mounted")
+        return {}
     if node is None:
         raise StepError(f"the volume is mounted on no node at {c.gluster.mount_point}.\n"
-                        "  what to do: run `doit gluster:mount` (or `doit -a gluster`) first")
+                        "  what to do: run `doit gluster:mount` first")
     paths = " ".join(shlex.quote(d.path) for d in service_dirs(c))
     owners = parse_stat_owner(r.run(node, step, f"stat -c '%n %u' {paths} 2>/dev/null",
                                     check=False).stdout)
-    apply_ops(r, node, step, plan_dirs(c, owners))
+    apply_ops(r, node, step, plan_dirs(c, owners), dryrun=dryrun)
     return {"via": node.name}
 
 
@@ -805,31 +812,27 @@ def task_gluster() -> Iterator[dict[str, Any]]:
     """GlusterFS replica volume on every node, mounted at gluster.mount_point (fstab)."""
     c = current()
     g = c.gluster
-    nodes = [(n.name, n.address) for n in c.nodes]
     fstabs = [str(render.build_dir(c) / "nodes" / n.name / "fstab") for n in c.nodes]
     yield remote_task(c, "gluster-daemon", "daemon", "glusterd running on every node",
-                      setup_daemon, clean_daemon, {"nodes": nodes})
+                      setup_daemon, clean_daemon)
     yield remote_task(c, "gluster-peers", "peers", "trusted pool: the first node probes the rest",
-                      setup_peers, clean_peers, {"nodes": nodes},
+                      setup_peers, clean_peers,
                       task_dep=["gluster:daemon"])
     yield remote_task(c, "gluster-bricks", "bricks", f"brick dir {g.brick_dir} on every node",
-                      setup_bricks, clean_bricks, {"nodes": nodes, "brick": str(g.brick_dir)},
+                      setup_bricks, clean_bricks,
                       task_dep=["gluster:daemon"])
     yield remote_task(c, "gluster-volume", "volume",
                       f"replica {replica_count(c)} volume {g.volume}: options, started",
                       setup_volume, clean_volume,
-                      {"bricks": bricks(c), "options": volume_options(c), "volume": g.volume},
                       task_dep=["gluster:peers", "gluster:bricks"])
     yield remote_task(c, "gluster-mount", "mount",
                       f"volume mounted at {g.mount_point} on every node (fstab)",
                       setup_mount, clean_mount,
-                      {"nodes": nodes, "volume": g.volume, "mount_point": str(g.mount_point)},
                       file_dep=fstabs,
                       task_dep=["gluster:volume"])
     yield remote_task(c, "gluster-dirs", "dirs",
                       "Home Assistant and Mosquitto directories on the volume",
                       setup_dirs, clean_dirs,
-                      {"dirs": [(d.path, d.owner, d.mode) for d in service_dirs(c)]},
                       task_dep=["gluster:mount"])
 
 

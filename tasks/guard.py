@@ -50,7 +50,7 @@ def plan_remove(present: list[str], why: str) -> list[Op]:
     return [Op(f"remove {p}{why}", f"rm -f {shlex.quote(p)}") for p in order]
 
 
-def setup(c: Cluster, r: Remote) -> dict[str, Any]:
+def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """Install the script and its cron entry on every node (or remove them when off)."""
     step = "leader-guard"
     wanted = files(c)
@@ -60,12 +60,13 @@ def setup(c: Cluster, r: Remote) -> dict[str, Any]:
 
         if not wanted:
             return apply_ops(r, node, step, plan_remove(_present(r, node, step),
-                                                        " (swarm.leader_guard is off)"))
+                                                        " (swarm.leader_guard is off)"),
+                             dryrun=dryrun)
         changed = False
         for path in (SCRIPT, CRON_FILE):  # the script before the cron entry that runs it
             text, mode = wanted[path]
-            if r.put(node, step, text, path, mode=mode, owner="root:root"):
-                progress(node, f"{step}: wrote {path}")
+            if r.put(node, step, text, path, mode=mode, owner="root:root", dryrun=dryrun):
+                progress(node, f"{step}: {'would write' if dryrun else 'wrote'} {path}")
                 changed = True
         if not changed:
             progress(node, f"{step}: nothing to do")
@@ -93,6 +94,6 @@ def task_leader_guard() -> dict[str, Any]:
     task = remote_task(c, "leader-guard", None,
                        f"{SCRIPT} and {CRON_FILE} on every node" if c.swarm.leader_guard
                        else f"{CRON_FILE} absent (swarm.leader_guard is off)",
-                       setup, clean, {"on": c.swarm.leader_guard, "nodes": c.names},
+                       setup, clean,
                        file_dep=deps, task_dep=["swarm"])
     return {**task, "basename": "leader-guard"}

@@ -107,10 +107,13 @@ def _facts(sections: dict[str, str]) -> HAFacts:
     )
 
 
-def setup_files(c: Cluster, r: Remote) -> dict[str, Any]:
+def setup_files(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """Write haswarm's package (when it differs) and configuration.yaml (when absent)."""
     step = "ha-files"
     node = mounted_node(c, r, step)
+    if node is None and dryrun:
+        say(c.nodes[0], f"{step}: would write Home Assistant's files once the volume is mounted")
+        return {}
     if node is None:
         raise StepError(f"the volume is mounted on no node at {c.gluster.mount_point}: "
                         "Home Assistant's files cannot be written.\n  what to do: run "
@@ -118,7 +121,7 @@ def setup_files(c: Cluster, r: Remote) -> dict[str, Any]:
     facts = _facts(gather(r, node, step, _probes(c)))
     ops, warnings = plan_files(c, rendered(c, "packages/haswarm/haswarm.yaml").read_text(),
                                rendered(c, CONFIGURATION).read_text(), facts)
-    apply_ops(r, node, step, ops)
+    apply_ops(r, node, step, ops, dryrun=dryrun)
     for w in warnings:
         say(node, f"{step}: {w}")
     return {"via": node.name, "warnings": warnings}
@@ -161,7 +164,6 @@ def task_ha_files() -> dict[str, Any]:
     c = current()
     task = remote_task(
         c, "ha-files", None, task_ha_files.__doc__ or "", setup_files, clean_files,
-        {"config_dir": config_dir(c), "nodes": c.names},
         file_dep=[str(rendered(c, "packages/haswarm/haswarm.yaml")),
                   str(rendered(c, CONFIGURATION))],
         task_dep=["gluster"])

@@ -2,23 +2,21 @@
 in one round trip: `gather`), a pure `plan_*` function turns them into `Op`s, and `apply_ops`
 prints, dry-runs or applies them ("nothing to do" when the list is empty, so a converged re-run
 says so). `remote_task` makes the doit task of one remote step: its setup and its clean side by
-side, stamped when done (tasks/state.py).
+side; it runs every time (the nodes are the truth) and records its facts (tasks/state.py).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from doit.exceptions import TaskFailed
-from doit.tools import config_changed
 
 from tasks.config import Cluster, Node
 from tasks.errors import HaswarmError
-from tasks.state import forget, mark_done, stamp
+from tasks.state import forget, mark_done
 
 if TYPE_CHECKING:
     from tasks.remote import Remote
@@ -88,16 +86,16 @@ def on_nodes(r: Remote, step: str, fn: Callable[[Node], Any],
     return r.on_all(step, wrapped, nodes)
 
 
-def run_step(c: Cluster, step: str, fn: Callable[[Cluster, Remote], dict[str, Any] | None]
+def run_step(c: Cluster, step: str, fn: Callable[..., dict[str, Any] | None]
              ) -> TaskFailed | None:
-    """Run one setup step with an open Remote; on success stamp it done (see tasks.state)."""
+    """Run one setup step with an open Remote; on success record its facts (tasks.state)."""
     from tasks.remote import Remote, RemoteError
 
     started = time.monotonic()
     try:
         with Remote(c) as r:
             facts = fn(c, r) or {}
-    except (RemoteError, StepError) as e:
+    except (RemoteError, HaswarmError, OSError) as e:
         return TaskFailed(f"{step} failed:\n{e}")
     mark_done(c, step, facts)
     print(f"{step}: done in {time.monotonic() - started:.1f} s", flush=True)
@@ -106,13 +104,13 @@ def run_step(c: Cluster, step: str, fn: Callable[[Cluster, Remote], dict[str, An
 
 def clean_step(c: Cluster, step: str, fn: Callable[[Cluster, Remote, bool], None],
                dryrun: bool) -> TaskFailed | None:
-    """Run one clean step (only reading facts when `dryrun`); then forget the step's stamp."""
+    """Run one clean step (only reading facts when `dryrun`); then forget the step's record."""
     from tasks.remote import Remote, RemoteError
 
     try:
         with Remote(c) as r:
             fn(c, r, dryrun)
-    except (RemoteError, StepError) as e:
+    except (RemoteError, HaswarmError, OSError) as e:
         return TaskFailed(f"{step} (clean) failed:\n{e}")
     if not dryrun:
         forget(c, step)
@@ -120,12 +118,14 @@ def clean_step(c: Cluster, step: str, fn: Callable[[Cluster, Remote, bool], None
 
 
 def remote_task(c: Cluster, step: str, name: str | None, doc: str,
-                setup: Callable[[Cluster, Remote], dict[str, Any] | None],
-                clean: Callable[[Cluster, Remote, bool], None], values: Any,
+                setup: Callable[..., dict[str, Any] | None],
+                clean: Callable[[Cluster, Remote, bool], None],
                 file_dep: list[str] | None = None, task_dep: list[str] | None = None
                 ) -> dict[str, Any]:
-    """A doit task dict for one remote step: stamp target, up-to-date on `values` (and the
-    rendered files in `file_dep`), the setup action and its clean action side by side."""
+    """The doit task dict of one remote step: its setup action and its clean action side by
+    side. It runs on every `doit setup`: the nodes are the truth, not doit's memory, so a node
+    wiped or changed by hand is noticed; a converged node costs one read of its facts, and the
+    step says "nothing to do". `setup(c, r, dryrun)` only reads and tells with dryrun."""
 
     def action() -> TaskFailed | None:
         return run_step(c, step, setup)
@@ -140,8 +140,7 @@ def remote_task(c: Cluster, step: str, name: str | None, doc: str,
     task: dict[str, Any] = {
         "doc": doc,
         "actions": [action],
-        "targets": [str(stamp(c, step))],
-        "uptodate": [config_changed(json.dumps(values, sort_keys=True, default=str))],
+        "uptodate": [False],  # always ask the nodes (see above)
         "file_dep": list(file_dep or []),
         "task_dep": list(task_dep or []),
         "clean": [clean_action],

@@ -256,9 +256,10 @@ class Remote:
 
     def put(self, node: Node | str, step: str, data: bytes | str,
             remote_path: str | PurePosixPath, *, mode: int = 0o644,
-            owner: str | None = None) -> bool:
+            owner: str | None = None, dryrun: bool = False) -> bool:
         """Make `remote_path` on `node` hold `data` with `mode` (and `owner`: "user" or
-        "user:group"; None leaves ownership to root/as is). Returns whether anything changed.
+        "user:group"; None leaves ownership to root/as is). Returns whether anything changed
+        (with `dryrun`: whether anything would; nothing is changed).
 
         Compares sha256, mode and owner on the node first and touches nothing when they match.
         Otherwise uploads to a private temp file (mktemp, 0600) and moves it into place as root
@@ -274,6 +275,8 @@ class Remote:
         same_content = len(state) >= 4 and state[3] == want
         if same_content and _meta_ok(state, mode, owner):
             return False
+        if dryrun:
+            return True
         chown = f"chown {shlex.quote(owner)} -- {{f}} && " if owner else ""
         if same_content:
             self.run(n, step, f"chmod {mode:o} -- {q} && " + chown.format(f=q) + "true")

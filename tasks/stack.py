@@ -1,14 +1,14 @@
 """The stack: Docker configs and secrets, `docker stack deploy`, convergence, and removal.
 
-Two doit tasks (the Galera bootstrap sequence that drives the deploy is in tasks/galera.py):
+The doit task `stack-objects` and the clean side of `stack` (whose setup, the Galera bootstrap
+sequence that drives the deploy, is `converge` in tasks/galera.py, with the `stack` task):
 
     stack-objects  the configs and secrets the stack references as `external: true`, created
                    (missing ones only) from the rendered files and generated secrets, on a manager.
                    clean: every config and secret of this stack (`NAME_*`) removed.
-    stack          deploy (bootstrapping Galera on a fresh cluster), wait until every service
-                   converged, Home Assistant answers HTTP. clean: `docker stack rm`, then wait
-                   until no container of the stack runs on any node and its networks are gone;
-                   the database volumes are kept unless `doit purge=yes clean`.
+    stack (clean)  `docker stack rm`, then wait until no container of the stack runs on any node
+                   and its networks are gone; the database volumes are kept unless
+                   `doit purge=yes clean`.
 
 Facts come from the CLI on the nodes and are parsed by the pure `parse_*` functions below:
 `docker service inspect` (desired replicas, update state, task template) and `docker inspect`
@@ -38,13 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from doit.exceptions import TaskFailed
 
 from tasks import render, secrets
 from tasks.config import Cluster, Node, purge_requested
 from tasks.errors import HaswarmError
 from tasks.remote import Failure, Kind, Remote, RemoteError, progress, redact
-from tasks.state import forget, mark_done, stamp
 
 STEP_OBJECTS = "stack-objects"
 STEP_STACK = "stack"
@@ -420,15 +418,19 @@ def _create_object(r: Remote, manager: str, kind: str, name: str, data: bytes,
             hint="check that the node is a healthy swarm manager (`docker node ls`)")]) from None
 
 
-def ensure_objects(r: Remote, c: Cluster, manager: str) -> list[str]:
+def ensure_objects(r: Remote, c: Cluster, manager: str, dryrun: bool = False) -> list[str]:
     """Create the configs and secrets the stack references that do not exist yet. Returns the
-    names created."""
+    names created (with `dryrun`: that would be; nothing is created)."""
     created = []
     for kind, objects in render.docker_objects(c).items():
         singular = kind[:-1]  # configs -> config
         existing = _object_names(r, manager, singular)
         for key, (name, source) in sorted(objects.items()):
             if name in existing:
+                continue
+            if dryrun:
+                progress(manager, f"stack-objects: would create {singular} {name}")
+                created.append(name)
                 continue
             progress(manager, f"stack: create {singular} {name}")
             _create_object(r, manager, singular, name, source.read_bytes(),
@@ -733,88 +735,44 @@ def remove_objects(c: Cluster, dryrun: bool = False) -> list[str]:
 # doit
 
 
-def _failed(what: str, e: Exception, c: Cluster) -> TaskFailed:
-    return TaskFailed(redact(f"{what}:\n{e}", secret_values(c)))
+def setup_objects(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
+    """The configs and secrets the stack uses: the missing ones created (never changed: a new
+    content is a new name)."""
+    r.redact(*secret_values(c))
+    names = sorted(name for objs in render.docker_objects(c).values() for name, _ in objs.values())
+    manager = find_manager(r, c)
+    assert manager is not None
+    made = ensure_objects(r, c, manager, dryrun=dryrun)
+    if dryrun:
+        if not made:
+            progress(manager, "stack-objects: nothing to do")
+        return {}
+    progress(manager, f"stack-objects: {len(made)} created, {len(names) - len(made)} present")
+    return {"objects": names}
+
+
+def clean_objects(c: Cluster, r: Remote, dryrun: bool) -> None:
+    """Every config and secret of this stack removed (`remove_objects`)."""
+    for note in remove_objects(c, dryrun=dryrun):
+        print(note, flush=True)
 
 
 def objects_task(c: Cluster, after: Iterable[str] = ()) -> dict[str, Any]:
     """The `stack-objects` task dict."""
+    from tasks.ops import remote_task
+
     # Paths only: the creator must not read files (they may not be rendered yet).
     sources = sorted({str(p) for p in [*render.config_sources(c).values(),
                                        *render.secret_sources(c).values()]})
-
-    def action() -> TaskFailed | None:
-        try:
-            names = sorted(name for objs in render.docker_objects(c).values()
-                           for name, _ in objs.values())
-            with Remote(c) as r:
-                r.redact(*secret_values(c))
-                manager = find_manager(r, c)
-                assert manager is not None
-                made = ensure_objects(r, c, manager)
-                progress(manager, f"stack-objects: {len(made)} created, "
-                                  f"{len(names) - len(made)} present")
-        except (RemoteError, StackError, OSError) as e:
-            return _failed("stack-objects", e, c)
-        mark_done(c, STEP_OBJECTS, {"objects": names})
-        return None
-
-    def clean(dryrun: bool = False) -> TaskFailed | None:
-        try:
-            for note in remove_objects(c, dryrun=dryrun):
-                print(note, flush=True)
-        except (RemoteError, StackError) as e:
-            return _failed("stack-objects clean", e, c)
-        if not dryrun:
-            forget(c, STEP_OBJECTS)
-        return None
-
-    return {
-        "basename": "stack-objects",
-        "doc": "Create the Docker configs and secrets the stack uses (missing ones only)",
-        "actions": [action],
-        "file_dep": [*sources, str(stamp(c, "swarm"))],
-        "targets": [str(stamp(c, STEP_OBJECTS))],
-        "task_dep": ["swarm", *after],
-        "clean": [clean],
-        "verbosity": 2,
-    }
+    task = remote_task(c, STEP_OBJECTS, None,
+                       "Create the Docker configs and secrets the stack uses (missing ones only)",
+                       setup_objects, clean_objects, file_dep=sources,
+                       task_dep=["swarm", *after])
+    return {**task, "basename": "stack-objects"}
 
 
-def stack_task(c: Cluster, after: Iterable[str] = ()) -> dict[str, Any]:
-    """The `stack` task dict: deploy (Galera bootstrap when fresh), converge, Home Assistant up."""
-    base = render.build_dir(c)
-
-    def action() -> TaskFailed | None:
-        from tasks import galera
-
-        started = time.monotonic()
-        try:
-            facts = galera.converge(c)
-        except (RemoteError, StackError, OSError) as e:
-            return _failed("stack", e, c)
-        mark_done(c, STEP_STACK, facts)
-        print(f"stack: done in {time.monotonic() - started:.1f} s", flush=True)
-        return None
-
-    def clean(dryrun: bool = False) -> TaskFailed | None:
-        try:
-            for note in remove(c, dryrun=dryrun, purge=purge_requested()):
-                print(note, flush=True)
-        except (RemoteError, StackError) as e:
-            return _failed("stack clean", e, c)
-        if not dryrun:
-            forget(c, STEP_STACK)
-        return None
-
-    return {
-        "basename": "stack",
-        "doc": "Deploy the stack (bootstraps Galera when fresh); wait until all services run",
-        "actions": [action],
-        "file_dep": [str(base / "stack.yml"), str(base / "stack.bootstrap.yml"),
-                     str(stamp(c, STEP_OBJECTS)), str(stamp(c, "swarm"))],
-        "targets": [str(stamp(c, STEP_STACK))],
-        "task_dep": ["stack-objects", "swarm", *after],
-        "clean": [clean],
-        "verbosity": 2,
-    }
+def clean_stack(c: Cluster, r: Remote, dryrun: bool) -> None:
+    """`docker stack rm`, then wait until the containers are gone (`remove`); the database
+    volumes are kept unless `purge=yes`."""
+    for note in remove(c, dryrun=dryrun, purge=purge_requested()):
+        print(note, flush=True)

@@ -1,9 +1,8 @@
-"""doit's up-to-date state for remote steps: one stamp file per step in the build directory.
+"""What each remote step found when it last converged: one JSON file per step in the build
+directory (`build/state/<step>.json`: when, and facts worth keeping, never secrets).
 
-A remote step's task has `targets=[stamp]` and `uptodate=[config_changed(values it applies)]`:
-after it converged once, a re-run with the same values opens no connection at all (`doit -a`
-forces every step to check the nodes again; each step is idempotent). Its clean action removes
-the stamp, so `doit setup` after `doit clean` runs the step again.
+A record, not a cache: remote steps run on every `doit setup` and ask the nodes (tasks.ops
+`remote_task`). A clean action removes the step's record.
 """
 
 from __future__ import annotations

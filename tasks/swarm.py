@@ -27,11 +27,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from doit.exceptions import TaskFailed
-
 from tasks.config import Cluster, Node
 from tasks.remote import Failure, Kind, Remote, RemoteError, progress
-from tasks.state import forget, mark_done, stamp
+from tasks.state import forget
 
 STEP = "swarm"
 SWARM_PORT = 2377
@@ -301,45 +299,66 @@ def _duration(ns: int) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
-def setup(c: Cluster) -> dict[str, Any]:
-    """Bring the swarm to the wanted state; return facts for the stamp. Raises RemoteError."""
-    addresses = {n.name: advertise_address(n) for n in c.nodes}
-    with Remote(c) as r:
-        facts = read_facts(r)
-        p = plan(c, facts, addresses)
-        if p.problems:
-            raise RemoteError([_problem(c, name, msg) for name, msg in p.problems])
-        leader = p.leader
-        if p.init:
-            addr = addresses[leader]
-            progress(leader, f"swarm: init (advertise {addr})")
-            r.run(leader, "swarm: init", f"docker swarm init --advertise-addr {shlex.quote(addr)}"
-                  f" --listen-addr 0.0.0.0:{SWARM_PORT}")
-        elif not p.join and not p.promote:
-            progress(leader, f"swarm: all {len(c.nodes)} nodes are managers already")
-        if p.join:
-            token = r.run(leader, "swarm: join token", "docker swarm join-token -q manager"
-                          ).stdout.strip()
-            r.redact(token)
-            for name in p.join:  # one at a time: each join is a raft membership change
-                progress(name, f"swarm: join as manager via {leader}")
-                _join(r, c.node(name), addresses[name], addresses[leader], token)
-        for name in p.promote:
-            progress(name, "swarm: promote worker to manager")
-            node_id = facts[name].node_id
-            r.run(leader, "swarm: promote", f"docker node promote {shlex.quote(node_id)}")
+def _describe(c: Cluster, p: SwarmPlan, facts: dict[str, SwarmFacts]) -> dict[str, Any]:
+    """What setup would change (a dry run), said per node."""
+    leader = p.leader
+    if p.init:
+        progress(leader, f"swarm: would init (advertise {advertise_address(c.node(leader))})")
+    for name in p.join:
+        progress(name, f"swarm: would join as manager via {leader}")
+    for name in p.promote:
+        progress(name, "swarm: would promote worker to manager")
+    lf = facts[leader]
+    want = heartbeat_ns(c)
+    if not p.init and lf.heartbeat_ns is not None and lf.heartbeat_ns != want:
+        progress(leader, f"swarm: would set the dispatcher heartbeat "
+                         f"{lf.heartbeat_ns / 1e9:g} s -> {want / 1e9:g} s")
+    elif not p.changes:
+        progress(leader, "swarm: nothing to do")
+    return {}
 
-        lf = read_facts(r, [c.node(leader)])[leader]
-        want = heartbeat_ns(c)
-        if lf.heartbeat_ns != want:
-            old = "unset" if lf.heartbeat_ns is None else f"{lf.heartbeat_ns / 1e9:g} s"
-            progress(leader, f"swarm: dispatcher heartbeat {old} -> {want / 1e9:g} s")
-            r.run(leader, "swarm: heartbeat",
-                  f"docker swarm update --dispatcher-heartbeat {_duration(want)}")
-        managers = wait_members(r, c, leader, MEMBERSHIP_TIMEOUT)
-        progress(leader, f"swarm: {len(managers)} managers ({', '.join(managers)}), "
-                         f"dispatcher heartbeat {want / 1e9:g} s")
-        return {"cluster_id": lf.cluster_id, "managers": managers}
+
+def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
+    """Bring the swarm to the wanted state; return its facts. Raises RemoteError. With `dryrun`
+    only say what would change."""
+    addresses = {n.name: advertise_address(n) for n in c.nodes}
+    facts = read_facts(r)
+    p = plan(c, facts, addresses)
+    if p.problems:
+        raise RemoteError([_problem(c, name, msg) for name, msg in p.problems])
+    leader = p.leader
+    if dryrun:
+        return _describe(c, p, facts)
+    if p.init:
+        addr = addresses[leader]
+        progress(leader, f"swarm: init (advertise {addr})")
+        r.run(leader, "swarm: init", f"docker swarm init --advertise-addr {shlex.quote(addr)}"
+              f" --listen-addr 0.0.0.0:{SWARM_PORT}")
+    elif not p.join and not p.promote:
+        progress(leader, f"swarm: all {len(c.nodes)} nodes are managers already")
+    if p.join:
+        token = r.run(leader, "swarm: join token", "docker swarm join-token -q manager"
+                      ).stdout.strip()
+        r.redact(token)
+        for name in p.join:  # one at a time: each join is a raft membership change
+            progress(name, f"swarm: join as manager via {leader}")
+            _join(r, c.node(name), addresses[name], addresses[leader], token)
+    for name in p.promote:
+        progress(name, "swarm: promote worker to manager")
+        node_id = facts[name].node_id
+        r.run(leader, "swarm: promote", f"docker node promote {shlex.quote(node_id)}")
+
+    lf = read_facts(r, [c.node(leader)])[leader]
+    want = heartbeat_ns(c)
+    if lf.heartbeat_ns != want:
+        old = "unset" if lf.heartbeat_ns is None else f"{lf.heartbeat_ns / 1e9:g} s"
+        progress(leader, f"swarm: dispatcher heartbeat {old} -> {want / 1e9:g} s")
+        r.run(leader, "swarm: heartbeat",
+              f"docker swarm update --dispatcher-heartbeat {_duration(want)}")
+    managers = wait_members(r, c, leader, MEMBERSHIP_TIMEOUT)
+    progress(leader, f"swarm: {len(managers)} managers ({', '.join(managers)}), "
+                     f"dispatcher heartbeat {want / 1e9:g} s")
+    return {"cluster_id": lf.cluster_id, "managers": managers}
 
 
 def _join(r: Remote, node: Node, addr: str, leader_addr: str, token: str) -> None:
@@ -474,46 +493,28 @@ def _wait_workers(r: Remote, via: str, node_ids: list[str], timeout: float = 30)
 # doit
 
 
-def wanted(c: Cluster) -> str:
-    """What the swarm step applies (its stamp is outdated when this changes)."""
-    return json.dumps({"nodes": [[n.name, n.address] for n in c.nodes],
-                       "heartbeat_ns": heartbeat_ns(c)}, sort_keys=True)
+def clean(c: Cluster, r: Remote, dryrun: bool) -> None:
+    """Every node leaves the swarm (`teardown`); the steps inside it are forgotten too."""
+    for note in teardown(c, dryrun=dryrun):
+        print(note, flush=True)
+    if not dryrun:
+        for step in INSIDE_SWARM:
+            forget(c, step)
 
 
 def swarm_task(c: Cluster, after: Sequence[str] = ()) -> dict[str, Any]:
     """The `swarm` task dict; `after` names tasks that must run first (gluster, avahi,
     preload-images)."""
-    from doit.tools import config_changed
+    from tasks.ops import StepError, remote_task
 
-    def action() -> TaskFailed | None:
-        started = time.monotonic()
+    def form(cl: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
         try:
-            facts = setup(c)
-        except (RemoteError, ValueError) as e:
-            return TaskFailed(f"swarm:\n{e}")
-        mark_done(c, STEP, facts)
-        print(f"swarm: done in {time.monotonic() - started:.1f} s", flush=True)
-        return None
+            return setup(cl, r, dryrun)
+        except ValueError as e:  # an address that is no IP and does not resolve
+            raise StepError(str(e)) from None
 
-    def clean(dryrun: bool = False) -> TaskFailed | None:
-        try:
-            notes = teardown(c, dryrun=dryrun)
-        except (RemoteError, ValueError) as e:
-            return TaskFailed(f"swarm clean:\n{e}")
-        for note in notes:
-            print(note, flush=True)
-        if not dryrun:
-            for step in (STEP, *INSIDE_SWARM):
-                forget(c, step)
-        return None
-
-    return {
-        "basename": "swarm",
-        "doc": "Form the Docker swarm (all nodes managers; dispatcher heartbeat)",
-        "actions": [action],
-        "targets": [str(stamp(c, STEP))],
-        "uptodate": [config_changed(wanted(c))],
-        "task_dep": list(after),
-        "clean": [clean],
-        "verbosity": 2,
-    }
+    form.__name__ = "setup"
+    task = remote_task(c, STEP, None,
+                       "Form the Docker swarm (all nodes managers; dispatcher heartbeat)",
+                       form, clean, task_dep=list(after))
+    return {**task, "basename": "swarm"}

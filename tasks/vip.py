@@ -225,14 +225,14 @@ def plan_problems(facts: dict[str, str], interface_ok: bool, iface: str) -> list
 # Steps
 
 
-def setup(c: Cluster, r: Remote) -> dict[str, Any]:
+def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """keepalived with the VIP on every node; then one holder that answers MQTT."""
     from tasks.ops import StepError, on_nodes, say
 
     if c.vip.address is None:
         say(c.nodes[0], "vip: no vip.address in the cluster file: removing haswarm's "
                         "keepalived (if any)")
-        remove(c, r, dryrun=False)
+        remove(c, r, dryrun=dryrun)
         return {"vip": None}
     ips = {n.name: node_ip(n) for n in c.nodes}
     validate(c, ips)
@@ -246,11 +246,17 @@ def setup(c: Cluster, r: Remote) -> dict[str, Any]:
         if problems:
             raise StepError("; ".join(problems))
         changed = r.put(node, "vip: keepalived.conf", render_conf(c, node, ips), CONF,
-                        mode=0o644, owner="root:root")
+                        mode=0o644, owner="root:root", dryrun=dryrun)
         changed |= r.put(node, "vip: check script", check_script(c, node, ips), CHECK,
-                         mode=0o755, owner="root:root")
+                         mode=0o755, owner="root:root", dryrun=dryrun)
         if facts.get("systemd") != "yes":
-            r.put(node, "vip: cron", cron_text(), CRON, mode=0o644, owner="root:root")
+            changed |= r.put(node, "vip: cron", cron_text(), CRON, mode=0o644,
+                             owner="root:root", dryrun=dryrun)
+        if dryrun:
+            say(node, "vip: would (re)configure keepalived" if changed else
+                "vip: would start keepalived" if facts.get("running") != "yes" else
+                "vip: nothing to do")
+            return changed
         if changed or facts.get("running") != "yes":
             r.run(node, "vip: start keepalived", start_command(changed), timeout=60,
                   hint=f"see {LOG} (or journalctl -u keepalived) on the node; "
@@ -261,6 +267,8 @@ def setup(c: Cluster, r: Remote) -> dict[str, Any]:
         return changed
 
     changed = on_nodes(r, "vip", one)
+    if dryrun:
+        return {}
     holder = wait_holder(c, r, SETTLE_TIMEOUT)
     say(holder, f"vip: {c.vip.address} held by {holder}; MQTT answers through it")
     return {"vip": c.vip.address, "holder": holder,
@@ -347,14 +355,6 @@ def remove(c: Cluster, r: Remote, dryrun: bool) -> None:
 # doit
 
 
-def values(c: Cluster) -> dict[str, Any]:
-    """What the step applies (its stamp is outdated when this changes; the template is a
-    file_dep)."""
-    return {"vip": c.vip.model_dump(), "nodes": [[n.name, n.address] for n in c.nodes],
-            "mode": c.swarm.publish_mode, "port": c.mqtt.port, "name": c.name,
-            "check": CHECK_VERSION}
-
-
 def task_vip() -> dict[str, Any]:
     """VIP (keepalived, VRRP) that follows Mosquitto; no-op without vip.address."""
     from tasks.config import current
@@ -363,9 +363,9 @@ def task_vip() -> dict[str, Any]:
 
     c = current()
 
-    def run_setup(cl: Cluster, r: Remote) -> dict[str, Any]:
+    def run_setup(cl: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
         try:
-            return setup(cl, r)
+            return setup(cl, r, dryrun)
         except VIPError as e:
             from tasks.ops import StepError
 
@@ -376,7 +376,7 @@ def task_vip() -> dict[str, Any]:
     doc = (f"VIP {c.vip.address} on {c.vip.interface} follows Mosquitto (keepalived)"
            if c.vip.address else "VIP: none configured (vip.address); removes haswarm's "
            "keepalived if present")
-    task = remote_task(c, "vip", None, doc, run_setup, remove, values(c),
+    task = remote_task(c, "vip", None, doc, run_setup, remove,
                        file_dep=[str(TEMPLATES / TEMPLATE)], task_dep=["stack"])
     task["doc"] = doc
     return task

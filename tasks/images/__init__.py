@@ -40,10 +40,8 @@ remote layer's Docker client, nothing is copied to the node's disk first), leavi
 layer the node already holds (the Debian base is sent once, not once per image). After loading,
 the facts are read again: tag, image ID and platform must match. Nodes run in parallel threads
 (`Remote.on_all`), one progress line each; a failed node is named with its reason after the
-others finished. Up to date: each preload task stamps build/state/<task>.json (tasks.state) once
-every node checked out, and runs again when manifest.json, the nodes or the platform change;
-`doit -a preload-images` checks the nodes again (a node holding everything then prints
-"pi1: 3 images already present, nothing sent").
+others finished. The preload tasks run on every `doit setup` (a wiped node gets its images
+again); a node holding everything prints "pi1: 3 images already present, nothing sent".
 
 The package, one job per module:
     core.py     platforms, the local Docker engine, QEMU emulation (binfmt), ImageError
@@ -207,10 +205,8 @@ def task_preload_images() -> Iterator[dict[str, Any]]:
 
     `preload-images` does all nodes at once (threads); `preload-images:pi1` one node. These are
     plain tasks named with a colon rather than doit subtasks, because doit runs a group's
-    subtasks one after the other. Up to date (stamp files, no SSH) while manifest.json and the
-    nodes are unchanged; `doit -a preload-images` checks the nodes again."""
-    from tasks import state
-
+    subtasks one after the other. They run on every `doit setup`: each node is asked what it
+    has (one `docker image inspect`), so a wiped node gets its images again."""
     c = current()
     manifest = manifest_path(c)
     nodes = {n.name: n.address for n in c.nodes}
@@ -225,8 +221,7 @@ def task_preload_images() -> Iterator[dict[str, Any]]:
             "doc": doc,
             "actions": [(preload_action, [only, step])],
             "file_dep": [str(manifest)],
-            "targets": [str(state.stamp(c, step))],
-            "uptodate": [config_changed({"platform": c.platform, "nodes": nodes, "only": only})],
+            "uptodate": [False],  # the nodes are the truth (see above)
             "clean": [(clean_preload, [only, step])],
             "verbosity": 2,
         }

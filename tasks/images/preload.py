@@ -259,8 +259,9 @@ def node_facts(remote: Any, node: Node | str) -> NodeFacts:
 
 
 def preload_node(remote: Any, node: Node, wanted: list[Wanted],
-                 say: Callable[[str, str], None]) -> NodeReport:
-    """Put every wanted image on `node`, sending only what it lacks; verify afterwards."""
+                 say: Callable[[str, str], None], dryrun: bool = False) -> NodeReport:
+    """Put every wanted image on `node`, sending only what it lacks; verify afterwards. With
+    `dryrun`, only say what it would send."""
     t0 = time.monotonic()
     rep = NodeReport(node.name)
     facts = node_facts(remote, node)
@@ -272,6 +273,13 @@ def preload_node(remote: Any, node: Node, wanted: list[Wanted],
             raise ImageError("; ".join(problems))
         rep.seconds = time.monotonic() - t0
         say(node.name, f"{len(wanted)} images already present, nothing sent")
+        return rep
+    if dryrun:
+        for w in plan.retag:
+            say(node.name, f"would tag {w.id[:19]} as {w.ref}")
+        if plan.load:
+            say(node.name, f"would send {len(plan.load)} image(s): "
+                f"{', '.join(w.ref for w in plan.load)}")
         return rep
     for w in plan.retag:
         remote.run(node, "images: tag", f"docker tag {w.id} {shlex.quote(w.ref)}")
@@ -337,7 +345,7 @@ def _load(remote: Any, node: Node, entries: list[TarEntry], rep: NodeReport) -> 
 
 
 def preload(c: Cluster, manifest: Path, nodes: Iterable[str] | None = None,
-            remote: Any = None) -> dict[str, NodeReport]:
+            remote: Any = None, dryrun: bool = False) -> dict[str, NodeReport]:
     """Preload every manifest image onto `nodes` (default: all) in parallel.
 
     Every node runs to its end; failed nodes are raised together as one RemoteError naming
@@ -356,12 +364,12 @@ def preload(c: Cluster, manifest: Path, nodes: Iterable[str] | None = None,
     def one(r: Any) -> dict[str, NodeReport]:
         def fn(n: Node) -> NodeReport:
             try:
-                return preload_node(r, n, wanted, progress)
+                return preload_node(r, n, wanted, progress, dryrun)
             except ImageError as e:
                 raise RemoteError([Failure(
                     node=n.name, address=n.address, step="images: preload", kind=Kind.ERROR,
                     detail=str(e), hint="fix the cause named above, then run "
-                    "`doit -a preload-images` again")]) from None
+                    "`doit preload-images` again")]) from None
         return r.on_all("images: preload", fn, targets)
 
     if remote is not None:
@@ -383,6 +391,12 @@ def preload_action(nodes: list[str] | None, step: str) -> TaskFailed | None:
     state.mark_done(c, step, {n: {"bytes_sent": r.bytes_sent, "loaded": r.loaded}
                               for n, r in reports.items()})
     return None
+
+
+def setup_preload(c: Cluster, r: Any, dryrun: bool = False) -> dict[str, Any]:
+    """Every image of the manifest on every node (the step as `doit plan` runs it)."""
+    reports = preload(c, manifest_path(c), remote=r, dryrun=dryrun)
+    return {n: {"bytes_sent": x.bytes_sent, "loaded": x.loaded} for n, x in reports.items()}
 
 
 def clean_saved(paths: list[str], dryrun: bool = False) -> None:

@@ -212,11 +212,8 @@ def test_second_setup_changes_nothing(cluster, tools, deployed):
     run = tools.setup()
     print(f"\n[stack] second setup ({run.how}): {run.seconds:.1f} s")
     assert run.ok, run.output[-3000:]
-    if run.how.startswith("doit"):
-        for task in ("swarm", "stack-objects", "stack"):
-            assert f"-- {task}" in run.output, f"{task} ran again:\n{run.output[-3000:]}"
-    else:
-        assert "no bootstrap" in run.output and "not deploying" in run.output
+    # every step asks the nodes again (they are the truth) and finds nothing to change
+    assert "no bootstrap" in run.output and "not deploying" in run.output
     assert service_versions(tools, cluster) == before
 
 

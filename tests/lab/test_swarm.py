@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tasks import stack, swarm
+from tasks.remote import Remote
 from tasks.state import forget
 
 pytestmark = pytest.mark.lab
@@ -31,6 +32,12 @@ def quiet(fn, *args, **kwargs):
     return result, buf.getvalue(), time.monotonic() - started
 
 
+def form(c, dryrun: bool = False):
+    """The swarm step's setup, on its own connection (as the doit task runs it)."""
+    with Remote(c) as r:
+        return swarm.setup(c, r, dryrun)
+
+
 @pytest.fixture(scope="module")
 def formed(lab, cluster):
     """A formed swarm (takes whatever stack runs down first, as `doit clean` would)."""
@@ -39,7 +46,7 @@ def formed(lab, cluster):
     quiet(swarm.teardown, cluster)
     for step in ("swarm", *swarm.INSIDE_SWARM):  # these tests bypass doit: its stamps go
         forget(cluster, step)
-    facts, out, seconds = quiet(swarm.setup, cluster)
+    facts, out, seconds = quiet(form, cluster)
     print(f"\n[swarm] setup from nothing: {seconds:.2f} s\n{out}")
     return facts, out, seconds
 
@@ -62,11 +69,13 @@ def test_three_managers_and_heartbeat(lab, cluster, formed):
 
 def test_rerun_changes_nothing(lab, cluster, formed):
     before = swarm_info(lab, "pi1")["Cluster"]["Version"]["Index"]
-    _, out, seconds = quiet(swarm.setup, cluster)
+    _, out, seconds = quiet(form, cluster)
     print(f"\n[swarm] re-run: {seconds:.2f} s")
     assert "managers already" in out
     for word in ("init", "join", "promote", "heartbeat 5"):
         assert word not in out.replace("dispatcher heartbeat 2 s", "")
+    _, dry, _ = quiet(form, cluster, True)
+    assert "swarm: nothing to do" in dry and "would" not in dry
     assert swarm_info(lab, "pi1")["Cluster"]["Version"]["Index"] == before
 
 
@@ -88,7 +97,7 @@ def test_clean_leaves_no_swarm_state_then_setup_again(lab, cluster, formed):
         assert left == [], f"{name}: swarm state left: {left}"
     again, _, _ = quiet(swarm.teardown, cluster)
     assert again == ["swarm: no node is in this swarm: nothing to remove"]
-    facts, _, seconds = quiet(swarm.setup, cluster)
+    facts, _, seconds = quiet(form, cluster)
     print(f"[swarm] setup again: {seconds:.2f} s")
     assert facts["managers"] == ["pi1", "pi2", "pi3"]
 
@@ -100,12 +109,12 @@ def test_node_in_another_swarm_is_refused_with_instructions(lab, cluster, formed
     lab.exec("pi2", "docker swarm init --advertise-addr 10.77.0.12 >/dev/null")
     try:
         with pytest.raises(swarm.RemoteError) as e:
-            quiet(swarm.setup, cluster)
+            quiet(form, cluster)
         msg = str(e.value)
         assert "different swarm" in msg and "docker swarm leave --force" in msg
         assert "nothing was changed" in msg
         assert swarm_info(lab, "pi1")["LocalNodeState"] == "inactive"
     finally:
         quiet(swarm.teardown, cluster)
-        quiet(swarm.setup, cluster)
+        quiet(form, cluster)
     assert all(swarm_info(lab, n)["ControlAvailable"] for n in lab.names)

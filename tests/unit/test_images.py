@@ -490,7 +490,7 @@ def test_task_creators_touch_neither_docker_nor_ssh(tmp_path, monkeypatch):
     assert set(preload) == {"preload-images", "preload-images:pi1", "preload-images:pi2",
                             "preload-images:pi3"}
     assert all(t["file_dep"] == [str(out / "manifest.json")] for t in preload.values())
-    assert len({t["targets"][0] for t in preload.values()}) == 4  # own stamps
+    assert all(t["uptodate"] == [False] for t in preload.values())  # the nodes are asked
     assert images.task_base_image()["basename"] == "base-image"
     assert images.task_buildx()["targets"] == [tmp_path / "build" / "tools" / "docker-buildx"]
 

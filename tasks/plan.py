@@ -1,0 +1,72 @@
+"""`doit plan`: what `doit setup` would change on the nodes, read from the nodes themselves.
+
+Every remote step of setup runs in setup's order with `dryrun`: it reads its facts and says, per
+node, what it would do ("would ...") or "nothing to do". Nothing is changed on any node (the
+controller renders its files and generates missing secrets first, as setup would). A step that
+depends on an earlier step's change (the mount before the volume exists) says what it sees now.
+A step that cannot read its facts (a node down, no swarm yet) says so and the plan goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from doit.exceptions import TaskFailed
+
+from tasks import avahi, galera, gluster, guard, homeassistant, stack, swarm, vip
+from tasks.config import Cluster, current
+from tasks.errors import HaswarmError
+from tasks.images.preload import setup_preload
+
+# (step, setup function) in the order `doit setup` runs them; each takes (cluster, remote,
+# dryrun) and only reads with dryrun=True.
+STEPS: list[tuple[str, Callable[..., Any]]] = [
+    ("preload-images", setup_preload),
+    ("gluster:daemon", gluster.setup_daemon),
+    ("gluster:peers", gluster.setup_peers),
+    ("gluster:bricks", gluster.setup_bricks),
+    ("gluster:volume", gluster.setup_volume),
+    ("gluster:mount", gluster.setup_mount),
+    ("gluster:dirs", gluster.setup_dirs),
+    ("ha-files", homeassistant.setup_files),
+    ("avahi:hostname", avahi.setup_hostname),
+    ("avahi:cron", avahi.setup_cron),
+    ("swarm", swarm.setup),
+    ("leader-guard", guard.setup),
+    ("stack-objects", stack.setup_objects),
+    ("stack", galera.converge),
+    ("vip", vip.setup),
+]
+
+
+def plan(c: Cluster) -> list[str]:
+    """Run every step dry; return the steps that could not tell (with why)."""
+    from tasks.remote import Remote, RemoteError
+
+    unknown = []
+    with Remote(c) as r:
+        for name, fn in STEPS:
+            print(f"-- {name}", flush=True)
+            try:
+                fn(c, r, True)
+            except (RemoteError, HaswarmError, OSError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"{name}: cannot tell: {first}", flush=True)
+                unknown.append(f"{name}: {first}")
+    return unknown
+
+
+def task_plan() -> dict[str, Any]:
+    """Show what `doit setup` would change on each node, from the nodes' facts (changes none)."""
+    c = current()
+
+    def action() -> TaskFailed | None:
+        unknown = plan(c)
+        if unknown:
+            print(f"plan: {len(unknown)} step(s) could not read their facts; the others are "
+                  "shown above", flush=True)
+        return None
+
+    return {"basename": "plan", "actions": [action], "task_dep": ["secrets", "render"],
+            "uptodate": [False], "verbosity": 2, "doc": task_plan.__doc__}
