@@ -3,6 +3,9 @@ setup (tasks/galera.py, tasks/gluster.py ...), `doit status` and `doit drill`.
 
 Several probes go to a node in one round trip: `probe_script` joins them with a header line per
 probe, `parse_sections` splits the output again, `gather` does both over SSH.
+
+The facts `doit status` reads about every node and the whole cluster are in
+tasks/facts_cluster.py (they read gluster's XML with tasks.gluster, which imports this module).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks import drill, status, vip
+from tasks import drill, facts, facts_cluster, status, vip
 from tasks.config import LAB_CLUSTER_FILE, VIP, Cluster, load_cluster
 from tasks.remote import key_values
 from tasks.stack import Container
@@ -77,7 +77,7 @@ SWARM_INFO = '{"state":"active","control":true,"error":""}'
 
 
 def test_parse_node_inspect_and_describe():
-    nodes = status.parse_node_inspect("warning: something\n" + NODE_INSPECT)
+    nodes = facts_cluster.parse_node_inspect("warning: something\n" + NODE_INSPECT)
     assert [n.host for n in nodes] == ["pi1", "pi2", "pi3"]
     assert nodes[0].describe() == "Leader Ready Active"
     assert nodes[1].describe() == "Reachable Ready Active"
@@ -86,29 +86,29 @@ def test_parse_node_inspect_and_describe():
 
 
 def test_parse_volume_status_skips_daemons_and_misses_down_bricks():
-    got = status.parse_volume_status(VOLUME_STATUS_TWO_UP)
+    got = facts_cluster.parse_volume_status(VOLUME_STATUS_TWO_UP)
     assert got == {"10.77.0.11:/srv/gluster/haswarm": True,
                    "10.77.0.12:/srv/gluster/haswarm": True}
     failed = VOLUME_STATUS_TWO_UP.replace("<opRet>0</opRet>", "<opRet>-1</opRet>")
-    assert status.parse_volume_status(failed) is None
-    assert status.parse_volume_status("Connection failed. Please check if gluster daemon "
+    assert facts_cluster.parse_volume_status(failed) is None
+    assert facts_cluster.parse_volume_status("Connection failed. Please check if gluster daemon "
                                       "is operational.") is None
 
 
 def test_parse_heal_summary_pending_and_unknown():
-    got = status.parse_heal_summary(HEAL_SUMMARY)
+    got = facts_cluster.parse_heal_summary(HEAL_SUMMARY)
     assert got["10.77.0.11:/srv/gluster/haswarm"] == ("Connected", 4, 0)
     assert got["10.77.0.13:/srv/gluster/haswarm"][:2] == ("Transport endpoint is not connected",
                                                           None)
     plain = HEAL_SUMMARY.replace("totalNumberOfEntries", "numberOfEntries")  # `heal info`
-    assert status.parse_heal_summary(plain)["10.77.0.11:/srv/gluster/haswarm"][1] == 4
+    assert facts_cluster.parse_heal_summary(plain)["10.77.0.11:/srv/gluster/haswarm"][1] == 4
 
 
 def test_bricks_from_maps_every_node(c):
-    bricks = status.bricks_from(c, VOLUME_STATUS_TWO_UP, HEAL_SUMMARY)
+    bricks = facts_cluster.bricks_from(c, VOLUME_STATUS_TWO_UP, HEAL_SUMMARY)
     assert [(b.address, b.online, b.heal_pending) for b in bricks] == [
         ("10.77.0.11", True, 4), ("10.77.0.12", True, 0), ("10.77.0.13", False, None)]
-    unknown = status.bricks_from(c, None, None)
+    unknown = facts_cluster.bricks_from(c, None, None)
     assert all(b.online is None and b.heal_pending is None for b in unknown)
 
 
@@ -119,32 +119,38 @@ def test_bricks_from_maps_every_node(c):
     ("ext4\nalive\n", "wrong type (ext4)"),
 ])
 def test_parse_mount(text, want):
-    assert status.parse_mount(text) == want
+    assert facts_cluster.parse_mount(text) == want
+
+
+@pytest.mark.parametrize("text,want", [("4\n", 4), ("ls: error\n0\n", 0), ("", None),
+                                       (" \n", None), ("x\n", None)])
+def test_parse_index(text, want):
+    assert facts_cluster.parse_index(text) == want
 
 
 def test_parse_services_and_galera_and_swarm():
-    assert status.parse_services(SERVICES, "haswarm") == {
+    assert facts_cluster.parse_services(SERVICES, "haswarm") == {
         "db": "3/3", "db-seed": "0/0", "homeassistant": "1/1", "mosquitto": "1/1"}
-    views = status.parse_galera(GALERA, {"89af6f078e62": "db", "94bc6c3dbb79": "db-seed"})
+    views = facts.parse_galera(GALERA, {"89af6f078e62": "db", "94bc6c3dbb79": "db-seed"})
     assert views[0].synced and views[0].seqno == 12 and views[0].cluster_size == 3
     assert views[0].state() == "Synced/Primary size 3"
     assert len(views) == 2 and not views[1].synced  # the failed exec: a member with no state
     assert views[1].state() == "starting"
-    assert status.parse_updates("haswarm_homeassistant\tupdating\nhaswarm_db\tcompleted\n"
+    assert facts_cluster.parse_updates("haswarm_homeassistant\tupdating\nhaswarm_db\tcompleted\n"
                                 "haswarm_mosquitto\t\n", "haswarm") == {"homeassistant": "updating"}
-    assert status.parse_swarm(SWARM_INFO) == ("active", True)
-    assert status.parse_swarm("Cannot connect to the Docker daemon") == ("unknown", False)
+    assert facts_cluster.parse_swarm(SWARM_INFO) == ("active", True)
+    assert facts_cluster.parse_swarm("Cannot connect to the Docker daemon") == ("unknown", False)
 
 
 def test_sections_round_trip(c):
-    script = status.probe_script({"a": "echo 1", "b": "echo 2; echo 3"})
+    script = facts.probe_script({"a": "echo 1", "b": "echo 2; echo 3"})
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True).stdout
-    assert status.parse_sections(out) == {"a": "1\n", "b": "2\n3\n"}
-    probes = status.node_probes(c, c.nodes[0])
+    assert facts.parse_sections(out) == {"a": "1\n", "b": "2\n3\n"}
+    probes = facts_cluster.node_probes(c, c.nodes[0])
     assert set(probes) == {"swarm", "containers", "galera", "mount", "index", "mdns"}
-    assert subprocess.run(["sh", "-n", "-c", status.probe_script(probes)]).returncode == 0
+    assert subprocess.run(["sh", "-n", "-c", facts.probe_script(probes)]).returncode == 0
     assert subprocess.run(["sh", "-n", "-c",
-                           status.probe_script(status.cluster_probes(c))]).returncode == 0
+                           facts.probe_script(facts_cluster.cluster_probes(c))]).returncode == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,9 +159,9 @@ def test_sections_round_trip(c):
 
 def healthy(c: Cluster, **changes) -> status.ClusterStatus:
     """A recorded healthy status: HA on pi1, Mosquitto on pi2, everything Synced."""
-    swarm = {n.host: n for n in status.parse_node_inspect(
+    swarm = {n.host: n for n in facts_cluster.parse_node_inspect(
         NODE_INSPECT.replace('"down"', '"ready"').replace('"unreachable"', '"reachable"'))}
-    bricks = status.bricks_from(c, VOLUME_STATUS_ALL_UP, HEAL_CLEAN)
+    bricks = facts_cluster.bricks_from(c, VOLUME_STATUS_ALL_UP, HEAL_CLEAN)
     nodes = []
     for i, n in enumerate(c.nodes):
         cts = [Container(n.name, f"db{i}", "db", "t", "running", "healthy")]
@@ -166,7 +172,7 @@ def healthy(c: Cluster, **changes) -> status.ClusterStatus:
         nodes.append(status.NodeStatus(
             n.name, n.address, reachable=True, swarm_state="active", manager=True,
             swarm=swarm[n.name], containers=cts,
-            galera=[status.GaleraMember(f"db{i}", "db", "running", "Primary", "Synced", 3, 40)],
+            galera=[facts.GaleraMember(f"db{i}", "db", "running", "Primary", "Synced", 3, 40)],
             mount="ok", brick=bricks[i], http=302 if n.name == "pi1" else None,
             mqtt=0 if n.name == "pi2" else None))
     st = status.ClusterStatus(cluster=c, nodes=nodes, observer="pi1", gluster_known=True,
@@ -206,12 +212,12 @@ def test_node_down_is_shown_with_what_others_say(c):
     down = st.node("pi3")
     down.reachable, down.error = False, "no answer from 10.77.0.13 port 22 within 5 s"
     down.containers, down.galera, down.mount = [], [], ""
-    down.swarm = status.parse_node_inspect(NODE_INSPECT)[2]
-    for n, b in zip(st.nodes, status.bricks_from(c, VOLUME_STATUS_TWO_UP, HEAL_SUMMARY),
+    down.swarm = facts_cluster.parse_node_inspect(NODE_INSPECT)[2]
+    for n, b in zip(st.nodes, facts_cluster.bricks_from(c, VOLUME_STATUS_TWO_UP, HEAL_SUMMARY),
                     strict=True):
         n.brick = b
     for n in st.nodes[:2]:
-        n.galera = [status.GaleraMember("x", "db", "running", "Primary", "Synced", 2, 41)]
+        n.galera = [facts.GaleraMember("x", "db", "running", "Primary", "Synced", 2, 41)]
     problems = st.problems()
     assert "pi3 does not answer over SSH (no answer from 10.77.0.13 port 22 within 5 s)" \
         in problems
