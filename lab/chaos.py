@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 from lab.driver import Lab
 from lab.faults import LabFaults
-from tasks import drill, status, watch
+from tasks import status, watch
 from tasks.config import Cluster
+from tasks.markers import cleanup, verify, write_markers
+from tasks.mqtt_client import MQTT_USER, mqtt_password
 
 
 @dataclass
@@ -83,11 +85,11 @@ def run_chaos(c: Cluster, lab: Lab, *, count: int = 3, minutes: float = 0.0,
     rng = random.Random(seed)
     st = status.wait_converged(c, 600, log=log)
     with Remote(c) as r:
-        markers = drill.write_markers(r, c, st, c.names[0], "chaos", log)
+        markers = write_markers(r, c, st, c.names[0], "chaos", log)
     time.sleep(c.mqtt.autosave_interval + 2)
     faults = LabFaults(c, lab)
-    w = watch.Watch(c, faults.run_on(), mqtt_user=drill.MQTT_USER,
-                    mqtt_password=drill.mqtt_password(c)).start()
+    w = watch.Watch(c, faults.run_on(), mqtt_user=MQTT_USER,
+                    mqtt_password=mqtt_password(c)).start()
     done: list[Fault] = []
     deadline = time.monotonic() + minutes * 60 if minutes else None
 
@@ -120,7 +122,7 @@ def run_chaos(c: Cluster, lab: Lab, *, count: int = 3, minutes: float = 0.0,
     time.sleep(after)
     report = w.stop()
     with Remote(c) as r:
-        lost = drill.verify(r, c, final, markers, [markers.token, *report.committed])
+        lost = verify(r, c, final, markers, [markers.token, *report.committed])
         if not lost:
-            drill.cleanup(r, c, markers)
+            cleanup(r, c, markers)
     return ChaosResult(done, report, converged, lost)

@@ -21,23 +21,15 @@ from tasks import status
 from tasks.config import Cluster
 from tasks.drill import (
     CONVERGE_TIMEOUT,
-    MQTT_USER,
     READY_TIMEOUT,
     DrillError,
     Outcome,
-    Probe,
     _secret_values,
-    cleanup,
     converge,
-    db_container,
-    insert_sql,
-    measure,
-    mqtt_accepts,
-    mqtt_password,
-    sql,
-    verify,
-    write_markers,
 )
+from tasks.failover import Probe, measure
+from tasks.markers import cleanup, db_container, insert_sql, sql, verify, write_markers
+from tasks.mqtt_client import MQTT_USER, mqtt_accepts, mqtt_password
 from tasks.remote import Remote
 
 

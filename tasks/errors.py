@@ -3,6 +3,9 @@
 `str(error)` is what the user reads: the message, then "  what to do: ..." on its own line when
 there is a hint. A message written the old way, with that line inside it, is split once here, so
 the hint can still be read apart (`tasks.ops.on_nodes` puts it in the remote layer's failure).
+
+`DrillError` is here, not in tasks/drill.py, because the drill's parts raise it too (tasks/
+mqtt_client.py, tasks/markers.py) and tasks/drill.py imports them.
 """
 
 from __future__ import annotations
@@ -18,3 +21,7 @@ class HaswarmError(Exception):
             message, _, hint = message.partition(HINT_PREFIX)
         self.message, self.hint = message, hint
         super().__init__(message + (HINT_PREFIX + hint if hint else ""))
+
+
+class DrillError(HaswarmError):
+    """The drill cannot start or go on; str() says why and what to do."""

@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tasks.config import Cluster
+from tasks.markers import insert_sql
+from tasks.mqtt_client import MQTTSession
 
 INTERVAL = 0.5  # seconds between two samples of one probe, or of one node's census
 HA_PROCESS = "[p]ython3 -m homeassistant"  # the bracket keeps pgrep's own shell out
@@ -322,8 +324,6 @@ def http_ok(address: str, port: int, timeout: float) -> bool:
 
 def mqtt_round_trip(host: str, port: int, user: str, password: str, timeout: float) -> bool:
     """Log in, subscribe, publish with QoS 1 and get the message back within `timeout`."""
-    from tasks.drill import MQTTSession
-
     topic = f"haswarm/watch/{uuid.uuid4().hex[:12]}"
     try:
         session = MQTTSession(host, port, user, password, timeout)
@@ -467,8 +467,6 @@ class Watch:
                 if c.reachable and c.containers.get("db")}
 
     def _galera(self) -> str | None:
-        from tasks.drill import insert_sql
-
         dbs = self.db_containers()
         for node in self._order("galera", sorted(dbs)):
             self._n += 1

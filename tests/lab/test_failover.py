@@ -71,7 +71,7 @@ def test_status_is_clean_and_fast(cv):
 
 def test_vip_answers_mqtt_from_this_computer(cv):
     """docker exec-free: a TCP connect to VIP:1883 from the host gets a CONNACK."""
-    from tasks.drill import MQTT_USER, mqtt_accepts, mqtt_password
+    from tasks.mqtt_client import MQTT_USER, mqtt_accepts, mqtt_password
 
     assert status.mqtt_connack(cv.vip.address, cv.mqtt.port) is not None
     assert mqtt_accepts(cv.vip.address, cv.mqtt.port, MQTT_USER, mqtt_password(cv))

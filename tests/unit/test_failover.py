@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks import drill, facts, facts_cluster, status, vip
+from tasks import drill, facts, facts_cluster, failover, markers, status, vip
 from tasks.config import LAB_CLUSTER_FILE, VIP, Cluster, load_cluster
 from tasks.remote import key_values
 from tasks.stack import Container
@@ -309,15 +309,15 @@ def test_faults_and_target(c):
 
 
 def test_sql_texts():
-    ins = drill.insert_sql("tok-1", "pi1", "kill", "before")
+    ins = markers.insert_sql("tok-1", "pi1", "kill", "before")
     assert "CREATE TABLE IF NOT EXISTS haswarm.haswarm_drill" in ins
     assert "ENGINE=InnoDB" in ins and "PRIMARY KEY" in ins  # Galera replicates InnoDB with a PK
     assert "VALUES ('tok-1', 'pi1', 'kill', 'before')" in ins
-    assert "CREATE" not in drill.insert_sql("tok-2", "pi1", "kill", "during", create=False)
-    assert drill._q("it's") == "'it''s'"
-    sel = drill.select_sql(["a", "b"])
+    assert "CREATE" not in markers.insert_sql("tok-2", "pi1", "kill", "during", create=False)
+    assert markers._q("it's") == "'it''s'"
+    sel = markers.select_sql(["a", "b"])
     assert "wsrep_sync_wait" in sel and "IN ('a', 'b')" in sel
-    assert drill.missing_rows(["a", "b", "c"], "a\nc\n") == ["b"]
+    assert markers.missing_rows(["a", "b", "c"], "a\nc\n") == ["b"]
 
 
 def test_measure_records_seconds_and_timeouts():
@@ -331,9 +331,9 @@ def test_measure_records_seconds_and_timeouts():
     def broken() -> None:
         raise OSError("refused")
 
-    figures, where = drill.measure(
-        [drill.Probe("soon", later, 0.05), drill.Probe("never", broken, 0.05),
-         drill.Probe("now", lambda: True, 0.05)], t0, timeout=0.5, log=lambda m: None)
+    figures, where = failover.measure(
+        [failover.Probe("soon", later, 0.05), failover.Probe("never", broken, 0.05),
+         failover.Probe("now", lambda: True, 0.05)], t0, timeout=0.5, log=lambda m: None)
     assert 0.08 <= figures["soon"] < 0.5 and where["soon"] == "pi2"
     assert figures["never"] is None
     assert figures["now"] < 0.05 and "now" not in where
