@@ -101,6 +101,13 @@ def mosquitto_password_line(user: str, password: str) -> str:
             f"${base64.b64encode(dk).decode()}")
 
 
+def lock_hang(c: Cluster) -> int:
+    """Seconds a write to HA's lock file may hang before its keeper fences Home Assistant: longer
+    than a peer's death delays writes (the volume's ping timeout), shorter than the bricks take to
+    drop a silent client and release its lock (tasks.gluster.server_keepalive: ping + 7)."""
+    return c.gluster.ping_timeout + 3
+
+
 def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
     """Values for stack.yml. `bootstrap` renders the first-deploy variant (seed only)."""
     n = len(c.nodes)
@@ -122,6 +129,7 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
         "replicas": replicas,
         "ha_standby": c.ha_standby,
         "lock_ready": HA_LOCK_READY,
+        "lock_hang": lock_hang(c),
         "db_name": DB_NAME,
         "db_user": DB_USER,
         "healthcheck_user": secrets.HEALTHCHECK_MQTT_USER,
