@@ -5,7 +5,8 @@ Several probes go to a node in one round trip: `probe_script` joins them with a 
 probe, `parse_sections` splits the output again, `gather` does both over SSH.
 
 The facts `doit status` reads about every node and the whole cluster are in
-tasks/facts_cluster.py (they read gluster's XML with tasks.gluster, which imports this module).
+tasks/facts_cluster.py (they read gluster's XML with tasks.gluster_facts; tasks.gluster imports
+this module).
 """
 
 from __future__ import annotations

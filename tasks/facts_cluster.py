@@ -2,8 +2,8 @@
 asked about the whole cluster (`cluster_probes`, `heal_probe`), and their pure parsers.
 
 The shared machinery (`probe_script`, `parse_sections`, `gather`) and the Galera member fact are
-in tasks/facts.py. These live apart because they read gluster's XML with `tasks.gluster.cli_xml`,
-and tasks/gluster.py itself imports tasks.facts.
+in tasks/facts.py. These live apart because they read gluster's XML with
+`tasks.gluster_facts.cli_xml`, and tasks/gluster.py itself imports tasks.facts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tasks.facts import GALERA_STATUS
-from tasks.gluster import GlusterOutputError, cli_xml
+from tasks.gluster_facts import GlusterOutputError, cli_xml
 from tasks.stack import CONTAINER_FORMAT, NAMESPACE
 
 if TYPE_CHECKING:

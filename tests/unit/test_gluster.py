@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import avahi, gluster, homeassistant
+from tasks import avahi, gluster, gluster_facts, gluster_plans, homeassistant
 from tasks import facts as fact_lib
 from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
-from tasks.gluster import Op, StepError
+from tasks.ops import Op, StepError
 
 # `gluster --mode=script --xml volume info haswarm` on pi1 after setup
 
@@ -67,7 +67,7 @@ def sh(script: str) -> subprocess.CompletedProcess:
 
 
 def test_parse_volume_info_recorded() -> None:
-    vol = gluster.parse_volume_info(VOLUME_INFO)
+    vol = gluster_facts.parse_volume_info(VOLUME_INFO)
     assert vol is not None
     assert (vol.name, vol.type, vol.status, vol.replica) == ("haswarm", "Replicate", "Started", 3)
     assert vol.bricks == ("10.77.0.11:/srv/gluster/haswarm", "10.77.0.12:/srv/gluster/haswarm",
@@ -77,21 +77,21 @@ def test_parse_volume_info_recorded() -> None:
 
 
 def test_parse_volume_info_absent_and_errors() -> None:
-    assert gluster.parse_volume_info(NO_VOLUME) is None
-    with pytest.raises(gluster.GlusterOutputError, match="no XML"):
-        gluster.parse_volume_info(GLUSTERD_DOWN)
+    assert gluster_facts.parse_volume_info(NO_VOLUME) is None
+    with pytest.raises(gluster_facts.GlusterOutputError, match="no XML"):
+        gluster_facts.parse_volume_info(GLUSTERD_DOWN)
     other = NO_VOLUME.replace("Volume does not exist", "Locking failed on 10.77.0.12")
-    with pytest.raises(gluster.GlusterOutputError, match="Locking failed"):
-        gluster.parse_volume_info(other)
+    with pytest.raises(gluster_facts.GlusterOutputError, match="Locking failed"):
+        gluster_facts.parse_volume_info(other)
 
 
 def test_parse_peer_status() -> None:
-    peers = gluster.parse_peer_status(PEER_STATUS)
+    peers = gluster_facts.parse_peer_status(PEER_STATUS)
     assert [p.names for p in peers] == [("10.77.0.12",), ("10.77.0.13",)]
     assert all(p.in_cluster for p in peers)
-    assert gluster.parse_peer_status(NO_PEERS) == []
-    with pytest.raises(gluster.GlusterOutputError):
-        gluster.parse_peer_status(GLUSTERD_DOWN)
+    assert gluster_facts.parse_peer_status(NO_PEERS) == []
+    with pytest.raises(gluster_facts.GlusterOutputError):
+        gluster_facts.parse_peer_status(GLUSTERD_DOWN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,42 +100,42 @@ def test_parse_peer_status() -> None:
 
 def test_plan_daemon() -> None:
     running = {"cli": "yes\n", "disabled": "no\n", "answers": "yes\n"}
-    assert gluster.plan_daemon(running) == []
-    stopped = gluster.plan_daemon({**running, "answers": "no\n"})
-    assert [op.cmd for op in stopped] == [gluster.START_GLUSTERD]
+    assert gluster_plans.plan_daemon(running) == []
+    stopped = gluster_plans.plan_daemon({**running, "answers": "no\n"})
+    assert [op.cmd for op in stopped] == [gluster_plans.START_GLUSTERD]
     # the start command works with systemd (a Pi) and with the lab's stand-in
-    assert "systemctl enable --now glusterd" in gluster.START_GLUSTERD
-    assert "/usr/local/sbin/lab-service glusterd start" in gluster.START_GLUSTERD
-    disabled = gluster.plan_daemon({**running, "disabled": "yes\n"})
+    assert "systemctl enable --now glusterd" in gluster_plans.START_GLUSTERD
+    assert "/usr/local/sbin/lab-service glusterd start" in gluster_plans.START_GLUSTERD
+    disabled = gluster_plans.plan_daemon({**running, "disabled": "yes\n"})
     assert [op.cmd for op in disabled] == ["systemctl enable glusterd"]
     with pytest.raises(StepError, match="apt-get install glusterfs-server"):
-        gluster.plan_daemon({**running, "cli": "no\n"})
+        gluster_plans.plan_daemon({**running, "cli": "no\n"})
 
 
 def test_peers_to_probe(c: Cluster) -> None:
-    assert [n.name for n in gluster.peers_to_probe(c, [])] == ["pi2", "pi3"]
-    assert gluster.peers_to_probe(c, gluster.parse_peer_status(PEER_STATUS)) == []
+    assert [n.name for n in gluster_plans.peers_to_probe(c, [])] == ["pi2", "pi3"]
+    assert gluster_plans.peers_to_probe(c, gluster_facts.parse_peer_status(PEER_STATUS)) == []
     # known by its name (a pool probed by host name) counts as well
-    by_name = [gluster.Peer(("pi2",), True, "Peer in Cluster")]
-    assert [n.name for n in gluster.peers_to_probe(c, by_name)] == ["pi3"]
+    by_name = [gluster_facts.Peer(("pi2",), True, "Peer in Cluster")]
+    assert [n.name for n in gluster_plans.peers_to_probe(c, by_name)] == ["pi3"]
 
 
 def test_peers_not_ready(c: Cluster) -> None:
-    assert gluster.peers_not_ready(c, gluster.parse_peer_status(PEER_STATUS)) == []
+    assert gluster_plans.peers_not_ready(c, gluster_facts.parse_peer_status(PEER_STATUS)) == []
     half = PEER_STATUS.replace("<connected>1</connected>", "<connected>0</connected>", 1)
-    assert gluster.peers_not_ready(c, gluster.parse_peer_status(half)) == ["pi2"]
-    assert gluster.peers_not_ready(c, []) == ["pi2", "pi3"]
+    assert gluster_plans.peers_not_ready(c, gluster_facts.parse_peer_status(half)) == ["pi2"]
+    assert gluster_plans.peers_not_ready(c, []) == ["pi2", "pi3"]
 
 
 def test_plan_volume_from_scratch(c: Cluster) -> None:
-    ops = gluster.plan_volume(c, None)
+    ops = gluster_plans.plan_volume(c, None)
     create, options, start = cmds(ops)
     assert create == ("gluster --mode=script volume create haswarm replica 3 transport tcp "
                       "10.77.0.11:/srv/gluster/haswarm 10.77.0.12:/srv/gluster/haswarm "
                       "10.77.0.13:/srv/gluster/haswarm force")
     # one `volume set` transaction with every option
     assert options.startswith("gluster --mode=script volume set haswarm ")
-    for key, value in gluster.volume_options(c).items():
+    for key, value in gluster_plans.volume_options(c).items():
         assert f" {key} {value}" in options
     assert "network.ping-timeout 5" in options
     assert "cluster.quorum-type auto" in options and "cluster.server-quorum-type server" in options
@@ -143,18 +143,19 @@ def test_plan_volume_from_scratch(c: Cluster) -> None:
 
 
 def test_plan_volume_two_nodes_is_replica_2(c: Cluster) -> None:
-    create = cmds(gluster.plan_volume(two_nodes(c), None))[0]
+    create = cmds(gluster_plans.plan_volume(two_nodes(c), None))[0]
     assert " replica 2 " in create and "10.77.0.13" not in create
 
 
 def test_plan_volume_converged_does_nothing(c: Cluster) -> None:
-    assert gluster.plan_volume(c, gluster.parse_volume_info(VOLUME_INFO)) == []
+    assert gluster_plans.plan_volume(c, gluster_facts.parse_volume_info(VOLUME_INFO)) == []
 
 
 def test_plan_volume_changed_option_and_stopped(c: Cluster) -> None:
     slower = c.model_copy(update={"gluster": c.gluster.model_copy(update={"ping_timeout": 10})})
-    vol = gluster.parse_volume_info(VOLUME_INFO.replace("<statusStr>Started", "<statusStr>Stopped"))
-    assert cmds(gluster.plan_volume(slower, vol)) == [
+    vol = gluster_facts.parse_volume_info(
+        VOLUME_INFO.replace("<statusStr>Started", "<statusStr>Stopped"))
+    assert cmds(gluster_plans.plan_volume(slower, vol)) == [
         "gluster --mode=script volume set haswarm network.ping-timeout 10 server.keepalive-time 9 "
         "server.tcp-user-timeout 14",
         "gluster --mode=script volume start haswarm",
@@ -166,24 +167,24 @@ def test_plan_volume_refuses_a_distributed_volume(c: Cluster) -> None:
     distributed = (VOLUME_INFO.replace("<typeStr>Replicate", "<typeStr>Distribute")
                    .replace("<replicaCount>3", "<replicaCount>1"))
     with pytest.raises(StepError, match="Distribute.*haswarm needs Replicate with replica 3"):
-        gluster.plan_volume(c, gluster.parse_volume_info(distributed))
+        gluster_plans.plan_volume(c, gluster_facts.parse_volume_info(distributed))
 
 
 def test_plan_volume_refuses_other_bricks(c: Cluster) -> None:
     moved = VOLUME_INFO.replace("10.77.0.13:/srv", "10.77.0.99:/srv")
     with pytest.raises(StepError, match="10.77.0.99"):
-        gluster.plan_volume(c, gluster.parse_volume_info(moved))
+        gluster_plans.plan_volume(c, gluster_facts.parse_volume_info(moved))
 
 
 def test_plan_volume_clean(c: Cluster) -> None:
-    assert gluster.plan_volume_clean(c, None) == []
-    ops = gluster.plan_volume_clean(c, gluster.parse_volume_info(VOLUME_INFO))
+    assert gluster_plans.plan_volume_clean(c, None) == []
+    ops = gluster_plans.plan_volume_clean(c, gluster_facts.parse_volume_info(VOLUME_INFO))
     assert [op.what for op in ops] == ["stop volume haswarm",
                                        "delete volume haswarm (bricks keep their data)"]
     assert all("--mode=script" in (op.cmd or "") for op in ops)
     stopped = VOLUME_INFO.replace("<statusStr>Started", "<statusStr>Stopped")
-    assert [op.what for op in gluster.plan_volume_clean(c, gluster.parse_volume_info(stopped))] \
-        == ["delete volume haswarm (bricks keep their data)"]
+    ops = gluster_plans.plan_volume_clean(c, gluster_facts.parse_volume_info(stopped))
+    assert [op.what for op in ops] == ["delete volume haswarm (bricks keep their data)"]
 
 
 @pytest.mark.parametrize(("script", "ok"), [
@@ -193,7 +194,7 @@ def test_plan_volume_clean(c: Cluster) -> None:
     ("echo 'volume stop: haswarm: failed: Another transaction is in progress' >&2; exit 1", False),
 ])
 def test_tolerant_accepts_only_the_already_done_error(script: str, ok: bool) -> None:
-    res = sh(gluster.tolerant(f"sh -c \"{script}\"", "is not in the started state"))
+    res = sh(gluster_plans.tolerant(f"sh -c \"{script}\"", "is not in the started state"))
     assert (res.returncode == 0) is ok
     if not ok:
         assert "Another transaction is in progress" in res.stderr
@@ -207,19 +208,19 @@ ENTRY = ("localhost:/haswarm /mnt/haswarm glusterfs "
 
 
 def test_fstab_entry_added_then_idempotent_then_removed_exactly() -> None:
-    once = gluster.fstab_with_entry(USER_FSTAB, ENTRY, "/mnt/haswarm", "haswarm")
+    once = gluster_facts.fstab_with_entry(USER_FSTAB, ENTRY, "/mnt/haswarm", "haswarm")
     assert once.startswith(USER_FSTAB)  # every user line kept, in place
-    assert once.count(ENTRY) == 1 and once.count(gluster.FSTAB_MARKER) == 1
-    assert gluster.fstab_with_entry(once, ENTRY, "/mnt/haswarm", "haswarm") == once
-    assert gluster.fstab_without_entry(once, "/mnt/haswarm", "haswarm") == USER_FSTAB
-    assert gluster.fstab_without_entry(USER_FSTAB, "/mnt/haswarm", "haswarm") == USER_FSTAB
+    assert once.count(ENTRY) == 1 and once.count(gluster_facts.FSTAB_MARKER) == 1
+    assert gluster_facts.fstab_with_entry(once, ENTRY, "/mnt/haswarm", "haswarm") == once
+    assert gluster_facts.fstab_without_entry(once, "/mnt/haswarm", "haswarm") == USER_FSTAB
+    assert gluster_facts.fstab_without_entry(USER_FSTAB, "/mnt/haswarm", "haswarm") == USER_FSTAB
 
 
 def test_fstab_entry_replaced_in_place() -> None:
-    old = gluster.fstab_with_entry(DEBIAN_FSTAB, ENTRY.replace("10.77.0.13", "10.77.0.14"),
-                                   "/mnt/haswarm", "haswarm")
+    old = gluster_facts.fstab_with_entry(DEBIAN_FSTAB, ENTRY.replace("10.77.0.13", "10.77.0.14"),
+                                         "/mnt/haswarm", "haswarm")
     old += "/dev/sdb1 /data ext4 defaults 0 2\n"
-    new = gluster.fstab_with_entry(old, ENTRY, "/mnt/haswarm", "haswarm")
+    new = gluster_facts.fstab_with_entry(old, ENTRY, "/mnt/haswarm", "haswarm")
     assert "10.77.0.14" not in new and new.count(ENTRY) == 1
     assert new.splitlines()[0] == DEBIAN_FSTAB.strip()
     assert new.splitlines()[-1] == "/dev/sdb1 /data ext4 defaults 0 2"  # order kept
@@ -228,43 +229,44 @@ def test_fstab_entry_replaced_in_place() -> None:
 def test_fstab_unmarked_glusterfs_line_on_the_mount_point_is_ours() -> None:
     # e.g. written by hand after the 2019 instructions: replaced, not doubled
     legacy = DEBIAN_FSTAB + "localhost:/haswarm /mnt/haswarm/ glusterfs defaults 0 0\n"
-    new = gluster.fstab_with_entry(legacy, ENTRY, "/mnt/haswarm", "haswarm")
+    new = gluster_facts.fstab_with_entry(legacy, ENTRY, "/mnt/haswarm", "haswarm")
     assert [line for line in new.splitlines() if "glusterfs" in line] == [ENTRY]
-    assert gluster.fstab_without_entry(new, "/mnt/haswarm", "haswarm") == DEBIAN_FSTAB
+    assert gluster_facts.fstab_without_entry(new, "/mnt/haswarm", "haswarm") == DEBIAN_FSTAB
 
 
 def test_fstab_changed_mount_point_replaces_the_old_line_other_volumes_kept() -> None:
-    old = gluster.fstab_with_entry(USER_FSTAB, ENTRY, "/mnt/haswarm", "haswarm")
-    other = gluster.fstab_with_entry(old, ENTRY.replace("/haswarm", "/other"), "/mnt/other",
-                                     "other")
+    old = gluster_facts.fstab_with_entry(USER_FSTAB, ENTRY, "/mnt/haswarm", "haswarm")
+    other = gluster_facts.fstab_with_entry(old, ENTRY.replace("/haswarm", "/other"), "/mnt/other",
+                                           "other")
     moved = ENTRY.replace(" /mnt/haswarm ", " /srv/ha ")
-    new = gluster.fstab_with_entry(other, moved, "/srv/ha", "haswarm")
+    new = gluster_facts.fstab_with_entry(other, moved, "/srv/ha", "haswarm")
     assert moved in new and ENTRY not in new  # same volume: its old line replaced in place
     assert ENTRY.replace("/haswarm", "/other") in new  # another volume's line is not ours
-    assert gluster.fstab_without_entry(new, "/srv/ha", "haswarm") == \
-        gluster.fstab_without_entry(other, "/mnt/haswarm", "haswarm")
+    assert gluster_facts.fstab_without_entry(new, "/srv/ha", "haswarm") == \
+        gluster_facts.fstab_without_entry(other, "/mnt/haswarm", "haswarm")
 
 
 def test_fstab_file_without_trailing_newline() -> None:
-    new = gluster.fstab_with_entry("/dev/sda1 / ext4 defaults 0 1", ENTRY, "/mnt/haswarm", "hw")
+    new = gluster_facts.fstab_with_entry("/dev/sda1 / ext4 defaults 0 1", ENTRY, "/mnt/haswarm",
+                                         "hw")
     assert new.splitlines()[0] == "/dev/sda1 / ext4 defaults 0 1" and new.endswith(ENTRY + "\n")
 
 
 def test_fstab_conflict_with_another_filesystem(c: Cluster) -> None:
     fstab = DEBIAN_FSTAB + "/dev/sdb1 /mnt/haswarm ext4 defaults 0 2\n"
-    assert gluster.fstab_conflicts(fstab, "/mnt/haswarm", "haswarm") == [
+    assert gluster_facts.fstab_conflicts(fstab, "/mnt/haswarm", "haswarm") == [
         "/dev/sdb1 /mnt/haswarm ext4 defaults 0 2"]
-    facts = gluster.MountFacts(fstab=fstab, types=[], alive=False, exists=True)
+    facts = gluster_facts.MountFacts(fstab=fstab, types=[], alive=False, exists=True)
     with pytest.raises(StepError, match="choose another gluster.mount_point"):
-        gluster.plan_mount(c, ENTRY, facts)
+        gluster_plans.plan_mount(c, ENTRY, facts)
 
 
 def test_escaped_mount_point() -> None:
     proc = "localhost:/v /mnt/my\\040volume fuse.glusterfs rw 0 0\n"
-    assert gluster.mounted_types(proc, "/mnt/my volume") == ["fuse.glusterfs"]
+    assert gluster_facts.mounted_types(proc, "/mnt/my volume") == ["fuse.glusterfs"]
     line = "localhost:/v /mnt/my\\040volume glusterfs defaults 0 0"
     fstab = DEBIAN_FSTAB + line + "\n"
-    assert gluster.fstab_without_entry(fstab, "/mnt/my volume", "v") == DEBIAN_FSTAB
+    assert gluster_facts.fstab_without_entry(fstab, "/mnt/my volume", "v") == DEBIAN_FSTAB
 
 
 PROC_MOUNTS = recorded("mounts/proc-mounts.txt")
@@ -274,54 +276,54 @@ def test_mount_facts_from_probe_output(c: Cluster) -> None:
     # the probe script runs in sh; its sections come back apart
     out = sh(fact_lib.probe_script({"a": "echo one; echo two", "b": "false", "c": "echo 3"}))
     assert fact_lib.parse_sections(out.stdout) == {"a": "one\ntwo\n", "b": "", "c": "3\n"}
-    facts = gluster.mount_facts(c, {"fstab": "@@missing@@\n", "mounts": PROC_MOUNTS,
-                                    "alive": "yes\n", "exists": "yes\n"})
-    assert facts == gluster.MountFacts(fstab=None, types=["fuse.glusterfs"], alive=True,
-                                       exists=True)
+    facts = gluster_facts.mount_facts(c, {"fstab": "@@missing@@\n", "mounts": PROC_MOUNTS,
+                                          "alive": "yes\n", "exists": "yes\n"})
+    assert facts == gluster_facts.MountFacts(fstab=None, types=["fuse.glusterfs"], alive=True,
+                                             exists=True)
     # a dead mount: `[ -d ]` fails on it, yet it exists (no mkdir; rmdir after umount -l)
-    dead = gluster.mount_facts(c, {"fstab": DEBIAN_FSTAB, "mounts": PROC_MOUNTS,
-                                   "alive": "no\n", "exists": "no\n"})
+    dead = gluster_facts.mount_facts(c, {"fstab": DEBIAN_FSTAB, "mounts": PROC_MOUNTS,
+                                         "alive": "no\n", "exists": "no\n"})
     assert dead.exists and not dead.alive
 
 
 def test_plan_mount_fresh_node(c: Cluster) -> None:
-    facts = gluster.MountFacts(fstab=DEBIAN_FSTAB, types=[], alive=False, exists=False)
-    ops = gluster.plan_mount(c, ENTRY, facts)
+    facts = gluster_facts.MountFacts(fstab=DEBIAN_FSTAB, types=[], alive=False, exists=False)
+    ops = gluster_plans.plan_mount(c, ENTRY, facts)
     assert [op.what for op in ops] == ["write haswarm's line in /etc/fstab (/mnt/haswarm)",
                                        "create /mnt/haswarm", "mount /mnt/haswarm"]
-    assert ops[0].put == ("/etc/fstab", gluster.fstab_with_entry(DEBIAN_FSTAB, ENTRY,
-                                                                 "/mnt/haswarm", "haswarm"))
+    assert ops[0].put == ("/etc/fstab", gluster_facts.fstab_with_entry(DEBIAN_FSTAB, ENTRY,
+                                                                       "/mnt/haswarm", "haswarm"))
     assert ops[2].cmd.startswith("mount /mnt/haswarm")
 
 
 def test_plan_mount_converged_and_dead(c: Cluster) -> None:
-    fstab = gluster.fstab_with_entry(DEBIAN_FSTAB, ENTRY, "/mnt/haswarm", "haswarm")
-    live = gluster.MountFacts(fstab=fstab, types=["fuse.glusterfs"], alive=True, exists=True)
-    assert gluster.plan_mount(c, ENTRY, live) == []
-    dead = gluster.MountFacts(fstab=fstab, types=["fuse.glusterfs"], alive=False, exists=True)
-    assert cmds(gluster.plan_mount(c, ENTRY, dead))[0] == "umount -l /mnt/haswarm"
-    assert cmds(gluster.plan_mount(c, ENTRY, dead))[1].startswith("mount /mnt/haswarm")
+    fstab = gluster_facts.fstab_with_entry(DEBIAN_FSTAB, ENTRY, "/mnt/haswarm", "haswarm")
+    live = gluster_facts.MountFacts(fstab=fstab, types=["fuse.glusterfs"], alive=True, exists=True)
+    assert gluster_plans.plan_mount(c, ENTRY, live) == []
+    dead = gluster_facts.MountFacts(fstab=fstab, types=["fuse.glusterfs"], alive=False, exists=True)
+    assert cmds(gluster_plans.plan_mount(c, ENTRY, dead))[0] == "umount -l /mnt/haswarm"
+    assert cmds(gluster_plans.plan_mount(c, ENTRY, dead))[1].startswith("mount /mnt/haswarm")
 
 
 def test_plan_mount_clean(c: Cluster) -> None:
-    fstab = gluster.fstab_with_entry(USER_FSTAB, ENTRY, "/mnt/haswarm", "haswarm")
-    live = gluster.MountFacts(fstab=fstab, types=["fuse.glusterfs"], alive=True, exists=True)
-    ops = gluster.plan_mount_clean(c, live)
+    fstab = gluster_facts.fstab_with_entry(USER_FSTAB, ENTRY, "/mnt/haswarm", "haswarm")
+    live = gluster_facts.MountFacts(fstab=fstab, types=["fuse.glusterfs"], alive=True, exists=True)
+    ops = gluster_plans.plan_mount_clean(c, live)
     assert ops[0].cmd == "umount /mnt/haswarm || umount -l /mnt/haswarm"
     assert ops[1].put == ("/etc/fstab", USER_FSTAB)
     assert ops[2].cmd.startswith("rmdir /mnt/haswarm")  # only when empty
-    dead = gluster.MountFacts(fstab=fstab, types=["fuse.glusterfs"], alive=False, exists=True)
-    assert gluster.plan_mount_clean(c, dead)[0].cmd == "umount -l /mnt/haswarm"
+    dead = gluster_facts.MountFacts(fstab=fstab, types=["fuse.glusterfs"], alive=False, exists=True)
+    assert gluster_plans.plan_mount_clean(c, dead)[0].cmd == "umount -l /mnt/haswarm"
     # never the parent (the 2019 system unmounted a path below the real mount point)
     assert all("/mnt/haswarm/" not in (op.cmd or "") for op in ops)
-    clean = gluster.MountFacts(fstab=USER_FSTAB, types=[], alive=False, exists=False)
-    assert gluster.plan_mount_clean(c, clean) == []
+    clean = gluster_facts.MountFacts(fstab=USER_FSTAB, types=[], alive=False, exists=False)
+    assert gluster_plans.plan_mount_clean(c, clean) == []
 
 
 def test_plan_mount_clean_leaves_a_foreign_filesystem(c: Cluster) -> None:
-    below = gluster.MountFacts(fstab=DEBIAN_FSTAB, types=["ext4", "fuse.glusterfs"],
-                               alive=True, exists=True)
-    ops = gluster.plan_mount_clean(c, below)
+    below = gluster_facts.MountFacts(fstab=DEBIAN_FSTAB, types=["ext4", "fuse.glusterfs"],
+                                     alive=True, exists=True)
+    ops = gluster_plans.plan_mount_clean(c, below)
     assert [op.what for op in ops] == ["unmount /mnt/haswarm"]  # ours on top; no rmdir
 
 
@@ -330,17 +332,19 @@ def test_plan_mount_clean_leaves_a_foreign_filesystem(c: Cluster) -> None:
 
 
 def test_plan_dirs(c: Cluster) -> None:
-    created = cmds(gluster.plan_dirs(c, {}))
+    created = cmds(gluster_plans.plan_dirs(c, {}))
     assert created == [
         "install -d -m 700 -o 0 -g 0 /mnt/haswarm/homeassistant",
         "install -d -m 755 -o 0 -g 0 /mnt/haswarm/mosquitto",
         "install -d -m 750 -o 1883 -g 1883 /mnt/haswarm/mosquitto/data",
     ]
-    owners = gluster.parse_stat_owner("/mnt/haswarm/homeassistant 0\n/mnt/haswarm/mosquitto 0\n"
-                                      "/mnt/haswarm/mosquitto/data 0\n")
-    assert cmds(gluster.plan_dirs(c, owners)) == ["chown 1883:1883 /mnt/haswarm/mosquitto/data"]
+    owners = gluster_facts.parse_stat_owner("/mnt/haswarm/homeassistant 0\n"
+                                            "/mnt/haswarm/mosquitto 0\n"
+                                            "/mnt/haswarm/mosquitto/data 0\n")
+    assert cmds(gluster_plans.plan_dirs(c, owners)) == [
+        "chown 1883:1883 /mnt/haswarm/mosquitto/data"]
     owners["/mnt/haswarm/mosquitto/data"] = 1883
-    assert gluster.plan_dirs(c, owners) == []
+    assert gluster_plans.plan_dirs(c, owners) == []
 
 
 # ---------------------------------------------------------------------------------------------

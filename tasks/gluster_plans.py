@@ -1,0 +1,274 @@
+"""GlusterFS plans: pure functions that turn the facts (tasks/gluster_facts.py) into the `Op`s
+each step of tasks/gluster.py runs, for setup and for clean.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
+
+from tasks import render
+from tasks.gluster_facts import (
+    GLUSTER,
+    STAT_TIMEOUT,
+    MountFacts,
+    Peer,
+    Volume,
+    fstab_conflicts,
+    fstab_with_entry,
+    fstab_without_entry,
+    is_gluster,
+)
+from tasks.ops import Op, StepError
+from tasks.service import service
+
+if TYPE_CHECKING:
+    from tasks.config import Cluster, Node
+
+# The uid/gid the eclipse-mosquitto image (and the lab's) runs the broker as.
+MOSQUITTO_UID = 1883
+
+
+# -- glusterd ------------------------------------------------------------------------------------
+
+START_GLUSTERD = service("glusterd", "start", enable=True, direct="glusterd")
+
+
+def plan_daemon(facts: dict[str, str]) -> list[Op]:
+    """From `DAEMON_PROBES` output: enable glusterd (systemd), start it when it does not
+    answer. Raises StepError when GlusterFS is not installed."""
+    def yes(key: str) -> bool:
+        return facts.get(key, "").strip() == "yes"
+
+    if not yes("cli"):
+        raise StepError("the gluster command is missing.\n  what to do: install GlusterFS on "
+                        "the node (apt-get install glusterfs-server) and re-run setup")
+    ops = []
+    if yes("disabled"):
+        ops.append(Op("enable glusterd at boot", "systemctl enable glusterd"))
+    if not yes("answers"):
+        ops.append(Op("start glusterd", START_GLUSTERD,
+                      hint="see /var/log/glusterfs/glusterd.log on the node"))
+    return ops
+
+
+# -- peers and the volume ------------------------------------------------------------------------
+
+
+def replica_count(c: Cluster) -> int:
+    """Every node holds a full copy: replica 3 with 3 nodes, replica 2 with the two-node opt-in."""
+    return len(c.nodes)
+
+
+def bricks(c: Cluster) -> list[str]:
+    """The volume's bricks, one per node, in cluster order."""
+    return [f"{n.address}:{c.gluster.brick_dir}" for n in c.nodes]
+
+
+def volume_options(c: Cluster) -> dict[str, str]:
+    """Options haswarm sets on the volume (checked and re-applied on every setup)."""
+    return {
+        # Drop a silently vanished node after this many seconds (default 42: writes stall 77 s).
+        "network.ping-timeout": str(c.gluster.ping_timeout),
+        # The bricks drop a silent client (and the locks it held: the Home Assistant lock,
+        # stack/haswarm-lock.py.j2) ~4 s after that client itself has given the volume up, so
+        # a cut-off HA has fenced itself before another can take the lock (defaults: 20 s idle
+        # + 9 x 2 s probes; 42 s with unacknowledged data).
+        **server_keepalive(c.gluster.ping_timeout),
+        # Client quorum: write only while more than half of the copies are reachable.
+        "cluster.quorum-type": "auto",
+        # Server quorum: glusterd stops its bricks when it loses contact with most of the pool.
+        "cluster.server-quorum-type": "server",
+        # Self-heal: the daemon heals a returning brick; its periodic crawl every minute
+        # (default 10) catches anything the change index missed; a split-brain file (possible
+        # with replica 2) is resolved to its newest copy instead of staying unreadable.
+        "cluster.self-heal-daemon": "on",
+        "cluster.heal-timeout": "60",
+        "cluster.favorite-child-policy": "mtime",
+    }
+
+
+def server_keepalive(ping_timeout: int) -> dict[str, str]:
+    """Brick-side TCP keepalive: a silent client is dropped after ping_timeout + 4 s."""
+    idle = max(1, ping_timeout - 1)
+    return {"server.keepalive-time": str(idle), "server.keepalive-interval": "1",
+            "server.keepalive-count": "5", "server.tcp-user-timeout": str(ping_timeout + 4)}
+
+
+def peers_to_probe(c: Cluster, peers: list[Peer]) -> list[Node]:
+    """The nodes (other than the first, which probes) its `peer status` does not list."""
+    known = {name for p in peers for name in p.names}
+    return [n for n in c.nodes[1:] if n.address not in known and n.name not in known]
+
+
+def peers_not_ready(c: Cluster, peers: list[Peer]) -> list[str]:
+    """Names of the other nodes not (yet) 'Peer in Cluster' and connected."""
+    ready = {name for p in peers if p.in_cluster for name in p.names}
+    return [n.name for n in c.nodes[1:] if n.address not in ready and n.name not in ready]
+
+
+def plan_volume(c: Cluster, vol: Volume | None) -> list[Op]:
+    """Create (when absent), set options that differ, start (when not started).
+
+    Raises StepError when an existing volume has another shape: haswarm never reshapes one.
+    """
+    name = c.gluster.volume
+    v = shlex.quote(name)
+    ops: list[Op] = []
+    want_bricks = bricks(c)
+    replica = replica_count(c)
+    if vol is None:
+        ops.append(Op(
+            f"create volume {name} (replica {replica}: {' '.join(want_bricks)})",
+            f"{GLUSTER} volume create {v} replica {replica} transport tcp "
+            + " ".join(shlex.quote(b) for b in want_bricks) + " force",
+            hint="a brick dir that belonged to another volume is reused as is; a node in "
+            "another trusted pool must be detached there first",
+        ))
+        current_options: dict[str, str] = {}
+        status = "Created"
+    else:
+        problems = []
+        if vol.type != "Replicate" or vol.replica != replica:
+            problems.append(f"it is {vol.type} (replica {vol.replica}), haswarm needs Replicate "
+                            f"with replica {replica}")
+        if sorted(vol.bricks) != sorted(want_bricks):
+            problems.append(f"its bricks are {', '.join(vol.bricks)}; the cluster file gives "
+                            f"{', '.join(want_bricks)}")
+        if problems:
+            raise StepError(
+                f"volume {name} exists but " + "; ".join(problems) + ".\n  what to do: haswarm "
+                "does not reshape a volume that holds data. Copy the data off the mount, then "
+                "`doit clean` (bricks are kept) and `doit setup`; or fix it by hand (gluster "
+                "volume replace-brick / add-brick ... replica N) and re-run setup."
+            )
+        current_options = vol.options
+        status = vol.status
+    differ = {k: val for k, val in volume_options(c).items() if current_options.get(k) != val}
+    if differ:  # one transaction for all of them (the CLI takes several KEY VALUE pairs)
+        pairs = " ".join(f"{shlex.quote(k)} {shlex.quote(val)}" for k, val in differ.items())
+        ops.append(Op("set " + ", ".join(f"{k}={val}" for k, val in differ.items()),
+                      f"{GLUSTER} volume set {v} {pairs}"))
+    if status != "Started":
+        ops.append(Op(f"start volume {name} (about 2 s)", f"{GLUSTER} volume start {v}",
+                      hint="`gluster volume status` on the node shows which brick failed; "
+                      "every node's glusterd must be running"))
+    return ops
+
+
+def plan_volume_clean(c: Cluster, vol: Volume | None) -> list[Op]:
+    """Stop (when started) and delete the volume; nothing when it is gone already."""
+    if vol is None:
+        return []
+    v = shlex.quote(c.gluster.volume)
+    ops = []
+    if vol.status == "Started":
+        ops.append(Op(f"stop volume {c.gluster.volume}",
+                      tolerant(f"{GLUSTER} volume stop {v}", "is not in the started state")))
+    ops.append(Op(f"delete volume {c.gluster.volume} (bricks keep their data)",
+                  tolerant(f"{GLUSTER} volume delete {v}", "does not exist"),
+                  hint="every node's glusterd must be running to delete a volume"))
+    return ops
+
+
+def tolerant(cmd: str, already: str) -> str:
+    """`cmd`, succeeding also when it fails with the error text `already` ("already done");
+    any other failure exits 1 with the command's output on stderr."""
+    err = "printf '%s\\n' \"$_err\""
+    return (f"_err=$({cmd} 2>&1) || {{ {err} | grep -qF {shlex.quote(already)} "
+            f"|| {{ {err} >&2; exit 1; }}; }}")
+
+
+# -- mount ---------------------------------------------------------------------------------------
+
+
+def plan_mount(c: Cluster, entry: str, facts: MountFacts) -> list[Op]:
+    """fstab entry, mount point dir, and the mount itself (remounted when the FUSE mount died).
+
+    Raises StepError when another filesystem sits on (or is configured for) the mount point."""
+    mp = str(c.gluster.mount_point)
+    m = shlex.quote(mp)
+    fstab = facts.fstab or ""
+    conflicts = fstab_conflicts(fstab, mp, c.gluster.volume)
+    others = [t for t in facts.types if not is_gluster(t)]
+    if conflicts or others:
+        what = "; ".join([*(f"/etc/fstab has {line!r}" for line in conflicts),
+                          *(f"a {t} filesystem is mounted there" for t in others)])
+        raise StepError(f"{mp} is in use: {what}.\n  what to do: choose another "
+                        "gluster.mount_point in the cluster file, or free that path")
+    ops = []
+    new = fstab_with_entry(fstab, entry, mp, c.gluster.volume)
+    if new != fstab:
+        ops.append(Op(f"write haswarm's line in /etc/fstab ({mp})", put=("/etc/fstab", new)))
+    if not facts.exists:
+        ops.append(Op(f"create {mp}", f"mkdir -p {m}"))
+    if facts.types and not facts.alive:
+        ops.append(Op(f"detach the dead mount on {mp} (umount -l)", f"umount -l {m}"))
+    if not facts.types or not facts.alive:
+        ops.append(Op(f"mount {mp}",
+                      f"mount {m} && timeout {STAT_TIMEOUT} stat -t {m} >/dev/null",
+                      hint="the volume must be started (gluster:volume) and glusterd running "
+                      "on this node; the client log is /var/log/glusterfs/"
+                      + mp.strip("/").replace("/", "-") + ".log"))
+    return ops
+
+
+def plan_mount_clean(c: Cluster, facts: MountFacts) -> list[Op]:
+    """Unmount every glusterfs mount on the mount point (lazily when it is dead), drop
+    haswarm's fstab line, remove the mount point when it is an empty directory."""
+    mp = str(c.gluster.mount_point)
+    m = shlex.quote(mp)
+    ops = []
+    for fstype in reversed(facts.types):
+        if not is_gluster(fstype):
+            break  # someone else's filesystem below: leave it and everything under it
+        if facts.alive:
+            ops.append(Op(f"unmount {mp}", f"umount {m} || umount -l {m}"))
+        else:
+            ops.append(Op(f"unmount the dead mount on {mp} (umount -l)", f"umount -l {m}"))
+    if facts.fstab is not None:
+        new = fstab_without_entry(facts.fstab, mp, c.gluster.volume)
+        if new != facts.fstab:
+            ops.append(Op("remove haswarm's line from /etc/fstab", put=("/etc/fstab", new)))
+    stays_mounted = any(not is_gluster(t) for t in facts.types)
+    if facts.exists and not stays_mounted:
+        ops.append(Op(f"remove {mp} (when empty)", f"rmdir {m} 2>/dev/null || true"))
+    return ops
+
+
+# -- service dirs on the volume ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirSpec:
+    """A directory a service bind-mounts from the volume: path, owner uid (= gid), mode."""
+
+    path: str
+    owner: int
+    mode: int
+
+
+def service_dirs(c: Cluster) -> list[DirSpec]:
+    """Directories the services bind-mount from the volume, parents first."""
+    paths = render.volume_paths(c)
+    dirs = [DirSpec(paths["homeassistant"], 0, 0o700),
+            DirSpec(str(PurePosixPath(paths["mosquitto_data"]).parent), 0, 0o755),
+            DirSpec(paths["mosquitto_data"], MOSQUITTO_UID, 0o750)]
+    if c.portainer.enabled:
+        dirs.append(DirSpec(paths["portainer"], 0, 0o700))
+    return dirs
+
+
+def plan_dirs(c: Cluster, owners: dict[str, int]) -> list[Op]:
+    """Create missing service dirs (mode only on creation); fix a wrong owner."""
+    ops = []
+    for d in service_dirs(c):
+        q = shlex.quote(d.path)
+        if d.path not in owners:
+            ops.append(Op(f"create {d.path} (owner {d.owner}, mode {d.mode:o})",
+                          f"install -d -m {d.mode:o} -o {d.owner} -g {d.owner} {q}"))
+        elif owners[d.path] != d.owner:
+            ops.append(Op(f"give {d.path} to uid {d.owner}", f"chown {d.owner}:{d.owner} {q}"))
+    return ops
