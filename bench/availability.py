@@ -40,7 +40,7 @@ from lab.faults import LabFaults  # noqa: E402
 from tasks import drill, status  # noqa: E402
 from tasks.config import Cluster  # noqa: E402
 from tasks.remote import Remote  # noqa: E402
-from tasks.stack import find_manager  # noqa: E402
+from tasks.stack_observe import find_manager  # noqa: E402
 
 ROLES = ("ha", "db-only", "leader-ha", "leader-no-ha", "mqtt")
 

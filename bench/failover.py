@@ -52,7 +52,7 @@ from lab.faults import LabFaults  # noqa: E402
 from tasks import drill, status, vip  # noqa: E402
 from tasks.config import LAB_CLUSTER_FILE, VIP, Cluster, load_cluster  # noqa: E402
 from tasks.remote import Remote  # noqa: E402
-from tasks.stack import find_manager  # noqa: E402
+from tasks.stack_observe import find_manager  # noqa: E402
 
 TEST_VIP = "10.77.0.100"
 COLUMNS = [("swarm_down", "down"), ("galera", "galera"), ("mqtt", "mqtt"), ("vip", "vip"),

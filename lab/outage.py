@@ -164,7 +164,7 @@ def run_outage(c: Cluster, kill_plan: list[tuple[float, str]] | None = None,
         booter = threading.Thread(target=boot_all, name="outage-boot")
         booter.start()
     try:
-        from tasks.stack import http_answer
+        from tasks.stack_observe import http_answer
 
         password = mqtt_password(c)
 

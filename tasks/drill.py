@@ -50,8 +50,8 @@ from tasks.failover import failover_probes, measure
 from tasks.markers import cleanup, verify, write_markers
 from tasks.mqtt_client import MQTT_USER, mqtt_password
 from tasks.remote import Remote, RemoteError, redact
+from tasks.secrets import secret_values
 from tasks.service import service
-from tasks.stack import secret_values
 from tasks.status import ClusterStatus
 from tasks.watch import RunOn, WatchReport, remote_runner
 

@@ -5,7 +5,8 @@ there is a hint. A message written the old way, with that line inside it, is spl
 the hint can still be read apart (`tasks.ops.on_nodes` puts it in the remote layer's failure).
 
 `DrillError` is here, not in tasks/drill.py, because the drill's parts raise it too (tasks/
-mqtt_client.py, tasks/markers.py) and tasks/drill.py imports them.
+mqtt_client.py, tasks/markers.py) and tasks/drill.py imports them. `StackError` likewise: tasks/
+stack.py, tasks/stack_observe.py and tasks/galera.py raise it.
 """
 
 from __future__ import annotations
@@ -25,3 +26,7 @@ class HaswarmError(Exception):
 
 class DrillError(HaswarmError):
     """The drill cannot start or go on; str() says why and what to do."""
+
+
+class StackError(HaswarmError):
+    """The stack did not reach the wanted state; str() says which service, why, what to do."""

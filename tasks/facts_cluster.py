@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from tasks.facts import GALERA_STATUS
 from tasks.gluster_facts import GlusterOutputError, cli_xml
-from tasks.stack import CONTAINER_FORMAT, NAMESPACE
+from tasks.stack_facts import CONTAINER_FORMAT, NAMESPACE
 
 if TYPE_CHECKING:
     from tasks.config import Cluster, Node

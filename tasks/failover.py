@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from tasks.config import Cluster
 from tasks.markers import Markers, db_container, insert_sql, sql
 from tasks.mqtt_client import MQTT_USER, mqtt_accepts, mqtt_password
-from tasks.stack import http_answer
+from tasks.stack_observe import http_answer
 
 if TYPE_CHECKING:
     from tasks.remote import Remote

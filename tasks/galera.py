@@ -35,27 +35,22 @@ from typing import Any
 
 from tasks import render
 from tasks.config import Cluster, Node
+from tasks.errors import StackError
 from tasks.facts import GaleraMember, galera_command, parse_galera
 from tasks.remote import Remote, RemoteError, progress
+from tasks.secrets import secret_values
 from tasks.stack import (
     DB_VOLUME,
     STEP_STACK,
-    StackError,
-    StackState,
     clean_stack,
     deploy,
-    expected_replicas,
-    find_manager,
     is_deployed,
-    observe,
-    probe_http,
     prune_objects,
     record_deploy,
-    referenced_objects,
     scale,
-    secret_values,
-    wait_for,
 )
+from tasks.stack_facts import StackState, expected_replicas, referenced_objects
+from tasks.stack_observe import find_manager, observe, probe_http, wait_for
 
 SEED = "db-seed"
 DB = "db"

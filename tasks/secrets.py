@@ -46,6 +46,17 @@ def read(c: Cluster, name: str) -> str:
     return path(c, name).read_text().strip()
 
 
+def secret_values(c: Cluster) -> list[str]:
+    """Every generated secret value (to scrub from anything shown)."""
+    out = []
+    for name in names(c):
+        try:
+            out.append(read(c, name))
+        except OSError:
+            pass
+    return out
+
+
 def digest(c: Cluster, name: str) -> str:
     """A short fingerprint of a secret, for versioned Docker object names (reveals nothing)."""
     return hashlib.sha256(b"haswarm:" + read(c, name).encode()).hexdigest()[:10]

@@ -48,7 +48,7 @@ from tasks.facts_cluster import (
 
 if TYPE_CHECKING:
     from tasks.remote import Remote
-    from tasks.stack import Container
+    from tasks.stack_facts import Container
 
 # Seconds one node may take for its whole probe script once connected; each command inside is
 # bounded further by `timeout` (a dead FUSE mount, a hung glusterd or dockerd).
@@ -286,7 +286,7 @@ def _short_error(e: Exception) -> str:
 def read_node(r: Remote, c: Cluster, node: Node, st: NodeStatus) -> None:
     """Fill `st` from one round trip to `node`; unreachable nodes keep reachable=False."""
     from tasks.remote import RemoteError
-    from tasks.stack import parse_containers
+    from tasks.stack_facts import parse_containers
 
     try:
         res = r.run(node, "status", probe_script(node_probes(c, node)), check=False,
@@ -376,7 +376,7 @@ def _index_fallback(status: ClusterStatus) -> None:
 def gather(c: Cluster, r: Remote | None = None) -> ClusterStatus:
     """Read the whole status (SSH to every node at once, HTTP/MQTT probes from here)."""
     from tasks.remote import Remote
-    from tasks.stack import http_answer
+    from tasks.stack_observe import http_answer
 
     started = time.monotonic()
     status = ClusterStatus(cluster=c, nodes=[NodeStatus(n.name, n.address) for n in c.nodes])
@@ -553,7 +553,7 @@ def show(c: Cluster, check: bool = False) -> Any:
     from doit.exceptions import TaskFailed
 
     from tasks.remote import RemoteError
-    from tasks.stack import secret_values
+    from tasks.secrets import secret_values
 
     try:
         st = gather(c)

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from tasks import secrets, stack
+from tasks import secrets, stack_observe
 from tasks.remote import Remote
 
 pytestmark = pytest.mark.lab
@@ -76,7 +76,7 @@ def test_setup_converges(deployed):
 
 
 def test_homeassistant_answers_http(cluster, deployed):
-    node, status = stack.probe_http(cluster, cluster.homeassistant.port, timeout=60)
+    node, status = stack_observe.probe_http(cluster, cluster.homeassistant.port, timeout=60)
     assert status < 500
     print(f"\n[stack] Home Assistant answers {status} on {node}:{cluster.homeassistant.port}")
 
@@ -137,11 +137,11 @@ def test_retained_message_survives_forced_update(cluster, deployed):
     client.disconnect()
 
     with Remote(cluster) as r:
-        manager = stack.find_manager(r, cluster)
+        manager = stack_observe.find_manager(r, cluster)
         r.run(manager, "test: force update",
               f"docker service update --force --detach {cluster.name}_mosquitto")
         time.sleep(2)
-        stack.wait_for(r, cluster, manager, "test: mosquitto",
+        stack_observe.wait_for(r, cluster, manager, "test: mosquitto",
                        lambda s: s.problems({"mosquitto": 1}, 3), timeout=120)
 
     got: list[str] = []

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from tasks import drill, facts, facts_cluster, failover, markers, status, vip
 from tasks.config import LAB_CLUSTER_FILE, VIP, Cluster, load_cluster
 from tasks.remote import key_values
-from tasks.stack import Container
+from tasks.stack_facts import Container
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import galera, render, secrets, stack, swarm
+from tasks import galera, render, secrets, stack, stack_facts, swarm
 from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
 from tasks.galera import BOOTSTRAP, STEADY, GaleraFacts, Member, decide
 from tasks.swarm import SwarmFacts, leave_plan, parse_swarm_info, plan
@@ -204,7 +204,7 @@ PS = {
 
 
 def test_parse_services():
-    s = stack.parse_services(SERVICE_INSPECT, "haswarm")
+    s = stack_facts.parse_services(SERVICE_INSPECT, "haswarm")
     assert s["db"].desired == 3 and s["db"].has_healthcheck
     assert s["db-seed"].desired == 0 and not s["db-seed"].has_healthcheck
     assert s["homeassistant"].update_state == "rollback_completed"
@@ -212,11 +212,11 @@ def test_parse_services():
 
 
 def test_parse_tasks_and_history():
-    t = stack.parse_tasks(STACK_PS, "haswarm")
+    t = stack_facts.parse_tasks(STACK_PS, "haswarm")
     assert [(x.service, x.slot, x.node, x.current_state) for x in t][:3] == [
         ("db", "1", "pi2", "Running"), ("db", "2", "pi1", "Running"),
         ("db", "3", "pi3", "Preparing")]
-    h = stack.parse_tasks(SERVICE_PS_HISTORY, "tst")
+    h = stack_facts.parse_tasks(SERVICE_PS_HISTORY, "tst")
     assert h[1].error == "task: non-zero exit (1)" and h[1].since == "1 second ago"
 
 
@@ -230,7 +230,7 @@ def task_inspect(task_id: str, service_id: str, image: str, state: str = "runnin
 
 
 def test_task_is_outdated_when_its_template_differs():
-    services = stack.parse_services(json.dumps(
+    services = stack_facts.parse_services(json.dumps(
         {"ID": "s1", "Spec": {"Name": "haswarm_db", "Mode": {"Replicated": {"Replicas": 2}},
                               "TaskTemplate": {"Runtime": "container", "ContainerSpec": {
                                   "Image": "galera:2", "Args": ["node"], "DNSConfig": {}}}}}),
@@ -238,28 +238,28 @@ def test_task_is_outdated_when_its_template_differs():
     text = "\n".join([task_inspect("new", "s1", "galera:2"),
                       task_inspect("old", "s1", "galera:1"),
                       task_inspect("gone", "other-service", "x:1")])
-    tasks = stack.parse_task_inspect(text, services)
+    tasks = stack_facts.parse_task_inspect(text, services)
     assert [(t.id, t.service, t.up_to_date, t.current_state) for t in tasks] == [
         ("new", "db", True, "Running"), ("old", "db", False, "Running")]
 
 
 def test_parse_containers_health():
-    cts = stack.parse_containers("pi1", PS["pi1"], "haswarm")
+    cts = stack_facts.parse_containers("pi1", PS["pi1"], "haswarm")
     assert [(x.service, x.health, x.ready) for x in cts] == [
         ("db", "healthy", True), ("homeassistant", "starting", False),
         ("homeassistant", "healthy", True)]
-    assert stack.parse_containers("pi3", "garbage\n", "haswarm") == []
-    plain = stack.parse_containers("pi1", "c9\thaswarm_mosquitto\tt9\trunning\tUp 1 second\n",
+    assert stack_facts.parse_containers("pi3", "garbage\n", "haswarm") == []
+    plain = stack_facts.parse_containers("pi1", "c9\thaswarm_mosquitto\tt9\trunning\tUp 1 second\n",
                                    "haswarm")
     assert plain[0].health == "" and plain[0].ready
 
 
-def state() -> stack.StackState:
-    return stack.StackState(
-        services=stack.parse_services(SERVICE_INSPECT, "haswarm"),
-        tasks=stack.parse_tasks(STACK_PS, "haswarm"),
+def state() -> stack_facts.StackState:
+    return stack_facts.StackState(
+        services=stack_facts.parse_services(SERVICE_INSPECT, "haswarm"),
+        tasks=stack_facts.parse_tasks(STACK_PS, "haswarm"),
         containers=[ct for n, out in PS.items()
-                    for ct in stack.parse_containers(n, out, "haswarm")])
+                    for ct in stack_facts.parse_containers(n, out, "haswarm")])
 
 
 def test_state_counts_only_current_tasks():
@@ -286,17 +286,17 @@ def test_expected_replicas_from_rendered_stack(tmp_path):
     doc = {"services": {"db": {"deploy": {"replicas": 3}}, "mosquitto": {},
                         "agent": {"deploy": {"mode": "global"}},
                         "db-seed": {"deploy": {"replicas": 0}}}}
-    assert stack.expected_replicas(yaml.safe_dump(doc), 3) == {
+    assert stack_facts.expected_replicas(yaml.safe_dump(doc), 3) == {
         "db": 3, "mosquitto": 1, "agent": 3, "db-seed": 0}
 
 
 def test_referenced_objects_and_marker(c):
     text = yaml.safe_dump({"services": {}, "configs": {"a": {"external": True, "name": "x_a_1"}},
                            "secrets": {"b": {"external": True, "name": "x_b_2"}}})
-    refs = stack.referenced_objects(c, text)
-    assert {"x_a_1", "x_b_2", stack.marker_name(c, text)} == refs
-    assert stack.marker_name(c, text).startswith(f"{c.name}_deployed-stack_")
-    assert stack.marker_name(c, text) != stack.marker_name(c, text + "#")
+    refs = stack_facts.referenced_objects(c, text)
+    assert {"x_a_1", "x_b_2", stack_facts.marker_name(c, text)} == refs
+    assert stack_facts.marker_name(c, text).startswith(f"{c.name}_deployed-stack_")
+    assert stack_facts.marker_name(c, text) != stack_facts.marker_name(c, text + "#")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,11 +430,11 @@ def test_tasks_order_and_always_asking_the_nodes(rendered):
 
 def test_rendered_stacks_parse(rendered):
     base = render.build_dir(rendered)
-    steady = stack.expected_replicas((base / "stack.yml").read_text(), 3)
-    boot = stack.expected_replicas((base / "stack.bootstrap.yml").read_text(), 3)
+    steady = stack_facts.expected_replicas((base / "stack.yml").read_text(), 3)
+    boot = stack_facts.expected_replicas((base / "stack.bootstrap.yml").read_text(), 3)
     ha = 3 if rendered.ha_standby else 1  # a waiting HA on every node in host mode
     assert (steady["db"], steady["db-seed"], steady["homeassistant"]) == (3, 0, ha)
     assert (boot["db"], boot["db-seed"], boot["homeassistant"]) == (0, 1, 0)
-    refs = stack.referenced_objects(rendered, (base / "stack.yml").read_text())
+    refs = stack_facts.referenced_objects(rendered, (base / "stack.yml").read_text())
     objects = render.docker_objects(rendered)
     assert {name for objs in objects.values() for name, _ in objs.values()} < refs
