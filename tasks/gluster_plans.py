@@ -91,10 +91,13 @@ def volume_options(c: Cluster) -> dict[str, str]:
 
 
 def server_keepalive(ping_timeout: int) -> dict[str, str]:
-    """Brick-side TCP keepalive: a silent client is dropped after ping_timeout + 4 s."""
-    idle = max(1, ping_timeout - 1)
+    """Brick-side TCP keepalive: a silent client is dropped (and its locks released) after
+    ping_timeout + 7 s; later than Home Assistant's lock keeper fences itself on a hanging write
+    (ping_timeout + 3, tasks.render.lock_hang), so a cut-off node's HA is gone before another
+    can take the lock."""
+    idle = ping_timeout + 2
     return {"server.keepalive-time": str(idle), "server.keepalive-interval": "1",
-            "server.keepalive-count": "5", "server.tcp-user-timeout": str(ping_timeout + 4)}
+            "server.keepalive-count": "5", "server.tcp-user-timeout": str(ping_timeout + 7)}
 
 
 def peers_to_probe(c: Cluster, peers: list[Peer]) -> list[Node]:

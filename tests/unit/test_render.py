@@ -199,3 +199,18 @@ def test_up_to_date_and_only_what_depends_on_a_value_re_renders(tmp_path):
                      "render:stack.bootstrap.yml"}
     cluster_in(tmp_path, galera__buffer_pool="48M")  # autosave back to 5, buffer pool changed
     assert "render:nodes/pi1/fstab" not in ran(doit(tmp_path, cfg, "render"))
+
+
+def test_the_lock_keeper_fences_before_the_bricks_release_its_lock(rendered):
+    """A cut-off node's HA must be gone before the bricks drop it and another HA takes the lock;
+    a peer's death (writes wait the ping timeout) must not fence."""
+    from tasks.gluster_plans import server_keepalive
+
+    c, _ = rendered
+    hang = render.lock_hang(c)
+    k = server_keepalive(c.gluster.ping_timeout)
+    dropped = int(k["server.keepalive-time"]) + int(k["server.keepalive-count"])
+    assert c.gluster.ping_timeout + 2 <= hang <= dropped - 3
+    assert int(k["server.tcp-user-timeout"]) >= dropped
+    env = stack(c)["services"]["homeassistant"]["environment"]
+    assert env["HASWARM_LOCK_HANG"] == str(hang)
