@@ -5,8 +5,8 @@ Several probes go to a node in one round trip: `probe_script` joins them with a 
 probe, `parse_sections` splits the output again, `gather` does both over SSH.
 
 The facts `doit status` reads about every node and the whole cluster are in
-tasks/facts_cluster.py (they read gluster's XML with tasks.gluster_facts; tasks.gluster imports
-this module).
+tasks/facts_cluster.py; a subsystem's own facts sit beside it (gluster_facts.py, stack_facts.py),
+each a command and a pure parser tested against recorded output (tests/unit/data/).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 asked about the whole cluster (`cluster_probes`, `heal_probe`), and their pure parsers.
 
 The shared machinery (`probe_script`, `parse_sections`, `gather`) and the Galera member fact are
-in tasks/facts.py. These live apart because they read gluster's XML with
-`tasks.gluster_facts.cli_xml`, and tasks/gluster.py itself imports tasks.facts.
+in tasks/facts.py; each subsystem's own facts beside it (gluster_facts.py, stack_facts.py). These
+are the cross-cutting ones `doit status` and `doit drill` read.
 """
 
 from __future__ import annotations
