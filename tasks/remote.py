@@ -16,17 +16,18 @@
 - Secrets: `secret=True` keeps the command text out of errors; pass secret values on `stdin`
   (never in the command line, where `ps` on the node shows them) and they are scrubbed from any
   stderr quoted in an error. `Remote.redact()` registers further values to scrub.
+
+Opening one connection (host keys, key file, timeouts) and explaining why one failed live in
+`tasks.connection`; the error model in `tasks.failures`; Docker over SSH in `tasks.docker_relay`.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import re
 import selectors
 import shlex
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -36,6 +37,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tasks.config import Cluster, Node
+from tasks.connection import (  # noqa: F401  (the exceptions are re-exported for callers)
+    KeyFileProblem,
+    UnknownHostKey,
+    _RejectUnknown,
+    explain,
+    load_key,
+    open_connection,
+)
 from tasks.docker_relay import _DockerRelay
 from tasks.failures import (  # noqa: F401  (re-exported: callers import them from here)
     HIDDEN,
@@ -71,27 +80,6 @@ def _ssh() -> Any:
 SFTP_IO_TIMEOUT = 60.0
 # Exit code `read` uses for "no such file" (unlikely to come from `cat`, which exits 1).
 _MISSING = 77
-
-
-class UnknownHostKey(Exception):
-    """The node offered a host key that known_hosts does not list."""
-
-    def __init__(self, hostname: str, key: paramiko.PKey):
-        self.hostname = hostname
-        self.key = key
-        super().__init__(f"host key for {hostname} not in known_hosts")
-
-
-class _RejectUnknown:
-    """paramiko host-key policy: a key known_hosts does not list is refused."""
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
-                         key: paramiko.PKey) -> None:
-        raise UnknownHostKey(hostname, key)
-
-
-class KeyFileProblem(Exception):
-    """The private key named in the cluster file cannot be used."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,44 +423,15 @@ class Remote:
             return conn
 
     def _open(self, n: Node) -> Connection:
-        ssh = self.cluster.ssh_for(n)
-        timeout = self.cluster.ssh.connect_timeout
-        kwargs: dict[str, object] = {
-            "timeout": timeout, "banner_timeout": timeout, "auth_timeout": timeout,
-            "channel_timeout": timeout,
-        }
-        if ssh.key is not None:
-            kwargs.update(pkey=self._key(ssh.key), look_for_keys=False, allow_agent=False)
-        from fabric import Connection
-
-        conn = Connection(n.address, user=ssh.user, port=ssh.port, config=self._config,
-                          connect_kwargs=kwargs)
-        # Fabric installs AutoAddPolicy; trust only what known_hosts lists.
-        conn.client.set_missing_host_key_policy(_RejectUnknown())
-        known = self.cluster.ssh.known_hosts
-        if known.is_file():
-            conn.client.load_system_host_keys(str(known))
-        try:
-            conn.open()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        key = self.cluster.ssh_for(n).key
+        return open_connection(self.cluster, n, self._config,
+                               None if key is None else self._key(key))
 
     def _key(self, path: Path) -> paramiko.PKey:
         with self._guard:
             if path in self._keys:
                 return self._keys[path]
-        try:
-            key = _ssh().PKey.from_path(path)
-        except FileNotFoundError:
-            raise KeyFileProblem(f"the key file {path} does not exist") from None
-        except PermissionError:
-            raise KeyFileProblem(f"the key file {path} cannot be read (permissions)") from None
-        except _ssh().PasswordRequiredException:
-            raise KeyFileProblem(f"the key file {path} is protected by a passphrase") from None
-        except (_ssh().SSHException, ValueError, OSError) as e:
-            raise KeyFileProblem(f"the key file {path} is not a usable private key ({e})") from None
+        key = load_key(path)
         with self._guard:
             self._keys[path] = key
         return key
@@ -522,85 +481,8 @@ class Remote:
     def _from_exception(self, n: Node, step: str, shown: str | None,
                         e: BaseException) -> Failure:
         """A Failure explaining a connection-level (or unexpected) exception for node `n`."""
-        ssh = self.cluster.ssh_for(n)
-        known = self.cluster.ssh.known_hosts
-        timeout = self.cluster.ssh.connect_timeout
-        where = f"{n.address} port {ssh.port}"
-        check_node = (f"check that {n.name} is powered on and on the network (ping {n.address}) "
-                      f"and that its address in the cluster file is right")
-        pattern = _host_pattern(n.address, ssh.port)
-        port_opt = f"-p {ssh.port} " if ssh.port != 22 else ""
-
-        def fail(kind: str, detail: str, hint: str) -> Failure:
-            return self._failure(n, step, kind, detail, hint=hint, command=shown)
-
-        if isinstance(e, UnknownHostKey):
-            return fail(
-                Kind.HOST_KEY,
-                f"{where} offered a {e.key.get_name()} host key {e.key.fingerprint} that "
-                f"{known} does not list" + ("" if known.is_file() else " (the file does not "
-                                            "exist yet)"),
-                f"haswarm never trusts a new host key by itself. On {n.name}'s console run "
-                f"`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`; if it prints the same "
-                f"fingerprint, trust it with `ssh-keyscan {port_opt}-t ed25519 {n.address} >> "
-                f"{known}` and run the task again",
-            )
-        if isinstance(e, _ssh().BadHostKeyException):
-            return fail(
-                Kind.HOST_KEY,
-                f"{where} offered the host key {e.key.fingerprint}, but {known} lists "
-                f"{e.expected_key.fingerprint} for it: the key CHANGED",
-                f"if {n.name} was re-installed (new SD card), remove the old key with "
-                f"`ssh-keygen -f {known} -R '{pattern}'`, check the new one on the Pi's console "
-                f"(`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`) and add it with "
-                f"`ssh-keyscan {port_opt}-t ed25519 {n.address} >> {known}`. If it was not "
-                "re-installed, something else answers at that address: do not go on",
-            )
-        if isinstance(e, KeyFileProblem):
-            return fail(Kind.AUTH, str(e),
-                        "set ssh.key in the cluster file to an unencrypted private key whose "
-                        "public half is in the Pi's authorized_keys (create one with "
-                        f"`ssh-keygen -t ed25519 -N '' -f {ssh.key or 'KEYFILE'}`)")
-        if isinstance(e, _ssh().AuthenticationException):
-            key = f"the key {ssh.key}" if ssh.key else "your default SSH keys/agent"
-            copy = f"-i {ssh.key}.pub " if ssh.key else ""
-            return fail(Kind.AUTH, f"{where} refused {key} for user {ssh.user!r}",
-                        f"install the public key on the Pi (`ssh-copy-id {copy}{port_opt}"
-                        f"{ssh.user}@{n.address}`), or set ssh.user / ssh.key for this node in "
-                        "the cluster file")
-        if isinstance(e, _ssh().ssh_exception.NoValidConnectionsError):
-            codes = {getattr(x, "errno", None) for x in e.errors.values()}
-            if codes <= {errno.ECONNREFUSED}:
-                return fail(Kind.UNREACHABLE, f"{where}: connection refused",
-                            f"{n.address} is up but nothing listens on port {ssh.port}: is the "
-                            "SSH server running on the Pi (`systemctl status ssh`), and is "
-                            "ssh.port right?")
-            return fail(Kind.UNREACHABLE, f"{where}: host unreachable", check_node)
-        if isinstance(e, socket.gaierror):
-            return fail(Kind.UNREACHABLE, f"cannot resolve the host name {n.address!r} ({e})",
-                        f"use the Pi's IP address in the cluster file, or {check_node}")
-        if isinstance(e, TimeoutError):  # socket.timeout is TimeoutError
-            return fail(Kind.UNREACHABLE, f"no answer from {where} within {timeout:g} s",
-                        check_node)
-        if isinstance(e, _ssh().SSHException):
-            msg = str(e)
-            if "banner" in msg:
-                return fail(Kind.UNREACHABLE,
-                            f"{where} accepted the connection but sent no SSH greeting within "
-                            f"{timeout:g} s", f"is it an SSH server and not overloaded? "
-                            f"{check_node}")
-            if "channel" in msg.lower() or "not active" in msg:
-                return fail(Kind.UNREACHABLE, f"the SSH connection to {where} broke ({msg})",
-                            f"{check_node}; then run the task again")
-            return fail(Kind.ERROR, f"SSH error talking to {where}: {msg}", check_node)
-        if isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH,
-                                                   errno.ECONNRESET, errno.EPIPE):
-            return fail(Kind.UNREACHABLE, f"{where}: {e.strerror}", check_node)
-        if isinstance(e, EOFError):
-            return fail(Kind.UNREACHABLE, f"{where} closed the connection", check_node)
-        return fail(Kind.ERROR, f"{type(e).__name__}: {e}",
-                    "unexpected: run the task again with `doit -v 2`; if it persists, report "
-                    "it with this message")
+        kind, detail, hint = explain(self.cluster, n, e)
+        return self._failure(n, step, kind, detail, hint=hint, command=shown)
 
 
 class _CommandTimeout(Exception):
