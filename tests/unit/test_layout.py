@@ -25,3 +25,52 @@ def test_no_module_of_tasks_imports_the_lab():
                                                  if m == "lab" or m.startswith("lab."))
                  for p in sorted((ROOT / "tasks").rglob("*.py"))}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def tasks_graph() -> dict[str, set[str]]:
+    """tasks module -> the tasks modules it imports (anywhere in it; `from tasks import x`
+    counts as importing tasks.x)."""
+    paths = sorted((ROOT / "tasks").rglob("*.py"))
+    names = {module_name(p) for p in paths}
+    graph: dict[str, set[str]] = {}
+    for p in paths:
+        tree = ast.parse(p.read_text(), filename=str(p))
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module in names:
+                    deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names
+                         if f"{node.module}.{a.name}" in names}
+        me = module_name(p)
+        graph[me] = {d for d in deps if d != me and not me.startswith(d + ".")}
+    return graph
+
+
+def test_no_import_cycle_in_tasks():
+    graph = tasks_graph()
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        for dep in sorted(graph.get(node, ())):
+            if dep in path:
+                cycles.append(" -> ".join(path[path.index(dep):] + [dep]))
+            elif len(path) < 12:
+                visit(dep, [*path, dep])
+
+    for start in sorted(graph):
+        visit(start, [start])
+    assert cycles == []
+
+
+def test_no_module_of_tasks_is_over_600_lines():
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "tasks").rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 600}
+    assert long == {}
