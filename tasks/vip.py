@@ -230,8 +230,9 @@ def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     from tasks.ops import StepError, on_nodes, say
 
     if c.vip.address is None:
-        say(c.nodes[0], "vip: no vip.address in the cluster file: removing haswarm's "
-                        "keepalived (if any)")
+        say(c.nodes[0], "vip: no vip.address in the cluster file: "
+                        + ("would remove" if dryrun else "removing")
+                        + " haswarm's keepalived (if any)")
         remove(c, r, dryrun=dryrun)
         return {"vip": None}
     ips = {n.name: node_ip(n) for n in c.nodes}
