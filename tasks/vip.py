@@ -231,8 +231,8 @@ def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
 
     if c.vip.address is None:
         say(c.nodes[0], "vip: no vip.address in the cluster file: "
-                        + ("would remove" if dryrun else "removing")
-                        + " haswarm's keepalived (if any)")
+                        + ("haswarm's keepalived must be absent" if dryrun
+                           else "removing haswarm's keepalived (if any)"))
         remove(c, r, dryrun=dryrun)
         return {"vip": None}
     ips = {n.name: node_ip(n) for n in c.nodes}
