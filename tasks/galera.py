@@ -29,7 +29,7 @@ command line or in any file written for it.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -332,6 +332,19 @@ class _Run:
         progress(node, f"homeassistant: answers HTTP {status} on port {port}")
 
 
+# Each step name of a Decision and the _Run method that does it.
+STEP_ACTIONS: dict[str, Callable[[_Run], None]] = {
+    "deploy-bootstrap": _Run.deploy_bootstrap,
+    "wait-seed": _Run.wait_seed,
+    "scale-db": _Run.scale_db,
+    "wait-db-seeded": _Run.wait_db_seeded,
+    "remove-seed": _Run.remove_seed,
+    "deploy-steady": _Run.deploy_steady,
+    "wait-stack": _Run.wait_stack,
+    "probe-ha": _Run.probe_ha,
+}
+
+
 def converge(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """Bring stack and Galera to the steady state (see the module docstring); return its facts.
     Raises StackError / RemoteError naming what did not converge. With `dryrun`, say what it
@@ -349,7 +362,7 @@ def converge(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
         run.describe(d)
         return {}
     for step in d.steps:
-        getattr(run, step.replace("-", "_"))()
+        STEP_ACTIONS[step](run)
     return {"decision": d.kind, "steps": list(d.steps)}
 
 
