@@ -286,12 +286,13 @@ class _Run:
             return
         state = observe(self.r, self.c, self.manager)
         text = self.steady.read_text()
-        if not is_deployed(self.r, self.c, self.manager, text, state):
+        deployed = is_deployed(self.r, self.c, self.manager, text, state)
+        if not deployed:
             progress(self.manager, "stack: would deploy stack.yml (it changed)")
         problems = state.problems(expected_replicas(text, self.n), self.n)
         for p in problems:
             progress(self.manager, f"stack: would wait for: {p}")
-        if is_deployed(self.r, self.c, self.manager, text, state) and not problems:
+        if deployed and not problems:
             progress(self.manager, "stack: nothing to do")
 
     def deploy_steady(self) -> None:
