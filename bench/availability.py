@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import running_lab  # noqa: E402
 
 from lab.faults import LabFaults  # noqa: E402
-from tasks import drill, status  # noqa: E402
-from tasks.config import Cluster  # noqa: E402
+from tasks import drill, status, vip  # noqa: E402
+from tasks.config import VIP, Cluster  # noqa: E402
 from tasks.remote import Remote  # noqa: E402
 from tasks.stack_observe import find_manager  # noqa: E402
 
@@ -51,15 +51,14 @@ def say(msg: str) -> None:
 
 def pick(st: status.ClusterStatus, role: str) -> str | None:
     """The node that has `role` now (None: no node has it)."""
-    def runs(n: status.NodeStatus) -> set[str]:  # HA counts where it runs, not where it waits
-        return {ct.service for ct in n.containers
-                if ct.service != "homeassistant" or n.name in st.ha_nodes()}
+    def runs(n: status.NodeStatus) -> set[str]:  # where it runs, not where it waits
+        return st.runs(n.name)
 
     leader = next((n for n in st.nodes if n.swarm and n.swarm.leader), None)
     if role == "ha":
         return (st.ha_nodes() or [None])[0]
     if role == "mqtt":
-        return (st.where("mosquitto") or [None])[0]
+        return (st.mqtt_nodes() or [None])[0]
     if role == "leader-ha":
         return leader.name if leader and "homeassistant" in runs(leader) else None
     if role == "leader-no-ha":
@@ -112,7 +111,7 @@ def row(role: str, r: drill.DrillResult) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ["role", "fault", "node", "ldr", "HA down", "HA gaps", "HA first", "MQTT down",
-            "DB down", "HA moves", "two HAs", "lost"]
+            "MQTT first", "DB down", "HA moves", "two HAs", "MQTT moves", "two brokers", "lost"]
     lines = [head]
     for x in rows:
         p = x["probes"]
@@ -123,9 +122,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
         lines.append([x["role"], x["fault"], x["node"], "y" if x["leader"] else "n",
                       f("ha", "down"), f("ha", "gaps"), f("ha", "first"), f("mqtt", "down"),
-                      f("galera", "down"), ",".join(x["ha_starts"]) or "0",
+                      f("mqtt", "first"), f("galera", "down"), ",".join(x["ha_starts"]) or "0",
                       ",".join(o for o in x["overlaps"] if o.startswith("homeassistant"))
-                      or "0", str(len(x["lost"]))])
+                      or "0", ",".join(x["mqtt_starts"]) or "0",
+                      ",".join(o for o in x["overlaps"] if o.startswith("mosquitto")) or "0",
+                      str(len(x["lost"]))])
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))
                      for r in lines)
@@ -140,10 +141,17 @@ def main() -> int:
                     help="seconds of probing after the cluster converged again")
     ap.add_argument("--heartbeat", type=float, default=None,
                     help="dispatcher heartbeat (s) for this run; the configured one is put back")
+    ap.add_argument("--vip", default="10.77.0.100",
+                    help="a VIP for the run when the lab has none (sensors' address; '' for none)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
     c, lab = running_lab()
+    own_vip = bool(args.vip) and c.vip.address is None
+    if own_vip:
+        c = c.model_copy(update={"vip": VIP(address=args.vip)})
+        with Remote(c) as r:
+            vip.setup(c, r)
     rows: list[dict[str, Any]] = []
     status.wait_converged(c, 600, log=say)
     if args.heartbeat is not None:
@@ -169,6 +177,9 @@ def main() -> int:
         if args.heartbeat is not None:
             set_heartbeat(c, c.swarm.dispatcher_heartbeat)
         status.wait_converged(c, 900, log=say)
+        if own_vip:
+            with Remote(c) as r:
+                vip.remove(c, r, dryrun=False)
     print("\n== availability per fault (seconds; probed every 0.5 s until "
           f"{args.after:g} s after convergence)")
     print(table(rows))

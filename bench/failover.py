@@ -169,7 +169,7 @@ def main() -> int:
                 out["matrix"].append(one(c, fault, None if node == "ha" else node))
         if args.names:
             st = status.wait_converged(c, 600, log=say)
-            broker = st.where("mosquitto")[0]
+            broker = st.mqtt_nodes()[0]
             out["names"] = one(c, "kill", broker, names=True)
         if args.defaults:
             load = image_load_seconds(c)

@@ -202,6 +202,9 @@ class MQTT(_Strict):
     port: int = Field(1883, ge=1, le=65535)
     users: list[str] = Field(default_factory=lambda: ["homeassistant"], min_length=1)
     autosave_interval: int = Field(10, ge=1, le=3600, description="seconds")
+    # A waiting Mosquitto container on every node; the one holding the volume's lock runs the
+    # broker (its store is on the volume: never two). Default: as homeassistant.standby.
+    standby: bool | None = None
 
     @field_validator("users")
     @classmethod
@@ -321,6 +324,13 @@ class Cluster(_Strict):
             return self.swarm.publish_mode == "host"
         return self.homeassistant.standby
 
+    @property
+    def mqtt_standby(self) -> bool:
+        """A Mosquitto container waits on every node (see MQTT.standby)."""
+        if self.mqtt.standby is None:
+            return self.swarm.publish_mode == "host"
+        return self.mqtt.standby
+
     @field_validator("name")
     @classmethod
     def _stack_name(cls, v: str) -> str:
@@ -375,12 +385,15 @@ def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
                 "publishes no 32-bit ARM images after 2025.11. Pin 2025.11.x or older, or run a "
                 "64-bit OS on the Pis and set platform: linux/arm64.",
             ))
-    if c.homeassistant.standby and c.swarm.publish_mode != "host":
-        problems.append((
-            "homeassistant.standby",
-            "needs swarm.publish_mode: host. With the routing mesh (ingress) every node's "
-            "port would lead to any Home Assistant container, also to the waiting ones.",
-        ))
+    for field_name, standby, what in (("homeassistant.standby", c.homeassistant.standby,
+                                       "Home Assistant"),
+                                      ("mqtt.standby", c.mqtt.standby, "Mosquitto")):
+        if standby and c.swarm.publish_mode != "host":
+            problems.append((
+                field_name,
+                "needs swarm.publish_mode: host. With the routing mesh (ingress) every node's "
+                f"port would lead to any {what} container, also to the waiting ones.",
+            ))
     if c.portainer.enabled and not (c.images.portainer and c.images.portainer_agent):
         problems.append(("images.portainer",
                          "portainer.enabled is true: images.portainer and images.portainer_agent "

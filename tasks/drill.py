@@ -328,9 +328,7 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
     target = choose_target(st, node)
     tn = st.node(target)
     result = DrillResult(fault=fault, node=target,
-                         ran=sorted({ct.service for ct in tn.containers
-                                     if ct.service != "homeassistant"
-                                     or target in st.ha_nodes()}),
+                         ran=sorted(st.runs(target)),
                          leader=bool(tn.swarm and tn.swarm.leader))
     if fault == "docker" and not c.lab:
         question = (f"stop Docker on {target} ({tn.address}), which runs "
@@ -388,7 +386,7 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
         result.lost = verify(r, c, final, markers, rows)
         if not result.lost:
             cleanup(r, c, markers)
-    if tn.running("mosquitto") == [] and "mqtt" in result.figures:
+    if "mosquitto" not in result.ran and "mqtt" in result.figures:
         result.notes.append(f"Mosquitto did not run on {target}: its figures show how long it "
                             "was unreachable for other reasons (0 if never)")
     if done["converged"] is None:

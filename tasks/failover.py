@@ -143,7 +143,7 @@ def failover_probes(r: Remote, c: Cluster, st: ClusterStatus, target: str, fault
 
         probes.append(Probe("vip", vip_ok, VIP_POLL))
 
-    if names and c.mdns.restart_cron and survivors and st.node(target).running("mosquitto"):
+    if names and c.mdns.restart_cron and survivors and "mosquitto" in st.runs(target):
         name = f"{c.mdns.name}.local"
         asker = survivors[0].name
         live = {n.address: n.name for n in survivors}

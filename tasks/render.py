@@ -39,6 +39,8 @@ LEADER_GUARD_INTERVAL = 5  # seconds between two looks of the leader guard
 # Inside the HA container, on the shared volume: who holds it runs Home Assistant (one at most).
 HA_LOCK_FILE = "/config/.haswarm/homeassistant.lock"
 HA_LOCK_READY = "/tmp/haswarm-lock.ready"  # in the container: written once the lock is held
+# The same for Mosquitto (its container's ready file has the same path).
+MQTT_LOCK_FILE = "/mosquitto/data/.haswarm/mosquitto.lock"
 # Mosquitto 2.x password hashes: PBKDF2-SHA512, 101 iterations, 12-byte salt ($7$ format).
 _MQTT_ITERATIONS = 101
 
@@ -64,7 +66,8 @@ def config_sources(c: Cluster) -> dict[str, Path]:
     return {"mosquitto_conf": b / "mosquitto" / "mosquitto.conf",
             "galera_cnf": b / "galera.cnf",
             "ha_entrypoint": b / "homeassistant" / "haswarm-entrypoint.sh",
-            "ha_lock": b / "homeassistant" / "haswarm-lock.py"}
+            "ha_lock": b / "homeassistant" / "haswarm-lock.py",
+            "mqtt_entrypoint": b / "mosquitto" / "haswarm-entrypoint.sh"}
 
 
 def secret_sources(c: Cluster) -> dict[str, Path]:
@@ -113,6 +116,7 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
     n = len(c.nodes)
     replicas = ({"db_seed": 1, "db": 0, "homeassistant": 0} if bootstrap
                 else {"db_seed": 0, "db": n, "homeassistant": n if c.ha_standby else 1})
+    replicas["mosquitto"] = n if c.mqtt_standby else 1
     images = {k: v.image for k, v in c.images if v is not None}
     return {
         "name": c.name,
@@ -128,6 +132,7 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
         "node_count": n,
         "replicas": replicas,
         "ha_standby": c.ha_standby,
+        "mqtt_standby": c.mqtt_standby,
         "lock_ready": HA_LOCK_READY,
         "lock_hang": lock_hang(c),
         "db_name": DB_NAME,
@@ -178,6 +183,8 @@ def outputs(c: Cluster) -> list[Output]:
                {"db_wait_seconds": HA_DB_WAIT_SECONDS, "lock_file": HA_LOCK_FILE,
                 "lock_ready": HA_LOCK_READY}, mode=0o755),
         Output("homeassistant/haswarm-lock.py", "haswarm-lock.py.j2", {}, mode=0o755),
+        Output("mosquitto/haswarm-entrypoint.sh", "mosquitto-entrypoint.sh.j2",
+               {"lock_file": MQTT_LOCK_FILE, "lock_ready": HA_LOCK_READY}, mode=0o755),
     ]
     if c.swarm.leader_guard:
         outs.append(Output("leader-guard.sh", "leader-guard.sh.j2",

@@ -20,7 +20,6 @@ the table are pure too; all are unit-tested with recorded output.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -45,6 +44,7 @@ from tasks.facts_cluster import (
     parse_updates,
     parse_volume_status,
 )
+from tasks.mqtt_probe import mqtt_connack
 
 if TYPE_CHECKING:
     from tasks.remote import Remote
@@ -109,17 +109,34 @@ class ClusterStatus:
         """Nodes running a container of `service`."""
         return [n.name for n in self.nodes if n.running(service)]
 
+    def _active(self, service: str, standby: bool, answers: list[str]) -> list[str]:
+        """Nodes where `service` itself runs. With standby, every node has a container and only
+        the lock holder runs the program; host publishing makes it the only one that answers."""
+        return [n for n in answers if n in self.where(service)] if standby \
+            else self.where(service)
+
     def ha_nodes(self) -> list[str]:
-        """Nodes where Home Assistant itself runs. With standby, every node has a container and
-        only the lock holder runs HA; host publishing makes it the only one that answers."""
-        if self.cluster.ha_standby:
-            return [n for n in self.ha_answers() if n in self.where(HA)]
-        return self.where(HA)
+        """Nodes where Home Assistant itself runs (not where a standby waits)."""
+        return self._active(HA, self.cluster.ha_standby, self.ha_answers())
 
     def ha_standbys(self) -> list[str]:
         """Nodes with a Home Assistant container that waits (standby), not running HA."""
-        return [n for n in self.where(HA) if n not in self.ha_nodes()] \
-            if self.cluster.ha_standby else []
+        return [n for n in self.where(HA) if n not in self.ha_nodes()]
+
+    def mqtt_nodes(self) -> list[str]:
+        """Nodes where the broker itself runs (not where a standby waits)."""
+        return self._active(MQTT, self.cluster.mqtt_standby, self.mqtt_answers())
+
+    def mqtt_standbys(self) -> list[str]:
+        """Nodes with a Mosquitto container that waits (standby), not running the broker."""
+        return [n for n in self.where(MQTT) if n not in self.mqtt_nodes()]
+
+    def runs(self, node: str) -> set[str]:
+        """The services that really run on `node`: a waiting (standby) container is not HA's or
+        Mosquitto's."""
+        active = {HA: self.ha_nodes(), MQTT: self.mqtt_nodes()}
+        return {ct.service for ct in self.node(node).containers
+                if ct.service not in active or node in active[ct.service]}
 
     def ha_answers(self) -> list[str]:
         """Nodes where Home Assistant answers HTTP (below 500) from here."""
@@ -180,7 +197,7 @@ class ClusterStatus:
             out.append("no node answers as a swarm manager: the swarm's view is unknown")
         elif not self.gluster_known:
             out.append(f"Gluster volume {c.gluster.volume}: status or heal info did not answer")
-        for service, where in ((HA, self.ha_nodes()), (MQTT, self.where(MQTT))):
+        for service, where in ((HA, self.ha_nodes()), (MQTT, self.mqtt_nodes())):
             if len(where) > 1 or (len(where) == 0 and service == MQTT):
                 out.append(f"{service}: runs on {len(where)} nodes "
                            f"({', '.join(where) or 'none'}), want 1")
@@ -212,53 +229,6 @@ class ClusterStatus:
 
 # ---------------------------------------------------------------------------------------------
 # Reading it
-
-
-def mqtt_connack(host: str, port: int, timeout: float = 1.5, user: str | None = None,
-                 password: str | None = None) -> int | None:
-    """Send an MQTT 3.1.1 CONNECT (anonymous unless `user`) and return the CONNACK return code
-    (0 accepted, 5 not authorized...: either way a broker answered); None when none did."""
-    payload = _mqtt_string(f"haswarm-status-{time.monotonic_ns() % 10**9}")
-    flags = 0x02  # clean session
-    if user is not None:
-        flags |= 0x80
-        payload += _mqtt_string(user)
-        if password is not None:
-            flags |= 0x40
-            payload += _mqtt_string(password)
-    var = _mqtt_string("MQTT") + bytes([4, flags, 0, 10])
-    body = var + payload
-    packet = bytes([0x10]) + _varint(len(body)) + body
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            s.sendall(packet)
-            data = b""
-            while len(data) < 4:
-                chunk = s.recv(4 - len(data))
-                if not chunk:
-                    return None
-                data += chunk
-            with_disconnect = bytes([0xE0, 0])
-            if data[0] == 0x20 and data[3] == 0:
-                s.sendall(with_disconnect)
-            return data[3] if data[0] == 0x20 else None
-    except OSError:
-        return None
-
-
-def _mqtt_string(s: str) -> bytes:
-    b = s.encode()
-    return len(b).to_bytes(2, "big") + b
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def probe_login(c: Cluster) -> tuple[str | None, str | None]:
@@ -518,7 +488,9 @@ def summary(st: ClusterStatus) -> list[str]:
                             for x in ha) if ha else "nowhere")
                + (f" (replicas {st.services[HA]})" if HA in st.services else ""))
     mq = st.mqtt_answers()
-    out.append(f"Mosquitto: runs on {', '.join(st.where(MQTT)) or 'no node'}; answers at "
+    standby = st.mqtt_standbys()
+    out.append(f"Mosquitto: runs on {', '.join(st.mqtt_nodes()) or 'no node'}"
+               + (f" (standby on {', '.join(standby)})" if standby else "") + "; answers at "
                + (", ".join(f"{by[x].address}:{c.mqtt.port}" for x in mq) if mq else "nowhere"))
     if c.vip.address:
         holders = [n.name for n in st.nodes if n.vip]

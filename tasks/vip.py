@@ -145,8 +145,10 @@ def check_script(c: Cluster, node: Node, ips: dict[str, str]) -> str:
     port = c.mqtt.port
     if c.swarm.publish_mode == "host":
         body = f"""\
-# Host publish mode: only the node running the Mosquitto task listens on port {port}.
-# A listener (docker-proxy) is enough and costs the broker nothing (no connection, no log line).
+# Host publish mode: the broker runs here when a mosquitto process runs on this node (a
+# waiting standby container runs none, though Docker listens on port {port} for it too).
+pgrep -x mosquitto >/dev/null || exit 1
+# A listener (docker-proxy) is then enough and costs the broker nothing (no connection, no log).
 if ss -Hltn 'sport = :{port}' 2>/dev/null | grep -q .; then
     exit 0
 fi
@@ -295,7 +297,7 @@ def holders(c: Cluster, r: Remote) -> list[str]:
 def wait_holder(c: Cluster, r: Remote, timeout: float) -> str:
     """Wait until exactly one node holds the VIP and an MQTT client gets a CONNACK through
     it from here; its name. VIPError after `timeout`."""
-    from tasks.status import mqtt_connack
+    from tasks.mqtt_probe import mqtt_connack
 
     assert c.vip.address is not None
     deadline = time.monotonic() + timeout

@@ -70,32 +70,37 @@ class Census:
 def parse_census(text: str, stack: str) -> tuple[dict[str, tuple[str, ...]], int]:
     """The output of CENSUS_CMD: ({service: container ids}, HA process count).
 
-    A Home Assistant container counts only while Home Assistant runs in it: a container that
-    waits for the lock (a standby, or a second one swarm started) runs nothing yet."""
+    A Home Assistant or Mosquitto container counts only while its program runs in it: a
+    container that waits for the lock (a standby, or a second one swarm started) runs nothing
+    yet."""
     containers: dict[str, list[str]] = {}
-    ha_in: list[str] = []  # the container of each HA process ("" when not in one)
+    running_in: dict[str, list[str]] = {"homeassistant": [], "mosquitto": []}
     for line in text.splitlines():
         parts = line.split()
         if not parts:
             continue
-        if parts[0] == "#ha":
-            ha_in.append(parts[1][:12] if len(parts) > 1 else "")
+        if parts[0] in _PROCESS_TAGS:
+            running_in[_PROCESS_TAGS[parts[0]]].append(parts[1][:12] if len(parts) > 1 else "")
         elif len(parts) >= 2 and parts[1].startswith(f"{stack}_"):
             containers.setdefault(parts[1].removeprefix(f"{stack}_"), []).append(parts[0][:12])
-    if "homeassistant" in containers:
-        active = [cid for cid in containers["homeassistant"] if cid in ha_in]
-        if active:
-            containers["homeassistant"] = active
-        else:
-            del containers["homeassistant"]
-    return {k: tuple(v) for k, v in containers.items()}, len(ha_in)
+    for service, inside in running_in.items():
+        if service in containers:
+            active = [cid for cid in containers[service] if cid in inside]
+            if active:
+                containers[service] = active
+            else:
+                del containers[service]
+    return {k: tuple(v) for k, v in containers.items()}, len(running_in["homeassistant"])
 
 
-# One line per HA process, with the container it runs in (the 64-hex id in its cgroup path).
+# One line per HA or Mosquitto process, with the container it runs in (the 64-hex id in its
+# cgroup path).
+_PROCESS_TAGS = {"#ha": "homeassistant", "#mq": "mosquitto"}
+_CGROUP_ID = "$(grep -o -m1 '[0-9a-f]\\{64\\}' /proc/$p/cgroup 2>/dev/null | head -n1)"
 CENSUS_CMD = ("docker ps --format '{{.ID}} {{.Label \"com.docker.swarm.service.name\"}}' "
               f"2>/dev/null; for p in $(pgrep -f '{HA_PROCESS}'); do "
-              "echo \"#ha $(grep -o -m1 '[0-9a-f]\\{64\\}' /proc/$p/cgroup 2>/dev/null "
-              "| head -n1)\"; done")
+              f"echo \"#ha {_CGROUP_ID}\"; done; "
+              f"for p in $(pgrep -x mosquitto); do echo \"#mq {_CGROUP_ID}\"; done")
 
 
 def gaps(samples: list[Sample], end: float) -> list[tuple[float, float]]:

@@ -66,7 +66,7 @@ def test_status_is_clean_and_fast(cv):
     assert st.problems() == []
     assert st.seconds < 10
     holders = [n.name for n in st.nodes if n.vip]
-    assert holders == st.where("mosquitto")  # the VIP sits where Mosquitto runs
+    assert holders == st.mqtt_nodes()  # the VIP sits where Mosquitto runs
 
 
 def test_vip_answers_mqtt_from_this_computer(cv):
@@ -93,7 +93,7 @@ def roles(st: status.ClusterStatus) -> dict[str, object]:
     """Who runs what now: the leader, HA's node, the broker's node."""
     leader = next((n.name for n in st.nodes if n.swarm and n.swarm.leader), None)
     return {"leader": leader, "ha": st.ha_nodes()[0],
-            "mqtt": st.where("mosquitto")[0]}
+            "mqtt": st.mqtt_nodes()[0]}
 
 
 def check_always(result: drill.DrillResult) -> None:
@@ -176,7 +176,7 @@ def test_kill_the_node_running_home_assistant(cv, lab):
 def test_cut_another_node(cv, lab):
     st = status.wait_converged(cv, 600, log=say)
     ha = st.ha_nodes()[0]
-    broker = st.where("mosquitto")[0]
+    broker = st.mqtt_nodes()[0]
     target = broker if broker != ha else next(n for n in cv.names if n != ha)
     result = drill.run_drill(cv, "cut", target, faults=LabFaults(cv, lab), names=False,
                              log=say, watch_after=AFTER)

@@ -295,3 +295,11 @@ def test_standby_follows_the_publish_mode_and_needs_host_mode(tmp_path):
     d["swarm"]["publish_mode"] = "ingress"
     d["homeassistant"] = {"standby": True}
     assert "homeassistant.standby: needs swarm.publish_mode: host" in error_of(tmp_path, d)
+    d["homeassistant"] = {}
+    assert load_cluster(write(tmp_path, d)).mqtt_standby is False
+    d["mqtt"] = {"standby": True}
+    assert "mqtt.standby: needs swarm.publish_mode: host" in error_of(tmp_path, d)
+    d["swarm"]["publish_mode"] = "host"
+    assert load_cluster(write(tmp_path, d)).mqtt_standby is True
+    d["mqtt"] = {"standby": False}
+    assert load_cluster(write(tmp_path, d)).mqtt_standby is False

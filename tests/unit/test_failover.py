@@ -207,6 +207,23 @@ def test_standby_containers_are_shown_and_two_answering_is_a_problem(c):
     assert "homeassistant: runs on 2 nodes (pi1, pi3), want 1" in st.problems()
 
 
+def test_mosquitto_standbys_are_shown_and_two_brokers_are_a_problem(c):
+    assert c.mqtt_standby  # host mode: a waiting Mosquitto on every node
+    st = healthy(c)
+    for n in (st.nodes[0], st.nodes[2]):
+        n.containers.append(Container(n.name, f"mq-{n.name}", "mosquitto", "t", "running",
+                                      "healthy"))
+    assert st.mqtt_nodes() == ["pi2"] and st.mqtt_standbys() == ["pi1", "pi3"]
+    assert st.runs("pi1") == {"db", "homeassistant"} and st.runs("pi2") == {"db", "mosquitto"}
+    assert st.problems() == []
+    assert "Mosquitto: runs on pi2 (standby on pi1, pi3); answers at 10.77.0.12:1883" in \
+        status.table(st)
+    st.nodes[2].mqtt = 0  # a second broker answers: never
+    assert "mosquitto: runs on 2 nodes (pi2, pi3), want 1" in st.problems()
+    st.nodes[1].mqtt = st.nodes[2].mqtt = None  # no broker at all
+    assert "mosquitto: runs on 0 nodes (none), want 1" in st.problems()
+
+
 def test_node_down_is_shown_with_what_others_say(c):
     st = healthy(c)
     down = st.node("pi3")
@@ -415,19 +432,32 @@ def test_check_scripts(cv):
 
 
 def test_host_check_against_a_listener_and_nothing(cv, tmp_path):
-    """The host-mode check on this computer: a listener on the port passes, none fails."""
-    if shutil.which("ss") is None:
-        pytest.skip("ss not installed")
+    """The host-mode check on this computer: a broker process with a listener on the port
+    passes; a listener alone (Docker's, for a waiting standby container) fails, nothing fails.
+    The process name is swapped for one that only this test runs (the lab's brokers are
+    processes of this computer too)."""
+    if shutil.which("ss") is None or shutil.which("pgrep") is None:
+        pytest.skip("ss or pgrep not installed")
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     port = srv.getsockname()[1]
     c2 = cv.model_copy(update={"mqtt": cv.mqtt.model_copy(update={"port": port})})
+    text = vip.check_script(c2, cv.nodes[0], {**IPS, "pi1": "127.0.0.1"})
+    assert "pgrep -x mosquitto" in text
     script = tmp_path / "check"
-    script.write_text(vip.check_script(c2, cv.nodes[0], {**IPS, "pi1": "127.0.0.1"}))
-    assert subprocess.run(["bash", str(script)]).returncode == 0
-    srv.close()
-    assert subprocess.run(["bash", str(script)], stderr=subprocess.DEVNULL).returncode != 0
+    script.write_text(text.replace("pgrep -x mosquitto", "pgrep -x hsw-test-mq"))
+    assert subprocess.run(["bash", str(script)]).returncode != 0  # a listener, no broker
+    broker = tmp_path / "hsw-test-mq"
+    broker.symlink_to(shutil.which("sleep"))
+    proc = subprocess.Popen([str(broker), "30"])
+    try:
+        assert subprocess.run(["bash", str(script)]).returncode == 0
+        srv.close()
+        assert subprocess.run(["bash", str(script)], stderr=subprocess.DEVNULL).returncode != 0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_shell_commands_parse():

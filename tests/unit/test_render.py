@@ -125,6 +125,13 @@ def test_stack_shape(rendered):
         assert (ha["replicas"], ha["placement"]["max_replicas_per_node"]) == (len(c.nodes), 1)
     else:  # the routing mesh would reach the waiting ones too: one HA, moved by swarm
         assert ha["replicas"] == 1 and "placement" not in ha
+    mq = svc["mosquitto"]
+    assert mq["entrypoint"] == ["/bin/sh", "/haswarm-entrypoint.sh"]  # the lock, always
+    if c.mqtt_standby:  # the same for the broker: its store is on the volume
+        assert (mq["deploy"]["replicas"], mq["deploy"]["placement"]["max_replicas_per_node"]) \
+            == (len(c.nodes), 1)
+    else:
+        assert mq["deploy"]["replicas"] == 1 and "placement" not in mq["deploy"]
     b = boot["services"]
     assert (b["db-seed"]["deploy"]["replicas"], b["db"]["deploy"]["replicas"],
             b["homeassistant"]["deploy"]["replicas"]) == (1, 0, 0)

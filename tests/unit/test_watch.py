@@ -54,12 +54,22 @@ def test_parse_census():
 def test_a_home_assistant_container_without_the_process_does_not_count():
     """A standby (or a second container swarm started) waits for the lock: it runs no HA."""
     containers, ha = parse_census("3f2a1b4c5d6e haswarm_homeassistant\n"
-                                  "5555aaaa6666 haswarm_mosquitto\n", "haswarm")
-    assert containers == {"mosquitto": ("5555aaaa6666",)} and ha == 0
+                                  "5555aaaa6666 haswarm_mosquitto\n#mq 5555aaaa6666ffff\n"
+                                  "9999cccc0000 haswarm_db\n", "haswarm")
+    assert containers == {"mosquitto": ("5555aaaa6666",), "db": ("9999cccc0000",)} and ha == 0
     two = ("3f2a1b4c5d6e haswarm_homeassistant\n7777bbbb8888 haswarm_homeassistant\n"
            "#ha 7777bbbb8888\n")
     assert parse_census(two, "haswarm") == ({"homeassistant": ("7777bbbb8888",)}, 1)
     assert parse_census("#ha\n", "haswarm") == ({}, 1)  # an HA outside any container
+
+
+def test_a_mosquitto_container_waiting_for_the_lock_does_not_count():
+    """With standby a Mosquitto container waits on every node; only the lock holder's runs
+    mosquitto, and only it is the broker."""
+    text = ("aaaa11112222 haswarm_mosquitto\nbbbb33334444 haswarm_mosquitto\n"
+            "#mq bbbb33334444" + "0" * 52 + "\n")
+    assert parse_census(text, "haswarm") == ({"mosquitto": ("bbbb33334444",)}, 0)
+    assert parse_census("aaaa11112222 haswarm_mosquitto\n", "haswarm") == ({}, 0)
 
 
 def look(t: float, node: str, ha: str | None = None, ha_procs: int | None = None,
