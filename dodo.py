@@ -33,7 +33,7 @@ from tasks.galera import stack_task  # noqa: E402
 from tasks.gluster import task_gluster  # noqa: E402
 from tasks.guard import task_leader_guard  # noqa: E402
 from tasks.homeassistant import task_ha_files  # noqa: E402
-from tasks.plan import task_plan  # noqa: E402
+from tasks.plan import plan_task  # noqa: E402
 from tasks.preflight import task_preflight  # noqa: E402
 from tasks.render import task_render  # noqa: E402
 from tasks.secrets import task_secrets  # noqa: E402
@@ -100,13 +100,19 @@ def task_drill():
     return drill_task(CLUSTER)
 
 
+# `doit setup`, in order; `doit plan` runs the remote steps of the same list dry.
+SETUP = [*LAB_UP, "preflight", "secrets", "render", "images", "preload-images", "gluster",
+         "ha-files", "avahi", "swarm", "leader-guard", "stack-objects", "stack", "vip"]
+
+
 def task_setup():
     """Deploy the whole cluster (everything below, in order)."""
-    lab = LAB_UP
-    return {"actions": None,
-            "task_dep": [*lab, "preflight", "secrets", "render", "images", "preload-images",
-                         "gluster", "ha-files", "avahi", "swarm", "leader-guard", "stack-objects",
-                         "stack", "vip"]}
+    return {"actions": None, "task_dep": SETUP}
+
+
+def task_plan():
+    """Show what `doit setup` would change on each node, from the nodes' facts (changes none)."""
+    return plan_task(SETUP)
 
 
 def task_swarm():

@@ -19,34 +19,43 @@ from tasks.config import Cluster, current
 from tasks.errors import HaswarmError
 from tasks.images.preload import setup_preload
 
-# (step, setup function) in the order `doit setup` runs them; each takes (cluster, remote,
-# dryrun) and only reads with dryrun=True.
-STEPS: list[tuple[str, Callable[..., Any]]] = [
-    ("preload-images", setup_preload),
-    ("gluster:daemon", gluster.setup_daemon),
-    ("gluster:peers", gluster.setup_peers),
-    ("gluster:bricks", gluster.setup_bricks),
-    ("gluster:volume", gluster.setup_volume),
-    ("gluster:mount", gluster.setup_mount),
-    ("gluster:dirs", gluster.setup_dirs),
-    ("ha-files", homeassistant.setup_files),
-    ("avahi:hostname", avahi.setup_hostname),
-    ("avahi:cron", avahi.setup_cron),
-    ("swarm", swarm.setup),
-    ("leader-guard", guard.setup),
-    ("stack-objects", stack.setup_objects),
-    ("stack", galera.converge),
-    ("vip", vip.setup),
-]
+# The remote steps of each task of `doit setup` (dodo.py's SETUP gives their order), with the
+# setup function each runs; it takes (cluster, remote, dryrun) and only reads with dryrun=True.
+# The controller's tasks (preflight, secrets, render, images) change no node: none here.
+REMOTE_STEPS: dict[str, list[tuple[str, Callable[..., Any]]]] = {
+    "preload-images": [("preload-images", setup_preload)],
+    "gluster": [("gluster:daemon", gluster.setup_daemon),
+                ("gluster:peers", gluster.setup_peers),
+                ("gluster:bricks", gluster.setup_bricks),
+                ("gluster:volume", gluster.setup_volume),
+                ("gluster:mount", gluster.setup_mount),
+                ("gluster:dirs", gluster.setup_dirs)],
+    "ha-files": [("ha-files", homeassistant.setup_files)],
+    "avahi": [("avahi:hostname", avahi.setup_hostname), ("avahi:cron", avahi.setup_cron)],
+    "swarm": [("swarm", swarm.setup)],
+    "leader-guard": [("leader-guard", guard.setup)],
+    "stack-objects": [("stack-objects", stack.setup_objects)],
+    "stack": [("stack", galera.converge)],
+    "vip": [("vip", vip.setup)],
+}
+CONTROLLER_TASKS = ("lab-up", "preflight", "secrets", "render", "images")
 
 
-def plan(c: Cluster) -> list[str]:
-    """Run every step dry; return the steps that could not tell (with why)."""
+def steps(order: list[str]) -> list[tuple[str, Callable[..., Any]]]:
+    """The remote steps of setup's tasks `order`, in that order."""
+    unknown = [t for t in order if t not in REMOTE_STEPS and t not in CONTROLLER_TASKS]
+    assert not unknown, f"tasks/plan.py does not know setup's tasks {unknown}"
+    return [step for task in order for step in REMOTE_STEPS.get(task, [])]
+
+
+def plan(c: Cluster, order: list[str]) -> list[str]:
+    """Run every remote step of setup's tasks `order` dry; return the steps that could not tell
+    (with why)."""
     from tasks.remote import Remote, RemoteError
 
     unknown = []
     with Remote(c) as r:
-        for name, fn in STEPS:
+        for name, fn in steps(order):
             print(f"-- {name}", flush=True)
             try:
                 fn(c, r, True)
@@ -57,16 +66,18 @@ def plan(c: Cluster) -> list[str]:
     return unknown
 
 
-def task_plan() -> dict[str, Any]:
-    """Show what `doit setup` would change on each node, from the nodes' facts (changes none)."""
+def plan_task(order: list[str]) -> dict[str, Any]:
+    """The `plan` task: setup's tasks `order` (dodo.py's SETUP) run dry, remote steps only."""
     c = current()
 
     def action() -> TaskFailed | None:
-        unknown = plan(c)
+        unknown = plan(c, order)
         if unknown:
             print(f"plan: {len(unknown)} step(s) could not read their facts; the others are "
                   "shown above", flush=True)
         return None
 
     return {"basename": "plan", "actions": [action], "task_dep": ["secrets", "render"],
-            "uptodate": [False], "verbosity": 2, "doc": task_plan.__doc__}
+            "uptodate": [False], "verbosity": 2,
+            "doc": "Show what `doit setup` would change on each node, from the nodes' facts "
+                   "(changes none)"}

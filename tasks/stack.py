@@ -168,48 +168,47 @@ def prune_objects(r: Remote, c: Cluster, manager: str, keep: set[str],
 # Removal
 
 
-def remove(c: Cluster, dryrun: bool = False, purge: bool = False,
+def remove(c: Cluster, r: Remote, dryrun: bool = False, purge: bool = False,
            timeout: float = REMOVE_TIMEOUT) -> list[str]:
     """Stop Home Assistant (STOP_FIRST), `docker stack rm`, then wait until no container of the
     stack is left on any node and its networks are gone; with `purge` also remove the database
     volumes. Idempotent."""
     notes: list[str] = []
     volume = f"{c.name}_{DB_VOLUME}"
-    with Remote(c) as r:
-        r.redact(*secret_values(c))
-        manager = find_manager(r, c, required=False)
-        if manager:
-            names = r.run(manager, "stack: services",
-                          f"docker service ls --filter {label_filter(c)} "
-                          "--format '{{.Name}}'").stdout.split()
-            first = [s for s in STOP_FIRST if f"{c.name}_{s}" in names]
-            if names and dryrun:
-                notes.append(f"would stop {', '.join(first) or 'nothing'} first, then run "
-                             f"`docker stack rm {c.name}` (services: "
-                             f"{', '.join(sorted(names))}) and wait for its containers")
-            elif names:
-                _stop_first(r, c, manager, first)
-                progress(manager, f"stack: docker stack rm {c.name}")
-                r.run(manager, "stack: remove", f"docker stack rm {shlex.quote(c.name)}")
-            else:
-                notes.append(f"stack {c.name}: no services")
+    r.redact(*secret_values(c))
+    manager = find_manager(r, c, required=False)
+    if manager:
+        names = r.run(manager, "stack: services",
+                      f"docker service ls --filter {label_filter(c)} "
+                      "--format '{{.Name}}'").stdout.split()
+        first = [s for s in STOP_FIRST if f"{c.name}_{s}" in names]
+        if names and dryrun:
+            notes.append(f"would stop {', '.join(first) or 'nothing'} first, then run "
+                         f"`docker stack rm {c.name}` (services: "
+                         f"{', '.join(sorted(names))}) and wait for its containers")
+        elif names:
+            _stop_first(r, c, manager, first)
+            progress(manager, f"stack: docker stack rm {c.name}")
+            r.run(manager, "stack: remove", f"docker stack rm {shlex.quote(c.name)}")
         else:
-            notes.append("stack: no swarm manager answers: no stack to remove")
-        if not dryrun:
-            _wait_removed(r, c, timeout)
-        volumes = _volumes(r, c, volume)
-        holders = sorted(n for n, present in volumes.items() if present)
-        if purge and holders:
-            if dryrun:
-                notes.append(f"would remove the database volume {volume} on "
-                             f"{', '.join(holders)} (purge)")
-            else:
-                r.run_all("stack: remove database volume",
-                          f"docker volume rm {shlex.quote(volume)}", holders)
-                notes.append(f"removed the database volume {volume} on {', '.join(holders)}")
-        elif holders:
-            notes.append(f"kept the database volume {volume} on {', '.join(holders)} (user "
-                         "data; `doit purge=yes clean` removes it)")
+            notes.append(f"stack {c.name}: no services")
+    else:
+        notes.append("stack: no swarm manager answers: no stack to remove")
+    if not dryrun:
+        _wait_removed(r, c, timeout)
+    volumes = _volumes(r, c, volume)
+    holders = sorted(n for n, present in volumes.items() if present)
+    if purge and holders:
+        if dryrun:
+            notes.append(f"would remove the database volume {volume} on "
+                         f"{', '.join(holders)} (purge)")
+        else:
+            r.run_all("stack: remove database volume",
+                      f"docker volume rm {shlex.quote(volume)}", holders)
+            notes.append(f"removed the database volume {volume} on {', '.join(holders)}")
+    elif holders:
+        notes.append(f"kept the database volume {volume} on {', '.join(holders)} (user "
+                     "data; `doit purge=yes clean` removes it)")
     return notes
 
 
@@ -276,22 +275,21 @@ def _wait_removed(r: Remote, c: Cluster, timeout: float) -> None:
         time.sleep(1)
 
 
-def remove_objects(c: Cluster, dryrun: bool = False) -> list[str]:
+def remove_objects(c: Cluster, r: Remote, dryrun: bool = False) -> list[str]:
     """Remove every config and secret of this stack (names `NAME_*`). Idempotent."""
-    with Remote(c) as r:
-        manager = find_manager(r, c, required=False)
-        if manager is None:
-            return ["stack-objects: no swarm manager answers: no configs or secrets to remove"]
-        names = {kind: sorted(n for n in _object_names(r, manager, kind)
-                              if n.startswith(f"{c.name}_")) for kind in ("config", "secret")}
-        if dryrun:
-            return [f"would remove {kind} {n}" for kind, ns in names.items() for n in ns] or \
-                ["stack-objects: nothing to remove"]
-        notes = prune_objects(r, c, manager, keep=set(), adjective="")
-        count = sum(len(v) for v in names.values())
-        notes.append(f"stack-objects: removed {count} configs/secrets" if count
-                     else "stack-objects: nothing to remove")
-        return notes
+    manager = find_manager(r, c, required=False)
+    if manager is None:
+        return ["stack-objects: no swarm manager answers: no configs or secrets to remove"]
+    names = {kind: sorted(n for n in _object_names(r, manager, kind)
+                          if n.startswith(f"{c.name}_")) for kind in ("config", "secret")}
+    if dryrun:
+        return [f"would remove {kind} {n}" for kind, ns in names.items() for n in ns] or \
+            ["stack-objects: nothing to remove"]
+    notes = prune_objects(r, c, manager, keep=set(), adjective="")
+    count = sum(len(v) for v in names.values())
+    notes.append(f"stack-objects: removed {count} configs/secrets" if count
+                 else "stack-objects: nothing to remove")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +314,7 @@ def setup_objects(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]
 
 def clean_objects(c: Cluster, r: Remote, dryrun: bool) -> None:
     """Every config and secret of this stack removed (`remove_objects`)."""
-    for note in remove_objects(c, dryrun=dryrun):
+    for note in remove_objects(c, r, dryrun=dryrun):
         print(note, flush=True)
 
 
@@ -337,5 +335,5 @@ def objects_task(c: Cluster, after: Iterable[str] = ()) -> dict[str, Any]:
 def clean_stack(c: Cluster, r: Remote, dryrun: bool) -> None:
     """`docker stack rm`, then wait until the containers are gone (`remove`); the database
     volumes are kept unless `purge=yes`."""
-    for note in remove(c, dryrun=dryrun, purge=purge_requested()):
+    for note in remove(c, r, dryrun=dryrun, purge=purge_requested()):
         print(note, flush=True)

@@ -418,7 +418,7 @@ def _problem(c: Cluster, name: str, msg: str) -> Failure:
                    kind=Kind.ERROR, detail="nothing was changed on any node", hint=msg)
 
 
-def teardown(c: Cluster, dryrun: bool = False) -> list[str]:
+def teardown(c: Cluster, r: Remote, dryrun: bool = False) -> list[str]:
     """Take every node out of this swarm, keeping quorum; returns messages for the user.
 
     Unreachable nodes are reported (they still believe they are in the swarm) but do not stop
@@ -426,54 +426,53 @@ def teardown(c: Cluster, dryrun: bool = False) -> list[str]:
     """
     notes: list[str] = []
     addresses = {n.name: advertise_address(n) for n in c.nodes}
-    with Remote(c) as r:
-        facts, failures = read_facts_reachable(r)
-        for f in failures:
-            notes.append(f"{f.node}: unreachable ({f.detail}); it may still believe it is in the "
-                         f"swarm: once it is back, run `doit clean` again (or `docker swarm "
-                         f"leave --force` on it)")
-        p = leave_plan(c, facts, addresses)
-        notes += [msg for _, msg in p.skipped]
-        if p.empty:
-            notes.append("swarm: no node is in this swarm: nothing to remove")
-            return notes
-        if dryrun:
-            for via, names in p.demote.items():
-                notes += [f"{name}: would be demoted to worker (on {via})" for name in names]
-            notes += [f"{name}: would leave the swarm" for name in p.leave]
-            notes += [f"{name}: would leave the swarm last (--force: ends the swarm)"
-                      for name in p.last]
-            return notes
+    facts, failures = read_facts_reachable(r)
+    for f in failures:
+        notes.append(f"{f.node}: unreachable ({f.detail}); it may still believe it is in the "
+                     f"swarm: once it is back, run `doit clean` again (or `docker swarm "
+                     f"leave --force` on it)")
+    p = leave_plan(c, facts, addresses)
+    notes += [msg for _, msg in p.skipped]
+    if p.empty:
+        notes.append("swarm: no node is in this swarm: nothing to remove")
+        return notes
+    if dryrun:
         for via, names in p.demote.items():
-            demoted = []
-            for name in names:  # one at a time: 3 -> 2 -> 1 managers, each with a majority
-                progress(name, f"swarm: demote to worker (via {via})")
-                res = r.run(via, "swarm: demote",
-                            f"docker node demote {shlex.quote(facts[name].node_id)}",
-                            check=False, timeout=60)
-                if res.ok:
-                    demoted.append(facts[name].node_id)
-                else:
-                    notes.append(f"{name}: demotion failed ({res.stderr.strip()[:200]}); "
-                                 "it leaves by force instead")
-            _wait_workers(r, via, demoted)
+            notes += [f"{name}: would be demoted to worker (on {via})" for name in names]
+        notes += [f"{name}: would leave the swarm" for name in p.leave]
+        notes += [f"{name}: would leave the swarm last (--force: ends the swarm)"
+                  for name in p.last]
+        return notes
+    for via, names in p.demote.items():
+        demoted = []
+        for name in names:  # one at a time: 3 -> 2 -> 1 managers, each with a majority
+            progress(name, f"swarm: demote to worker (via {via})")
+            res = r.run(via, "swarm: demote",
+                        f"docker node demote {shlex.quote(facts[name].node_id)}",
+                        check=False, timeout=60)
+            if res.ok:
+                demoted.append(facts[name].node_id)
+            else:
+                notes.append(f"{name}: demotion failed ({res.stderr.strip()[:200]}); "
+                             "it leaves by force instead")
+        _wait_workers(r, via, demoted)
 
-        def leave(n: Node) -> None:
-            progress(n, "swarm: leave")
-            r.run(n, "swarm: leave", "docker swarm leave --force", timeout=60)
+    def leave(n: Node) -> None:
+        progress(n, "swarm: leave")
+        r.run(n, "swarm: leave", "docker swarm leave --force", timeout=60)
 
-        r.on_all("swarm: leave", leave, p.leave)
-        for name in p.last:
-            progress(name, "swarm: leave (last manager: the swarm ends)")
-            r.run(name, "swarm: leave", "docker swarm leave --force", timeout=60)
-        left, _ = read_facts_reachable(r, [c.node(n) for n in [*p.leave, *p.last]])
-        stuck = [n for n, f in left.items() if f.state != "inactive"]
-        if stuck:
-            raise RemoteError([Failure(
-                node=n, address=c.node(n).address, step="swarm: leave", kind=Kind.ERROR,
-                detail=f"still in swarm state {left[n].state!r} after leaving",
-                hint=f"run `docker swarm leave --force` on {n} by hand") for n in stuck])
-        notes.append(f"swarm: {len(left)} node(s) left the swarm")
+    r.on_all("swarm: leave", leave, p.leave)
+    for name in p.last:
+        progress(name, "swarm: leave (last manager: the swarm ends)")
+        r.run(name, "swarm: leave", "docker swarm leave --force", timeout=60)
+    left, _ = read_facts_reachable(r, [c.node(n) for n in [*p.leave, *p.last]])
+    stuck = [n for n, f in left.items() if f.state != "inactive"]
+    if stuck:
+        raise RemoteError([Failure(
+            node=n, address=c.node(n).address, step="swarm: leave", kind=Kind.ERROR,
+            detail=f"still in swarm state {left[n].state!r} after leaving",
+            hint=f"run `docker swarm leave --force` on {n} by hand") for n in stuck])
+    notes.append(f"swarm: {len(left)} node(s) left the swarm")
     return notes
 
 
@@ -495,7 +494,7 @@ def _wait_workers(r: Remote, via: str, node_ids: list[str], timeout: float = 30)
 
 def clean(c: Cluster, r: Remote, dryrun: bool) -> None:
     """Every node leaves the swarm (`teardown`); the steps inside it are forgotten too."""
-    for note in teardown(c, dryrun=dryrun):
+    for note in teardown(c, r, dryrun=dryrun):
         print(note, flush=True)
     if not dryrun:
         for step in INSIDE_SWARM:

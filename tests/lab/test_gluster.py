@@ -23,6 +23,7 @@ import yaml
 from lab.driver import Lab
 from tasks import gluster, homeassistant, ops, render, stack
 from tasks.config import LAB_CLUSTER_FILE, PROJECT_ROOT, Cluster, load_cluster
+from tasks.remote import Remote
 
 pytestmark = pytest.mark.lab
 
@@ -89,7 +90,8 @@ def test_setup_from_bare_nodes(lab: Lab, cluster: Cluster,
                                monkeypatch: pytest.MonkeyPatch) -> None:
     # a stack left running on the lab (by a developer, or an earlier session) holds the mount:
     # take it down first, as `doit clean` would (dependents first)
-    stack.remove(cluster)
+    with Remote(cluster) as r:
+        stack.remove(cluster, r)
     timing("purge (whatever a previous run left)",
            run(cluster, CLEAN, clean=True, purge=True, monkeypatch=monkeypatch))
     for n in NAMES:

@@ -104,7 +104,8 @@ def test_clean_leaves_no_swarm_state_then_setup_again(lab, cluster, formed):
 
 def test_node_in_another_swarm_is_refused_with_instructions(lab, cluster, formed):
     # pi3 leaves and starts a swarm of its own: setup must refuse and change nothing.
-    swarm.teardown(cluster)
+    with Remote(cluster) as r:
+        swarm.teardown(cluster, r)
     lab.exec("pi3", "docker swarm init --advertise-addr 10.77.0.13 >/dev/null")
     lab.exec("pi2", "docker swarm init --advertise-addr 10.77.0.12 >/dev/null")
     try:
