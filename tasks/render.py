@@ -111,6 +111,13 @@ def lock_hang(c: Cluster) -> int:
     return c.gluster.ping_timeout + 3
 
 
+def lock_settle(c: Cluster) -> int:
+    """Seconds a new Mosquitto lock holder waits when the last one did not release the lock: a
+    flock moves off a cut node after ~ping_timeout + 1 s, its broker is fenced by lock_hang + 1 s
+    at the latest (see stack/mosquitto-entrypoint.sh.j2)."""
+    return lock_hang(c) - c.gluster.ping_timeout + 2
+
+
 def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
     """Values for stack.yml. `bootstrap` renders the first-deploy variant (seed only)."""
     n = len(c.nodes)
@@ -135,6 +142,7 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
         "mqtt_standby": c.mqtt_standby,
         "lock_ready": HA_LOCK_READY,
         "lock_hang": lock_hang(c),
+        "lock_settle": lock_settle(c),
         "db_name": DB_NAME,
         "db_user": DB_USER,
         "healthcheck_user": secrets.HEALTHCHECK_MQTT_USER,

@@ -69,20 +69,31 @@ def mosquitto_entrypoint(tmp_path: Path, name: str, lock: Path) -> tuple[Path, P
     broker.chmod(0o755)
     text = jinja2.Template((TEMPLATES / "mosquitto-entrypoint.sh.j2").read_text()).render(
         lock_file=str(lock), lock_ready=str(ready))
-    assert "exec /docker-entrypoint.sh \"$@\"" in text
+    assert "\n/docker-entrypoint.sh \"$@\" &\n" in text
     script = tmp_path / f"{name}.sh"
-    script.write_text(text.replace("exec /docker-entrypoint.sh", f"exec {broker}"))
+    script.write_text(text.replace("\n/docker-entrypoint.sh", f"\n{broker}"))
     return script, ready, running
 
 
 def container(script: Path) -> subprocess.Popen:
+    tmp = script.with_suffix(".tmp")  # the container's own /tmp
+    tmp.mkdir()
     return subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sh", str(script),
                              "mosquitto", "-c", "conf"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HASWARM_LOCK_HANG": "3"})
+                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HASWARM_LOCK_HANG": "3",
+                                 "HASWARM_LOCK_SETTLE": "2", "TMPDIR": str(tmp)})
 
 
-def test_one_mosquitto_at_a_time_and_fenced_when_the_volume_fails(tmp_path):
+def stop(proc: subprocess.Popen) -> str:
+    """`docker stop`: SIGTERM to the container's PID 1 (the child of unshare); its output."""
+    init = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    subprocess.run(["kill", "-TERM", init[0]], check=True)
+    out, _ = proc.communicate(timeout=10)
+    return out
+
+
+def needs_root_unshare_flock() -> None:
     import os
     import shutil
 
@@ -90,40 +101,70 @@ def test_one_mosquitto_at_a_time_and_fenced_when_the_volume_fails(tmp_path):
 
     if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("flock")):
         pytest.skip("needs root, unshare and flock")
+
+
+def test_mosquitto_handover_clean_at_once_unclean_after_the_settle_time(tmp_path):
+    needs_root_unshare_flock()
     lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
-    one, ready1, running1 = mosquitto_entrypoint(tmp_path, "one", lock)
-    two, ready2, running2 = mosquitto_entrypoint(tmp_path, "two", lock)
-    first = container(one)
-    second = None
+    scripts = [mosquitto_entrypoint(tmp_path, name, lock) for name in ("a", "b", "c")]
+    procs: list[subprocess.Popen] = []
     try:
-        assert wait_file(running1, 10)
-        assert running1.read_text().split() == ["mosquitto", "-c", "conf"]  # the command
-        second = container(two)
-        assert not wait_file(running2, 2.5)  # the first one holds the lock
-        assert not ready2.exists()
-        first.kill()  # the first container ends: its lock is released
-        first.wait(5)
-        assert wait_file(running2, 3)
-        # The volume fails under the running broker: writes error -> fenced, container ends.
-        beat = Path(f"{lock}.beat")
+        procs.append(container(scripts[0][0]))
+        assert wait_file(scripts[0][2], 10)
+        assert scripts[0][2].read_text().split() == ["mosquitto", "-c", "conf"]  # the command
+        procs.append(container(scripts[1][0]))
+        assert not wait_file(scripts[1][2], 2.0)  # the first one holds the lock
+        out = stop(procs[0])  # a clean stop: the broker ends, the lock is handed over
+        assert "lock held after 0 s" in out and "FENCING" not in out
+        assert Path(f"{lock}.beat").read_text().startswith("released ")
+        started = time.monotonic()
+        assert wait_file(scripts[1][2], 3)
+        assert time.monotonic() - started < 2.0  # at once: no settle time
+        procs.append(container(scripts[2][0]))
+        time.sleep(1.5)
+        procs[1].kill()  # the node dies: no clean release
+        procs[1].wait(5)
+        started = time.monotonic()
+        assert wait_file(scripts[2][2], 8)
+        assert time.monotonic() - started >= 2.0  # HASWARM_LOCK_SETTLE
+        out = stop(procs[2])
+        assert "the last holder has not released the lock (container" in out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+def test_a_mosquitto_whose_volume_fails_is_fenced(tmp_path):
+    import os
+
+    needs_root_unshare_flock()
+    lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
+    beat = Path(f"{lock}.beat")
+    procs: list[subprocess.Popen] = []
+    try:
+        # writes fail (the volume lost its quorum): fenced at once, the container ends
+        script, _, running = mosquitto_entrypoint(tmp_path, "one", lock)
+        procs.append(container(script))
+        assert wait_file(running, 10)
         beat.unlink()
         beat.mkdir()
-        out, _ = second.communicate(timeout=10)
-        assert "FENCING: writes to the volume fail" in out
-        assert "waiting 0 s: another Mosquitto holds the lock (container" in out
-        # A write that hangs (a FIFO without a reader never opens): fenced after the deadline.
+        out, _ = procs[0].communicate(timeout=10)
+        assert "FENCING: a write to the volume failed" in out
+        # a write that hangs (a FIFO without a reader never opens): fenced after the deadline
         beat.rmdir()
-        third_script, _, running3 = mosquitto_entrypoint(tmp_path, "three", lock)
-        third = container(third_script)
-        assert wait_file(running3, 10)
+        script, _, running = mosquitto_entrypoint(tmp_path, "two", lock)
+        procs.append(container(script))
+        assert wait_file(running, 10)
         beat.unlink()
         os.mkfifo(beat)
         started = time.monotonic()
-        out, _ = third.communicate(timeout=15)
+        out, _ = procs[1].communicate(timeout=15)
         assert "FENCING: a write to the volume hangs for more than 3 s" in out
         assert 3 <= time.monotonic() - started < 8
     finally:
-        for p in (first, second, locals().get("third")):
-            if p is not None and p.poll() is None:
+        for p in procs:
+            if p.poll() is None:
                 p.kill()
                 p.wait(5)
