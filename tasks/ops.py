@@ -36,8 +36,11 @@ class Op:
 
     what: str  # for the user: "unmount /mnt/haswarm"
     cmd: str | None = None
-    put: tuple[str, str] | None = None  # (remote path, content), root 0644
-    hint: str | None = None
+    put: tuple[str, str] | None = None  # (remote path, content), written with mode and owner
+    hint: str | None = None  # shown when `cmd` fails
+    mode: int = 0o644  # of the file `put` writes
+    owner: str | None = None  # "user:group" of that file; None: root's when new, else as it is
+    timeout: float | None = None  # seconds `cmd` may take; None: as long as it runs
 
 
 def apply_ops(r: Remote, node: Node, step: str, ops: list[Op], *, dryrun: bool = False) -> bool:
@@ -54,9 +57,9 @@ def apply_ops(r: Remote, node: Node, step: str, ops: list[Op], *, dryrun: bool =
             continue
         progress(node, f"{step}: {op.what}")
         if op.cmd is not None:
-            r.run(node, step, op.cmd, hint=op.hint)
+            r.run(node, step, op.cmd, hint=op.hint, timeout=op.timeout)
         if op.put is not None:
-            r.put(node, step, op.put[1], op.put[0], mode=0o644)
+            r.put(node, step, op.put[1], op.put[0], mode=op.mode, owner=op.owner)
     return True
 
 

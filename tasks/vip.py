@@ -27,20 +27,27 @@ clean: keepalived stopped (and disabled under systemd), the three files removed;
 keepalived.conf that haswarm wrote (marker line) is touched. With no `vip.address` in the
 cluster file, setup does the same (no VIP wanted: none left behind).
 
+As every step (tasks/ops.py): one command reads a node's facts (`facts_command`, parsed by
+`parse_facts`), a pure plan turns them into Ops (`plan_setup`, `plan_remove`), `apply_ops`
+does them, or only says them in a dry run ("nothing to do" on a converged node).
+
 The task checks at the end that exactly one node holds the address and that an MQTT client
 gets a CONNACK through it from this computer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import shlex
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
 from tasks.errors import HaswarmError
+from tasks.ops import Op, StepError, apply_ops, on_nodes, say
 from tasks.remote import key_values
 from tasks.service import SYSTEMD
 
@@ -53,6 +60,7 @@ CRON = "/etc/cron.d/haswarm-keepalived"
 PIDFILE = "/run/keepalived.pid"
 VRRP_PIDFILE = "/run/keepalived_vrrp.pid"
 LOG = "/var/log/haswarm-keepalived.log"
+OWNER = "root:root"  # of the three files
 MARKER = "# haswarm: keepalived for the cluster VIP (written by `doit vip`)"
 TEMPLATE = "keepalived.conf.j2"
 WEIGHT = 50
@@ -201,26 +209,124 @@ STOP = (f"if {SYSTEMD}; then systemctl disable --now keepalived >/dev/null 2>&1 
         "for i in $(seq 100); do kill -0 \"$pid\" 2>/dev/null || break; sleep 0.1; done; fi; "
         f"rm -f {PIDFILE} {VRRP_PIDFILE}")
 
-FACTS = (
-    "echo installed=$(command -v keepalived >/dev/null && echo yes || echo no); "
-    f"echo systemd=$({SYSTEMD} && echo yes || echo no); "
-    f"echo running=$({{ {RUNNING} || pidof keepalived >/dev/null; }} && echo yes || echo no); "
-    f"echo conf=$([ -e {CONF} ] && {{ head -n 1 {CONF} | grep -qxF {shlex.quote(MARKER)} "
-    "&& echo haswarm || echo other; } || echo none)"
-)
+
+def drop_address(address: str) -> str:
+    """Remove `address` from every interface of the node that has it (errors ignored)."""
+    q = shlex.quote(f"{address}/32")
+    return (f"ip -o -4 addr show to {q} | awk '{{print $2}}' | "
+            f"while read -r dev; do ip addr del {q} dev \"$dev\"; done; true")
 
 
-def plan_problems(facts: dict[str, str], interface_ok: bool, iface: str) -> list[str]:
+# ---------------------------------------------------------------------------------------------
+# Facts: one read per node
+
+
+def facts_command(interface: str) -> str:
+    """Prints key=value lines: keepalived installed, systemd, keepalived running, whose
+    keepalived.conf (haswarm | other | none), whether `interface` exists, and for each of CONF,
+    CHECK and CRON `PATH=MODE USER GROUP SHA256` (or `PATH=missing`)."""
+    return (
+        "echo installed=$(command -v keepalived >/dev/null && echo yes || echo no); "
+        f"echo systemd=$({SYSTEMD} && echo yes || echo no); "
+        f"echo running=$({{ {RUNNING} || pidof keepalived >/dev/null; }} && echo yes || echo no); "
+        f"echo conf=$([ -e {CONF} ] && {{ head -n 1 {CONF} | grep -qxF {shlex.quote(MARKER)} "
+        "&& echo haswarm || echo other; } || echo none); "
+        f"echo interface=$(ip link show dev {shlex.quote(interface)} >/dev/null 2>&1 "
+        "&& echo yes || echo no); "
+        f"for f in {CONF} {CHECK} {CRON}; do if [ -e \"$f\" ]; then "
+        "echo \"$f=$(stat -L -c '%a %U %G' -- \"$f\") $(sha256sum < \"$f\" | cut -d' ' -f1)\"; "
+        "else echo \"$f=missing\"; fi; done"
+    )
+
+
+@dataclass(frozen=True)
+class VIPFacts:
+    """What a node has now (the output of `facts_command`, parsed by `parse_facts`)."""
+
+    installed: bool  # keepalived is installed
+    systemd: bool
+    running: bool  # keepalived runs
+    conf: str  # who wrote keepalived.conf: "haswarm" (the marker line), "other" or "none"
+    interface: bool  # vip.interface exists
+    # CONF, CHECK and CRON when present: path -> "MODE USER GROUP SHA256" ("644 root root 3a7f...")
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def parse_facts(text: str) -> VIPFacts:
+    """The output of `facts_command` -> VIPFacts."""
+    kv = key_values(text)
+    return VIPFacts(installed=kv.get("installed") == "yes", systemd=kv.get("systemd") == "yes",
+                    running=kv.get("running") == "yes", conf=kv.get("conf", "none"),
+                    interface=kv.get("interface") == "yes",
+                    files={p: kv[p] for p in (CONF, CHECK, CRON)
+                           if kv.get(p, "missing") != "missing"})
+
+
+def read_facts(r: Remote, node: Node, interface: str) -> VIPFacts:
+    """`node`'s VIPFacts, in one round trip."""
+    return parse_facts(r.run(node, "vip: facts", facts_command(interface)).stdout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans (pure): facts -> the Ops that bring a node where it should be
+
+
+def plan_problems(facts: VIPFacts, iface: str) -> list[str]:
     """Why setup cannot go on on a node (empty: it can)."""
     problems = []
-    if facts.get("installed") != "yes":
+    if not facts.installed:
         problems.append("keepalived is not installed: apt-get install keepalived")
-    if facts.get("conf") == "other":
+    if facts.conf == "other":
         problems.append(f"{CONF} exists and was not written by haswarm: move it away (or merge "
                         "it by hand and drop the VIP from the cluster file)")
-    if not interface_ok:
+    if not facts.interface:
         problems.append(f"no network interface {iface!r} (vip.interface): see `ip -br link`")
     return problems
+
+
+def file_state(text: str, mode: int) -> str:
+    """What `VIPFacts.files` says of a file holding `text` with `mode`, owned by OWNER."""
+    return f"{mode:o} {OWNER.replace(':', ' ')} {hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def plan_setup(c: Cluster, node: Node, facts: VIPFacts, ips: dict[str, str]) -> list[Op]:
+    """Write the files that differ (the cron entry only without systemd), then start keepalived
+    or make it re-read them; nothing on a converged node. StepError when the node cannot
+    have the VIP."""
+    problems = plan_problems(facts, c.vip.interface)
+    if problems:
+        raise StepError("; ".join(problems))
+    wanted = [(CONF, render_conf(c, node, ips), 0o644), (CHECK, check_script(c, node, ips), 0o755)]
+    if not facts.systemd:
+        wanted.append((CRON, cron_text(), 0o644))
+    ops = [Op(f"write {path}", put=(path, text), mode=mode, owner=OWNER)
+           for path, text, mode in wanted if facts.files.get(path) != file_state(text, mode)]
+    if ops or not facts.running:
+        ops.append(Op("reload keepalived" if ops and facts.running else "start keepalived",
+                      start_command(changed=bool(ops)), timeout=60,
+                      hint=f"see {LOG} (or journalctl -u keepalived) on the node; "
+                           f"`keepalived -t -f {CONF}` checks the config"))
+    return ops
+
+
+def plan_remove(c: Cluster, node: Node, facts: VIPFacts) -> list[Op]:
+    """Stop keepalived, remove haswarm's files and drop the VIP from the node's interfaces.
+    Someone else's keepalived.conf (and their keepalived) is left alone; haswarm's other files
+    still go."""
+    ours = facts.conf == "haswarm"
+    files = [p for p in (CONF, CHECK, CRON) if p in facts.files and (p != CONF or ours)]
+    if not files:
+        return []
+    remove_files = Op(f"remove {', '.join(files)}", "rm -f " + " ".join(files))
+    if facts.conf == "other":
+        return [remove_files]
+    ops = []
+    if facts.running or ours:
+        ops.append(Op("stop keepalived", STOP, timeout=60))
+    ops.append(remove_files)
+    if c.vip.address:
+        ops.append(Op(f"drop the address {c.vip.address}", drop_address(c.vip.address)))
+    return ops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,8 +335,6 @@ def plan_problems(facts: dict[str, str], interface_ok: bool, iface: str) -> list
 
 def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """keepalived with the VIP on every node; then one holder that answers MQTT."""
-    from tasks.ops import StepError, on_nodes, say
-
     if c.vip.address is None:
         say(c.nodes[0], "vip: no vip.address in the cluster file: "
                         + ("haswarm's keepalived must be absent" if dryrun
@@ -239,35 +343,11 @@ def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
         return {"vip": None}
     ips = {n.name: node_ip(n) for n in c.nodes}
     validate(c, ips)
-    iface = shlex.quote(c.vip.interface)
 
     def one(node: Node) -> bool:
-        facts = key_values(r.run(node, "vip: facts", FACTS).stdout)
-        iface_ok = r.run(node, "vip: interface", f"ip link show dev {iface} >/dev/null 2>&1",
-                         check=False).ok
-        problems = plan_problems(facts, iface_ok, c.vip.interface)
-        if problems:
-            raise StepError("; ".join(problems))
-        changed = r.put(node, "vip: keepalived.conf", render_conf(c, node, ips), CONF,
-                        mode=0o644, owner="root:root", dryrun=dryrun)
-        changed |= r.put(node, "vip: check script", check_script(c, node, ips), CHECK,
-                         mode=0o755, owner="root:root", dryrun=dryrun)
-        if facts.get("systemd") != "yes":
-            changed |= r.put(node, "vip: cron", cron_text(), CRON, mode=0o644,
-                             owner="root:root", dryrun=dryrun)
-        if dryrun:
-            say(node, "vip: would (re)configure keepalived" if changed else
-                "vip: would start keepalived" if facts.get("running") != "yes" else
-                "vip: nothing to do")
-            return changed
-        if changed or facts.get("running") != "yes":
-            r.run(node, "vip: start keepalived", start_command(changed), timeout=60,
-                  hint=f"see {LOG} (or journalctl -u keepalived) on the node; "
-                       f"`keepalived -t -f {CONF}` checks the config")
-            say(node, "vip: keepalived " + ("(re)configured" if changed else "started"))
-        else:
-            say(node, "vip: nothing to do")
-        return changed
+        ops = plan_setup(c, node, read_facts(r, node, c.vip.interface), ips)
+        apply_ops(r, node, "vip", ops, dryrun=dryrun)
+        return any(op.put is not None for op in ops)
 
     changed = on_nodes(r, "vip", one)
     if dryrun:
@@ -320,36 +400,12 @@ def wait_holder(c: Cluster, r: Remote, timeout: float) -> str:
 
 def remove(c: Cluster, r: Remote, dryrun: bool) -> None:
     """Stop keepalived and remove haswarm's files on every node that answers."""
-    from tasks.ops import on_nodes, say
 
     def one(node: Node) -> None:
-        facts = key_values(r.run(node, "vip: facts", FACTS).stdout)
-        present = r.run(node, "vip: files",
-                        f"for f in {CHECK} {CRON}; do [ -e $f ] && echo $f; done; true"
-                        ).stdout.split()
-        if facts.get("conf") == "other":
+        facts = read_facts(r, node, c.vip.interface)
+        if facts.conf == "other":
             say(node, f"vip: {CONF} is not haswarm's: left alone")
-            if present and not dryrun:
-                r.run(node, "vip: remove files", "rm -f " + " ".join(present))
-            return
-        ours = facts.get("conf") == "haswarm"
-        if not ours and not present:
-            say(node, "vip: nothing to do")
-            return
-        if dryrun:
-            say(node, "vip: would stop keepalived and remove "
-                      + ", ".join(([CONF] if ours else []) + present))
-            return
-        if facts.get("running") == "yes" or ours:
-            r.run(node, "vip: stop keepalived", STOP, timeout=60)
-        files = ([CONF] if ours else []) + present
-        r.run(node, "vip: remove files", "rm -f " + " ".join(files))
-        if c.vip.address:
-            q = shlex.quote(f"{c.vip.address}/32")
-            r.run(node, "vip: drop address",
-                  f"ip -o -4 addr show to {q} | awk '{{print $2}}' | "
-                  f"while read -r dev; do ip addr del {q} dev \"$dev\"; done", check=False)
-        say(node, "vip: keepalived stopped; removed " + ", ".join(files))
+        apply_ops(r, node, "vip", plan_remove(c, node, facts), dryrun=dryrun)
 
     on_nodes(r, "vip (clean)", one)
 
@@ -370,8 +426,6 @@ def task_vip() -> dict[str, Any]:
         try:
             return setup(cl, r, dryrun)
         except VIPError as e:
-            from tasks.ops import StepError
-
             raise StepError(str(e)) from None
 
     run_setup.__name__ = "setup"

@@ -461,12 +461,16 @@ def test_host_check_against_a_listener_and_nothing(cv, tmp_path):
 
 
 def test_shell_commands_parse():
-    for cmd in (vip.start_command(True), vip.start_command(False), vip.STOP, vip.FACTS):
+    for cmd in (vip.start_command(True), vip.start_command(False), vip.STOP,
+                vip.facts_command("eth0"), vip.drop_address("10.77.0.100")):
         assert subprocess.run(["sh", "-n", "-c", cmd]).returncode == 0, cmd
     cron = vip.cron_text()
     assert "@reboot root" in cron and "%" not in cron  # cron turns % into a newline
     assert key_values("installed=yes\nconf=haswarm\n") == {"installed": "yes",
                                                                   "conf": "haswarm"}
-    assert vip.plan_problems({"installed": "yes", "conf": "none"}, True, "eth0") == []
-    problems = vip.plan_problems({"installed": "no", "conf": "other"}, False, "eth9")
+    ok = vip.VIPFacts(installed=True, systemd=False, running=False, conf="none", interface=True)
+    assert vip.plan_problems(ok, "eth0") == []
+    bad = vip.VIPFacts(installed=False, systemd=False, running=False, conf="other",
+                       interface=False)
+    problems = vip.plan_problems(bad, "eth9")
     assert len(problems) == 3 and "apt-get install keepalived" in problems[0]
