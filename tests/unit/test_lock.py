@@ -3,6 +3,7 @@ one lock file (a local file here; the Gluster volume in the cluster)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -115,7 +116,7 @@ def test_mosquitto_handover_clean_at_once_unclean_after_the_settle_time(tmp_path
         procs.append(container(scripts[1][0]))
         assert not wait_file(scripts[1][2], 2.0)  # the first one holds the lock
         out = stop(procs[0])  # a clean stop: the broker ends, the lock is handed over
-        assert "lock held after 0 s" in out and "FENCING" not in out
+        assert re.search(r"lock held after [01] s", out) and "FENCING" not in out
         assert Path(f"{lock}.beat").read_text().startswith("released ")
         started = time.monotonic()
         assert wait_file(scripts[1][2], 3)
