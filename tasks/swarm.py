@@ -14,9 +14,9 @@ A converged swarm gives no ops: "nothing to do". A node in a *different* swarm (
 not this cluster's nodes), or one stuck joining, stops the task before anything is changed, with
 what to do.
 
-Clean mirrors it, keeping quorum all the way: the other managers are demoted one by one from
-one manager (3 -> 2 -> 1 managers, each change with a majority), the workers leave, the last
-manager leaves with `--force`. Every step reads the facts again, so a second clean does nothing.
+Clean mirrors it (`leave_plan`), keeping quorum all the way: the other managers are demoted one
+by one from one manager (3 -> 2 -> 1 managers, each change with a majority), the workers leave,
+the last manager leaves with `--force`. The facts are read first, so a second clean does nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import shlex
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tasks.config import Cluster, Node
@@ -41,8 +41,11 @@ SWARM_PORT = 2377
 INSIDE_SWARM = ("stack-objects", "stack")
 # Seconds to wait for joined managers to show up Ready and Reachable.
 MEMBERSHIP_TIMEOUT = 60.0
+# Seconds to wait for a demoted manager to count as a worker (it leaves by force anyway).
+DEMOTION_TIMEOUT = 30.0
 
 INFO_CMD = "docker info --format '{{json .Swarm}}'"
+LEAVE_CMD = "timeout 60 docker swarm leave --force"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,52 +290,41 @@ def managers_ready_check(c: Cluster, addresses: dict[str, str]) -> str:
     return "; ".join(lines)
 
 
-@dataclass
-class LeavePlan:
-    """What clean must do: per swarm, demote the other managers on one manager (`demote`:
-    {via: [names]}), then every node but those leaves (`leave`), then each `last` manager
-    leaves with --force, ending its swarm."""
+def leave_plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]
+               ) -> tuple[list[Op], list[str]]:
+    """The ops taking every node out of its swarm keeping a quorum at every step, and notes on
+    the nodes left alone (`facts` holds the reachable nodes only).
 
-    demote: dict[str, list[str]] = field(default_factory=dict)
-    leave: list[str] = field(default_factory=list)
-    last: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # foreign swarms: untouched
-
-    @property
-    def empty(self) -> bool:
-        """No node to take out of a swarm."""
-        return not (self.leave or self.last)
-
-
-def leave_plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]) -> LeavePlan:
-    """Order of removal that keeps a quorum at every step (reachable nodes only in `facts`).
-
-    Nodes in a swarm whose managers are not all cluster nodes are left alone (reported).
-    Several swarms made of cluster nodes (a half-failed earlier setup) are each taken apart.
+    Per swarm made of cluster nodes (several after a half-failed setup), its first manager
+    demotes the others one at a time (3 -> 2 -> 1 managers, each change with a majority); then
+    every other node leaves; then that manager leaves with --force, ending its swarm. Nodes in
+    a swarm whose managers are not all cluster nodes are left alone.
     """
     ours_ips = set(addresses.values())
-    p = LeavePlan()
+    skipped: list[str] = []
+    leave: list[str] = []
     groups: dict[str, list[str]] = {}
     for n in c.nodes:
         f = facts.get(n.name)
         if f is None or f.state == "inactive":
             continue
         if not set(f.managers) <= ours_ips:
-            p.skipped.append((n.name, f"{n.name} is in another swarm (managers: "
-                                      f"{', '.join(f.managers)}): left as it is"))
-            continue
-        if f.active and f.manager and f.cluster_id:
+            skipped.append(f"{n.name} is in another swarm (managers: {', '.join(f.managers)}): "
+                           "left as it is")
+        elif f.active and f.manager and f.cluster_id:
             groups.setdefault(f.cluster_id, []).append(n.name)
         else:
-            p.leave.append(n.name)  # workers and stuck nodes: leaving changes no quorum
-    for managers in groups.values():
-        via, *others = managers
-        if others:
-            p.demote[via] = others
-        p.leave += others
-        p.last.append(via)
-    p.leave.sort(key=c.names.index)
-    return p
+            leave.append(n.name)  # workers and stuck nodes: leaving changes no quorum
+    ops: list[Op] = []
+    for via, *others in groups.values():
+        ops += [_demote_op(via, name, facts[name].node_id) for name in others]
+        leave += others
+    hint = "run `docker swarm leave --force` on the node by hand"
+    ops += [Op("leave", LEAVE_CMD, node=name, hint=hint)
+            for name in sorted(leave, key=c.names.index)]
+    ops += [Op("leave (last manager: the swarm ends)", LEAVE_CMD, node=via, hint=hint)
+            for via, *_ in groups.values()]
+    return ops, skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +365,27 @@ def _join(r: Remote, node: Node, addr: str, leader_addr: str, token: str) -> Non
         )]) from None
 
 
+def _demote_op(via: str, name: str, node_id: str) -> Op:
+    """`name` demoted to worker on `via`, then waited for. A failed demotion (a swarm without
+    quorum cannot demote) is reported and does not stop clean: the node leaves by force."""
+
+    def demote(r: Remote) -> None:
+        res = r.run(via, "swarm: demote", f"docker node demote {shlex.quote(node_id)}",
+                    check=False, timeout=60)
+        if not res.ok:
+            progress(name, f"swarm: demotion failed ({res.stderr.strip()[:200]}); "
+                           "it leaves by force instead")
+            return
+        still_manager = ("docker node inspect --format '{{if .ManagerStatus}}manager{{end}}' "
+                         + shlex.quote(node_id))
+        deadline = time.monotonic() + DEMOTION_TIMEOUT
+        while time.monotonic() < deadline and r.run(via, "swarm: demote", still_manager,
+                                                     check=False).stdout.strip():
+            time.sleep(0.5)
+
+    return Op(f"demote to worker (via {via})", call=demote, node=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Setup and clean: facts -> plan -> apply
 
@@ -395,60 +408,28 @@ def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     return {"cluster_id": first.cluster_id, "managers": managers}
 
 
-def node_table(r: Remote, via: str) -> list[dict[str, Any]]:
-    """`docker node ls` on `via` as a list of dicts (ID, Hostname, Status, ManagerStatus...)."""
-    out = r.run(via, "swarm: list nodes", "docker node ls --format '{{json .}}'").stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
 def teardown(c: Cluster, r: Remote, dryrun: bool = False) -> list[str]:
-    """Take every node out of this swarm, keeping quorum; returns messages for the user.
+    """Take every node out of this swarm, keeping quorum; returns messages for the user. With
+    `dryrun` only read the facts and say what would be done.
 
     Unreachable nodes are reported (they still believe they are in the swarm) but do not stop
     the others from leaving.
     """
-    notes: list[str] = []
     addresses = {n.name: advertise_address(n) for n in c.nodes}
     facts, failures = read_facts_reachable(r)
-    for f in failures:
-        notes.append(f"{f.node}: unreachable ({f.detail}); it may still believe it is in the "
-                     f"swarm: once it is back, run `doit clean` again (or `docker swarm "
-                     f"leave --force` on it)")
-    p = leave_plan(c, facts, addresses)
-    notes += [msg for _, msg in p.skipped]
-    if p.empty:
+    notes = [f"{f.node}: unreachable ({f.detail}); it may still believe it is in the swarm: "
+             "once it is back, run `doit clean` again (or `docker swarm leave --force` on it)"
+             for f in failures]
+    ops, skipped = leave_plan(c, facts, addresses)
+    notes += skipped
+    if not ops:
         notes.append("swarm: no node is in this swarm: nothing to remove")
         return notes
+    apply_ops(r, c.nodes[0], STEP, ops, dryrun=dryrun)
     if dryrun:
-        for via, names in p.demote.items():
-            notes += [f"{name}: would be demoted to worker (on {via})" for name in names]
-        notes += [f"{name}: would leave the swarm" for name in p.leave]
-        notes += [f"{name}: would leave the swarm last (--force: ends the swarm)"
-                  for name in p.last]
         return notes
-    for via, names in p.demote.items():
-        demoted = []
-        for name in names:  # one at a time: 3 -> 2 -> 1 managers, each with a majority
-            progress(name, f"swarm: demote to worker (via {via})")
-            res = r.run(via, "swarm: demote",
-                        f"docker node demote {shlex.quote(facts[name].node_id)}",
-                        check=False, timeout=60)
-            if res.ok:
-                demoted.append(facts[name].node_id)
-            else:
-                notes.append(f"{name}: demotion failed ({res.stderr.strip()[:200]}); "
-                             "it leaves by force instead")
-        _wait_workers(r, via, demoted)
-
-    def leave(n: Node) -> None:
-        progress(n, "swarm: leave")
-        r.run(n, "swarm: leave", "docker swarm leave --force", timeout=60)
-
-    r.on_all("swarm: leave", leave, p.leave)
-    for name in p.last:
-        progress(name, "swarm: leave (last manager: the swarm ends)")
-        r.run(name, "swarm: leave", "docker swarm leave --force", timeout=60)
-    left, _ = read_facts_reachable(r, [c.node(n) for n in [*p.leave, *p.last]])
+    left, _ = read_facts_reachable(r, [c.node(op.node) for op in ops
+                                       if op.cmd == LEAVE_CMD and op.node])
     stuck = [n for n, f in left.items() if f.state != "inactive"]
     if stuck:
         raise RemoteError([Failure(
@@ -457,18 +438,6 @@ def teardown(c: Cluster, r: Remote, dryrun: bool = False) -> list[str]:
             hint=f"run `docker swarm leave --force` on {n} by hand") for n in stuck])
     notes.append(f"swarm: {len(left)} node(s) left the swarm")
     return notes
-
-
-def _wait_workers(r: Remote, via: str, node_ids: list[str], timeout: float = 30) -> None:
-    """After demotion, wait until the demoted nodes no longer count as managers."""
-    if not node_ids:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = {row["ID"]: row for row in node_table(r, via)}
-        if all(not rows.get(i, {}).get("ManagerStatus") for i in node_ids):
-            return
-        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,32 +216,41 @@ def test_managers_ready_check_on_recorded_node_inspect(c, tmp_path, case, edit, 
 
 
 def test_leave_plan_keeps_quorum(c):
-    facts = {n: parse_swarm_info(manager_info(f"id-{n}", a, "clu", ALL))
-             for n, a in ADDRS.items()}
-    p = leave_plan(c, facts, ADDRS)
-    assert p.demote == {"pi1": ["pi2", "pi3"]}
-    assert p.leave == ["pi2", "pi3"] and p.last == ["pi1"]
+    ops, skipped = leave_plan(c, converged(), ADDRS)
+    assert whats(ops) == [("pi2", "demote to worker (via pi1)"),
+                          ("pi3", "demote to worker (via pi1)"),
+                          ("pi2", "leave"), ("pi3", "leave"),
+                          ("pi1", "leave (last manager: the swarm ends)")]
+    assert ops[2].cmd == ops[4].cmd == swarm.LEAVE_CMD and skipped == []
 
 
 def test_leave_plan_nothing_and_foreign(c):
     facts = {n: parse_swarm_info(INACTIVE) for n in ADDRS}
-    assert leave_plan(c, facts, ADDRS).empty
+    assert leave_plan(c, facts, ADDRS) == ([], [])
     facts["pi3"] = parse_swarm_info(manager_info("c", "10.77.0.13", "x", ["192.168.1.9"]))
-    p = leave_plan(c, facts, ADDRS)
-    assert p.empty and [n for n, _ in p.skipped] == ["pi3"]
+    ops, skipped = leave_plan(c, facts, ADDRS)
+    assert ops == [] and skipped == ["pi3 is in another swarm (managers: 192.168.1.9): "
+                                     "left as it is"]
 
 
 def test_leave_plan_unreachable_node_is_not_in_facts(c):
-    facts = {n: parse_swarm_info(manager_info(f"id-{n}", a, "clu", ALL))
-             for n, a in ADDRS.items() if n != "pi1"}
-    p = leave_plan(c, facts, ADDRS)
-    assert p.demote == {"pi2": ["pi3"]} and p.leave == ["pi3"] and p.last == ["pi2"]
+    facts = {n: f for n, f in converged().items() if n != "pi1"}
+    ops, _ = leave_plan(c, facts, ADDRS)
+    assert whats(ops) == [("pi3", "demote to worker (via pi2)"), ("pi3", "leave"),
+                          ("pi2", "leave (last manager: the swarm ends)")]
+
+
+def test_leave_plan_workers_leave_without_demotion(c):
+    facts = converged() | {"pi3": parse_swarm_info(worker_info("c", "10.77.0.13", ALL))}
+    ops, _ = leave_plan(c, facts, ADDRS)
+    assert whats(ops) == [("pi2", "demote to worker (via pi1)"), ("pi2", "leave"),
+                          ("pi3", "leave"), ("pi1", "leave (last manager: the swarm ends)")]
 
 
 class SwarmRemote:
-    """A Remote for swarm's setup: `docker info` answers from `infos` (recorded output per
-    node), which init and join change as Docker would; every command but `docker info` is
-    logged as (node, command)."""
+    """A Remote for swarm's setup and teardown: `docker info` answers from `infos` (recorded
+    output per node), which init, join and leave change as Docker would; every command but
+    `docker info` is logged as (node, command)."""
 
     def __init__(self, c: Cluster, infos: dict[str, str]):
         self.cluster, self.infos, self.log = c, dict(infos), []
@@ -253,6 +262,8 @@ class SwarmRemote:
         self.log.append((name, cmd))
         if cmd.startswith("docker swarm init"):
             self._manager(name)
+        elif cmd == swarm.LEAVE_CMD:
+            self.infos[name] = INACTIVE
         return Result("TOKEN" if "join-token" in cmd else "", "", 0)
 
     def run_all(self, step, cmd, nodes=None, **kw):
@@ -312,6 +323,20 @@ def test_setup_dry_run_only_reads(c, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[:2] == ["pi1: swarm: would init (advertise 10.77.0.11)",
                                     "pi2: swarm: would join as manager via pi1"]
+
+
+def test_teardown_demotes_one_at_a_time_then_leaves(c, capsys):
+    r = SwarmRemote(c, {n: manager_info(f"id-{n}", a, "clu", ALL) for n, a in ADDRS.items()})
+    assert swarm.teardown(c, r, dryrun=True) == [] and r.log == []
+    assert "pi3: swarm: would demote to worker (via pi1)" in capsys.readouterr().out
+    notes = swarm.teardown(c, r)
+    assert [(n, cmd.split(" --")[0]) for n, cmd in r.log] == [
+        ("pi1", "docker node demote id-pi2"), ("pi1", "docker node inspect"),
+        ("pi1", "docker node demote id-pi3"), ("pi1", "docker node inspect"),
+        ("pi2", swarm.LEAVE_CMD.split(" --")[0]), ("pi3", swarm.LEAVE_CMD.split(" --")[0]),
+        ("pi1", swarm.LEAVE_CMD.split(" --")[0])]
+    assert notes == ["swarm: 3 node(s) left the swarm"]
+    assert swarm.teardown(c, r) == ["swarm: no node is in this swarm: nothing to remove"]
 
 
 def test_heartbeat_duration():
