@@ -32,7 +32,12 @@ class StepError(HaswarmError):
 
 @dataclass(frozen=True)
 class Op:
-    """One change on one node: a shell command, or a file written through `Remote.put`."""
+    """One change: a shell command, a file written through `Remote.put`, a wait (`cmd` polled
+    until it succeeds, for at most `wait` seconds) or a Python `call` made with the Remote when
+    applied (for what is known only then: swarm's join token exists after `docker swarm init`).
+
+    `node` names the node the op is for when one ordered list spans several nodes (swarm: init
+    on one node, then the others join); None means the node given to `apply_ops`."""
 
     what: str  # for the user: "unmount /mnt/haswarm"
     cmd: str | None = None
@@ -41,26 +46,53 @@ class Op:
     mode: int = 0o644  # of the file `put` writes
     owner: str | None = None  # "user:group" of that file; None: root's when new, else as it is
     timeout: float | None = None  # seconds `cmd` may take; None: as long as it runs
+    wait: float | None = None  # seconds: poll `cmd` until it exits 0, else fail naming `what`
+    call: Callable[[Remote], None] | None = None  # run with the Remote when applied
+    node: str | None = None  # where it runs and is shown; None: the node given to apply_ops
 
 
 def apply_ops(r: Remote, node: Node, step: str, ops: list[Op], *, dryrun: bool = False) -> bool:
-    """Run `ops` on `node` in order, printing each; "nothing to do" when empty. With `dryrun`,
-    only print what would be done. Returns whether there was anything to do."""
+    """Run `ops` in order, each on its `node` (default: `node`), printing each; "nothing to do"
+    when empty. With `dryrun`, only print what would be done. Returns whether there was
+    anything to do."""
     from tasks.remote import progress
 
     if not ops:
         progress(node, f"{step}: nothing to do")
         return False
     for op in ops:
+        target = op.node or node
         if dryrun:
-            progress(node, f"{step}: would {op.what}")
+            progress(target, f"{step}: would {op.what}")
             continue
-        progress(node, f"{step}: {op.what}")
-        if op.cmd is not None:
-            r.run(node, step, op.cmd, hint=op.hint, timeout=op.timeout)
+        progress(target, f"{step}: {op.what}")
+        if op.cmd is not None and op.wait is not None:
+            _wait(r, target, step, op)
+        elif op.cmd is not None:
+            r.run(target, step, op.cmd, hint=op.hint, timeout=op.timeout)
         if op.put is not None:
-            r.put(node, step, op.put[1], op.put[0], mode=op.mode, owner=op.owner)
+            r.put(target, step, op.put[1], op.put[0], mode=op.mode, owner=op.owner)
+        if op.call is not None:
+            op.call(r)
     return True
+
+
+def _wait(r: Remote, node: Node | str, step: str, op: Op) -> None:
+    """Run `op.cmd` on `node` until it exits 0; after `op.wait` seconds, a RemoteError saying
+    what did not happen, quoting the check's last output."""
+    from tasks.remote import Failure, Kind, RemoteError, tail
+
+    assert op.cmd is not None and op.wait is not None
+    deadline = time.monotonic() + op.wait
+    while not (res := r.run(node, step, op.cmd, check=False, timeout=op.wait, hint=op.hint)).ok:
+        if time.monotonic() > deadline:
+            n = r.cluster.node(node) if isinstance(node, str) else node
+            raise RemoteError([Failure(
+                node=n.name, address=n.address, step=step, kind=Kind.TIMEOUT,
+                detail=f"not done after {op.wait:g} s: {op.what}", command=op.cmd,
+                stderr=tail(res.stdout + res.stderr),
+                hint=op.hint or "run the check by hand on the node to see what it waits for")])
+        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,19 +1,22 @@
 """The Docker swarm: every node a manager, the dispatcher heartbeat from the cluster file.
 
 Setup reads a *fact* from every node first (`docker info`: swarm state, node ID, cluster ID,
-managers, heartbeat), decides (`plan`, a pure function), and only then changes what differs:
+managers, heartbeat), a pure `plan` turns the facts into `Op`s (tasks/ops.py), and `apply_ops`
+says or does them, in one ordered list over the nodes:
 
 - no node in a swarm: `docker swarm init --advertise-addr ADDR` on the first node;
-- every node not yet in it joins **as a manager** (the manager join token travels through the
-  Docker API, never on a command line); a worker of this swarm is promoted;
+- every node not yet in it joins **as a manager**, one at a time (the manager join token is
+  read when the join is applied, after init, and travels through the Docker API, never on a
+  command line); a worker of this swarm is promoted; then wait until all are Ready managers;
 - `docker swarm update --dispatcher-heartbeat` only when the value differs.
 
-A node in a *different* swarm (its managers are not this cluster's nodes), or one stuck joining,
-stops the task before anything is changed, with what to do.
+A converged swarm gives no ops: "nothing to do". A node in a *different* swarm (its managers are
+not this cluster's nodes), or one stuck joining, stops the task before anything is changed, with
+what to do.
 
-Clean mirrors it, keeping quorum all the way: the other managers are demoted one by one from
-one manager (3 -> 2 -> 1 managers, each change with a majority), the workers leave, the last
-manager leaves with `--force`. Every step reads the facts again, so a second clean does nothing.
+Clean mirrors it (`leave_plan`), keeping quorum all the way: the other managers are demoted one
+by one from one manager (3 -> 2 -> 1 managers, each change with a majority), the workers leave,
+the last manager leaves with `--force`. The facts are read first, so a second clean does nothing.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import shlex
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tasks.config import Cluster, Node
+from tasks.ops import Op, StepError, apply_ops, remote_task
 from tasks.remote import Failure, Kind, Remote, RemoteError, progress
 from tasks.state import forget
 
@@ -37,8 +41,11 @@ SWARM_PORT = 2377
 INSIDE_SWARM = ("stack-objects", "stack")
 # Seconds to wait for joined managers to show up Ready and Reachable.
 MEMBERSHIP_TIMEOUT = 60.0
+# Seconds to wait for a demoted manager to count as a worker (it leaves by force anyway).
+DEMOTION_TIMEOUT = 30.0
 
 INFO_CMD = "docker info --format '{{json .Swarm}}'"
+LEAVE_CMD = "timeout 60 docker swarm leave --force"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,30 +142,61 @@ def read_facts_reachable(r: Remote, nodes: Sequence[Node] | None = None
 # Decisions (pure: unit-tested with recorded facts)
 
 
-@dataclass
-class SwarmPlan:
-    """What setup must do, decided from the facts."""
-
-    leader: str  # the node that is (or will be, after init) a manager of this swarm
-    init: bool = False
-    join: list[str] = field(default_factory=list)  # join as managers, in this order
-    promote: list[str] = field(default_factory=list)  # workers of this swarm -> managers
-    members: list[str] = field(default_factory=list)  # already managers of this swarm
-    cluster_id: str = ""
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (node, what to do)
-
-    @property
-    def changes(self) -> bool:
-        """Setup has something to change."""
-        return self.init or bool(self.join or self.promote)
+def heartbeat_ns(c: Cluster) -> int:
+    """The wanted dispatcher heartbeat in nanoseconds (the unit Docker reports)."""
+    return int(round(c.swarm.dispatcher_heartbeat * 1e9))
 
 
-def plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]) -> SwarmPlan:
-    """Decide init / join / promote from every node's facts.
+def _duration(ns: int) -> str:
+    """Nanoseconds -> a Go duration `docker swarm update` accepts ('1s', '1500ms')."""
+    ms = ns // 1_000_000
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
-    `addresses` maps node name -> advertised IP. "This swarm" is the one whose managers are all
-    nodes of the cluster; a node in any other swarm, or stuck (pending, locked, error), is a
-    problem that stops setup before anything is changed.
+
+def plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]) -> list[Op]:
+    """The ops that bring the swarm to the wanted state, in order; [] when it is there.
+
+    `addresses` maps node name -> advertised IP. With no manager of this swarm the first node
+    inits it; every node in no swarm joins as a manager via a manager ("the leader" here), a
+    worker is promoted, then all must become Ready managers; the heartbeat is set when it
+    differs. Raises RemoteError, before anything is changed, for a node in another swarm or
+    stuck (`_this_swarm`).
+    """
+    managers, workers = _this_swarm(c, facts, addresses)
+    leader = managers[0] if managers else c.nodes[0].name
+    ops = []
+    if not managers:
+        addr = addresses[leader]
+        ops.append(Op(f"init (advertise {addr})", node=leader,
+                      cmd=f"docker swarm init --advertise-addr {shlex.quote(addr)} "
+                          f"--listen-addr 0.0.0.0:{SWARM_PORT}"))
+    # one at a time: each join is a raft membership change
+    ops += [_join_op(c, n.name, leader, addresses) for n in c.nodes
+            if n.name != leader and facts[n.name].state == "inactive"]
+    ops += [Op(f"promote {name} (a worker) to manager", node=leader,
+               cmd=f"docker node promote {shlex.quote(facts[name].node_id)}")
+            for name in workers]
+    membership_changes = bool(ops)
+    want, have = heartbeat_ns(c), facts[leader].heartbeat_ns
+    if not managers or have != want:
+        old = "to" if not managers else "unset ->" if have is None else f"{have / 1e9:g} s ->"
+        ops.append(Op(f"set the dispatcher heartbeat {old} {want / 1e9:g} s", node=leader,
+                      cmd=f"docker swarm update --dispatcher-heartbeat {_duration(want)}"))
+    if membership_changes:
+        ops.append(Op(f"wait until {', '.join(c.names)} are Ready managers", node=leader,
+                      cmd=managers_ready_check(c, addresses), wait=MEMBERSHIP_TIMEOUT,
+                      hint="check the missing nodes' dockerd (`journalctl -u docker`) and that "
+                           f"they reach each other on TCP {SWARM_PORT} and 7946"))
+    return ops
+
+
+def _this_swarm(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]
+                ) -> tuple[list[str], list[str]]:
+    """(managers, workers) of "this swarm": the one whose managers are all cluster nodes.
+
+    A node in any other swarm, in a second swarm of cluster nodes, stuck (pending, locked,
+    error), or a worker of a swarm with no manager answering, is a problem: RemoteError naming
+    every such node and what to do, before anything is changed.
     """
     ours_ips = set(addresses.values())
     by_ip = {ip: name for name, ip in addresses.items()}
@@ -182,21 +220,18 @@ def plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]) ->
         elif f.manager or not (set(f.managers) <= ours_ips):
             foreign[n.name] = f
 
-    cluster_id = ""
-    if len(candidates) > 1:
-        listing = "; ".join(f"{cid[:12]}: {', '.join(ns)}" for cid, ns in candidates.items())
-        keep = next(iter(candidates))
-        for cid, ns in candidates.items():
-            if cid == keep:
-                continue
-            for name in ns:
-                problems.append((name, (
-                    f"{name} is a manager of a different swarm than {', '.join(candidates[keep])} "
-                    f"(swarms: {listing}). One cluster needs one swarm: on {name} run "
-                    f"`docker swarm leave --force` (this removes every service of that swarm "
-                    f"from it), then run the task again")))
-    elif candidates:
-        cluster_id = next(iter(candidates))
+    cluster_id = next(iter(candidates), "")
+    listing = "; ".join(f"{cid[:12]}: {', '.join(ns)}" for cid, ns in candidates.items())
+    for cid, ns in candidates.items():
+        if cid == cluster_id:
+            continue
+        for name in ns:
+            problems.append((name, (
+                f"{name} is a manager of a different swarm than "
+                f"{', '.join(candidates[cluster_id])} "
+                f"(swarms: {listing}). One cluster needs one swarm: on {name} run "
+                f"`docker swarm leave --force` (this removes every service of that swarm "
+                f"from it), then run the task again")))
 
     for name, f in foreign.items():
         where = f"cluster {f.cluster_id[:12]}, " if f.cluster_id else ""
@@ -207,23 +242,19 @@ def plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]) ->
             f"on {name} (add `docker node rm` on that swarm's managers), or remove {name} from "
             f"the cluster file; then run the task again")))
 
-    members = [n.name for n in c.nodes if cluster_id and facts[n.name].active
-               and facts[n.name].manager and facts[n.name].cluster_id == cluster_id]
-    workers = [n.name for n in c.nodes if cluster_id and n.name not in foreign
-               and facts[n.name].active and not facts[n.name].manager]
-    leader = members[0] if members else c.nodes[0].name
-    init = not members
-    join = [n.name for n in c.nodes if n.name != leader and facts[n.name].state == "inactive"]
-    if init and workers:
+    managers = [n for n in c.names if cluster_id and facts[n].active and facts[n].manager
+                and facts[n].cluster_id == cluster_id]
+    workers = [n for n in c.names if n not in foreign and facts[n].active
+               and not facts[n].manager]
+    if workers and not managers:
         # Workers of a swarm none of whose managers we can see: leave it to the user.
-        for name in workers:
-            problems.append((name, (
-                f"{name} is a worker of a swarm whose managers ({managers_named(facts[name])}) "
-                f"do not answer as managers: run `docker swarm leave --force` on {name} and run "
-                f"the task again")))
-        workers = []
-    return SwarmPlan(leader=leader, init=init, join=join, promote=workers, members=members,
-                     cluster_id=cluster_id, problems=problems)
+        problems += [(name, (
+            f"{name} is a worker of a swarm whose managers ({managers_named(facts[name])}) "
+            f"do not answer as managers: run `docker swarm leave --force` on {name} and run "
+            f"the task again")) for name in workers]
+    if problems:
+        raise RemoteError([_problem(c, name, msg) for name, msg in problems])
+    return managers, workers
 
 
 def _stuck_hint(name: str, f: SwarmFacts) -> str:
@@ -236,129 +267,81 @@ def _stuck_hint(name: str, f: SwarmFacts) -> str:
             f"Run `docker swarm leave --force` on {name} and run the task again")
 
 
-@dataclass
-class LeavePlan:
-    """What clean must do: per swarm, demote the other managers on one manager (`demote`:
-    {via: [names]}), then every node but those leaves (`leave`), then each `last` manager
-    leaves with --force, ending its swarm."""
-
-    demote: dict[str, list[str]] = field(default_factory=dict)
-    leave: list[str] = field(default_factory=list)
-    last: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # foreign swarms: untouched
-
-    @property
-    def empty(self) -> bool:
-        """No node to take out of a swarm."""
-        return not (self.leave or self.last)
+def _problem(c: Cluster, name: str, msg: str) -> Failure:
+    return Failure(node=name, address=c.node(name).address, step="swarm: check membership",
+                   kind=Kind.ERROR, detail="nothing was changed on any node", hint=msg)
 
 
-def leave_plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]) -> LeavePlan:
-    """Order of removal that keeps a quorum at every step (reachable nodes only in `facts`).
+def managers_ready_check(c: Cluster, addresses: dict[str, str]) -> str:
+    """A shell check for a manager: exits 0 when every cluster node is a Ready and reachable
+    manager (the leader counts as reachable), matched by its advertised address; else it
+    prints the nodes that are not, and the swarm's view."""
+    node_ls = ("ids=$(timeout 10 docker node ls -q) && timeout 10 docker node inspect --format "
+               "'{{.Status.State}}/{{with .ManagerStatus}}{{.Reachability}}@{{.Addr}}{{end}}' "
+               "$ids 2>&1")
+    lines = [f"t=$({node_ls})", "ok=0"]
+    for n in c.nodes:
+        ip = addresses[n.name]
+        want = f"ready/reachable@{f'[{ip}]' if ':' in ip else ip}:{SWARM_PORT}"
+        lines.append(f"echo \"$t\" | grep -qxF {shlex.quote(want)} || "
+                     f"{{ echo {shlex.quote(f'{n.name} is not a Ready manager yet')}; ok=1; }}")
+    lines += ["[ $ok = 0 ] || printf 'the swarm sees (state/reachability@address):\\n%s\\n' \"$t\"",
+              "exit $ok"]
+    return "; ".join(lines)
 
-    Nodes in a swarm whose managers are not all cluster nodes are left alone (reported).
-    Several swarms made of cluster nodes (a half-failed earlier setup) are each taken apart.
+
+def leave_plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]
+               ) -> tuple[list[Op], list[str]]:
+    """The ops taking every node out of its swarm keeping a quorum at every step, and notes on
+    the nodes left alone (`facts` holds the reachable nodes only).
+
+    Per swarm made of cluster nodes (several after a half-failed setup), its first manager
+    demotes the others one at a time (3 -> 2 -> 1 managers, each change with a majority); then
+    every other node leaves; then that manager leaves with --force, ending its swarm. Nodes in
+    a swarm whose managers are not all cluster nodes are left alone.
     """
     ours_ips = set(addresses.values())
-    p = LeavePlan()
+    skipped: list[str] = []
+    leave: list[str] = []
     groups: dict[str, list[str]] = {}
     for n in c.nodes:
         f = facts.get(n.name)
         if f is None or f.state == "inactive":
             continue
         if not set(f.managers) <= ours_ips:
-            p.skipped.append((n.name, f"{n.name} is in another swarm (managers: "
-                                      f"{', '.join(f.managers)}): left as it is"))
-            continue
-        if f.active and f.manager and f.cluster_id:
+            skipped.append(f"{n.name} is in another swarm (managers: {', '.join(f.managers)}): "
+                           "left as it is")
+        elif f.active and f.manager and f.cluster_id:
             groups.setdefault(f.cluster_id, []).append(n.name)
         else:
-            p.leave.append(n.name)  # workers and stuck nodes: leaving changes no quorum
-    for managers in groups.values():
-        via, *others = managers
-        if others:
-            p.demote[via] = others
-        p.leave += others
-        p.last.append(via)
-    p.leave.sort(key=c.names.index)
-    return p
+            leave.append(n.name)  # workers and stuck nodes: leaving changes no quorum
+    ops: list[Op] = []
+    for via, *others in groups.values():
+        ops += [_demote_op(via, name, facts[name].node_id) for name in others]
+        leave += others
+    hint = "run `docker swarm leave --force` on the node by hand"
+    ops += [Op("leave", LEAVE_CMD, node=name, hint=hint)
+            for name in sorted(leave, key=c.names.index)]
+    ops += [Op("leave (last manager: the swarm ends)", LEAVE_CMD, node=via, hint=hint)
+            for via, *_ in groups.values()]
+    return ops, skipped
 
 
 # ---------------------------------------------------------------------------------------------
-# Actions
+# Changes made with values known only when applied (the Ops' `call`)
 
 
-def heartbeat_ns(c: Cluster) -> int:
-    """The wanted dispatcher heartbeat in nanoseconds (the unit Docker reports)."""
-    return int(round(c.swarm.dispatcher_heartbeat * 1e9))
+def _join_op(c: Cluster, name: str, leader: str, addresses: dict[str, str]) -> Op:
+    """`name` joins as a manager via `leader`, with the manager join token read when applied
+    (the swarm may not exist before then)."""
 
-
-def _duration(ns: int) -> str:
-    """Nanoseconds -> a Go duration `docker swarm update` accepts ('1s', '1500ms')."""
-    ms = ns // 1_000_000
-    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
-
-
-def _describe(c: Cluster, p: SwarmPlan, facts: dict[str, SwarmFacts]) -> dict[str, Any]:
-    """What setup would change (a dry run), said per node."""
-    leader = p.leader
-    if p.init:
-        progress(leader, f"swarm: would init (advertise {advertise_address(c.node(leader))})")
-    for name in p.join:
-        progress(name, f"swarm: would join as manager via {leader}")
-    for name in p.promote:
-        progress(name, "swarm: would promote worker to manager")
-    lf = facts[leader]
-    want = heartbeat_ns(c)
-    if not p.init and lf.heartbeat_ns is not None and lf.heartbeat_ns != want:
-        progress(leader, f"swarm: would set the dispatcher heartbeat "
-                         f"{lf.heartbeat_ns / 1e9:g} s -> {want / 1e9:g} s")
-    elif not p.changes:
-        progress(leader, "swarm: nothing to do")
-    return {}
-
-
-def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
-    """Bring the swarm to the wanted state; return its facts. Raises RemoteError. With `dryrun`
-    only say what would change."""
-    addresses = {n.name: advertise_address(n) for n in c.nodes}
-    facts = read_facts(r)
-    p = plan(c, facts, addresses)
-    if p.problems:
-        raise RemoteError([_problem(c, name, msg) for name, msg in p.problems])
-    leader = p.leader
-    if dryrun:
-        return _describe(c, p, facts)
-    if p.init:
-        addr = addresses[leader]
-        progress(leader, f"swarm: init (advertise {addr})")
-        r.run(leader, "swarm: init", f"docker swarm init --advertise-addr {shlex.quote(addr)}"
-              f" --listen-addr 0.0.0.0:{SWARM_PORT}")
-    elif not p.join and not p.promote:
-        progress(leader, f"swarm: all {len(c.nodes)} nodes are managers already")
-    if p.join:
+    def join(r: Remote) -> None:
         token = r.run(leader, "swarm: join token", "docker swarm join-token -q manager"
                       ).stdout.strip()
         r.redact(token)
-        for name in p.join:  # one at a time: each join is a raft membership change
-            progress(name, f"swarm: join as manager via {leader}")
-            _join(r, c.node(name), addresses[name], addresses[leader], token)
-    for name in p.promote:
-        progress(name, "swarm: promote worker to manager")
-        node_id = facts[name].node_id
-        r.run(leader, "swarm: promote", f"docker node promote {shlex.quote(node_id)}")
+        _join(r, c.node(name), addresses[name], addresses[leader], token)
 
-    lf = read_facts(r, [c.node(leader)])[leader]
-    want = heartbeat_ns(c)
-    if lf.heartbeat_ns != want:
-        old = "unset" if lf.heartbeat_ns is None else f"{lf.heartbeat_ns / 1e9:g} s"
-        progress(leader, f"swarm: dispatcher heartbeat {old} -> {want / 1e9:g} s")
-        r.run(leader, "swarm: heartbeat",
-              f"docker swarm update --dispatcher-heartbeat {_duration(want)}")
-    managers = wait_members(r, c, leader, MEMBERSHIP_TIMEOUT)
-    progress(leader, f"swarm: {len(managers)} managers ({', '.join(managers)}), "
-                     f"dispatcher heartbeat {want / 1e9:g} s")
-    return {"cluster_id": lf.cluster_id, "managers": managers}
+    return Op(f"join as manager via {leader}", call=join, node=name)
 
 
 def _join(r: Remote, node: Node, addr: str, leader_addr: str, token: str) -> None:
@@ -382,90 +365,71 @@ def _join(r: Remote, node: Node, addr: str, leader_addr: str, token: str) -> Non
         )]) from None
 
 
-def node_table(r: Remote, via: str) -> list[dict[str, Any]]:
-    """`docker node ls` on `via` as a list of dicts (ID, Hostname, Status, ManagerStatus...)."""
-    out = r.run(via, "swarm: list nodes", "docker node ls --format '{{json .}}'").stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+def _demote_op(via: str, name: str, node_id: str) -> Op:
+    """`name` demoted to worker on `via`, then waited for. A failed demotion (a swarm without
+    quorum cannot demote) is reported and does not stop clean: the node leaves by force."""
+
+    def demote(r: Remote) -> None:
+        res = r.run(via, "swarm: demote", f"docker node demote {shlex.quote(node_id)}",
+                    check=False, timeout=60)
+        if not res.ok:
+            progress(name, f"swarm: demotion failed ({res.stderr.strip()[:200]}); "
+                           "it leaves by force instead")
+            return
+        still_manager = ("docker node inspect --format '{{if .ManagerStatus}}manager{{end}}' "
+                         + shlex.quote(node_id))
+        deadline = time.monotonic() + DEMOTION_TIMEOUT
+        while time.monotonic() < deadline and r.run(via, "swarm: demote", still_manager,
+                                                     check=False).stdout.strip():
+            time.sleep(0.5)
+
+    return Op(f"demote to worker (via {via})", call=demote, node=name)
 
 
-def wait_members(r: Remote, c: Cluster, leader: str, timeout: float) -> list[str]:
-    """Wait until every cluster node is a Ready manager (Leader or Reachable); return names."""
-    ids = {f.node_id: name for name, f in read_facts(r).items() if f.node_id}
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = node_table(r, leader)
-        ready = [ids[row["ID"]] for row in rows if row.get("ID") in ids
-                 and row.get("Status") == "Ready"
-                 and row.get("ManagerStatus") in ("Leader", "Reachable")]
-        missing = [n for n in c.names if n not in ready]
-        if not missing:
-            return [n for n in c.names if n in ready]
-        if time.monotonic() > deadline:
-            state = {ids.get(row.get("ID"), row.get("Hostname")):
-                     f"{row.get('Status')}/{row.get('ManagerStatus') or 'worker'}" for row in rows}
-            raise RemoteError([Failure(
-                node=leader, address=c.node(leader).address, step="swarm: wait for managers",
-                kind=Kind.TIMEOUT,
-                detail=f"after {timeout:g} s not Ready managers: {', '.join(missing)} "
-                       f"(node list: {state})",
-                hint="check the missing nodes' dockerd (`journalctl -u docker`) and that they "
-                     f"reach each other on TCP {SWARM_PORT} and 7946")])
-        time.sleep(0.5)
+# ---------------------------------------------------------------------------------------------
+# Setup and clean: facts -> plan -> apply
 
 
-def _problem(c: Cluster, name: str, msg: str) -> Failure:
-    return Failure(node=name, address=c.node(name).address, step="swarm: check membership",
-                   kind=Kind.ERROR, detail="nothing was changed on any node", hint=msg)
+def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
+    """Bring the swarm to the wanted state; return its facts (cluster ID, managers). Raises
+    RemoteError. With `dryrun` only read the facts and say what would change."""
+    addresses = {n.name: advertise_address(n) for n in c.nodes}
+    facts = read_facts(r)
+    changed = apply_ops(r, c.nodes[0], STEP, plan(c, facts, addresses), dryrun=dryrun)
+    if dryrun:
+        return {}
+    if changed:
+        facts = read_facts(r)
+    managers = [n for n in c.names if facts[n].active and facts[n].manager]
+    first = facts[managers[0]]
+    heartbeat = f"dispatcher heartbeat {(first.heartbeat_ns or 0) / 1e9:g} s"
+    progress(managers[0], f"swarm: {len(managers)} managers ({', '.join(managers)}), {heartbeat}"
+             if changed else f"swarm: all {len(managers)} nodes are managers already, {heartbeat}")
+    return {"cluster_id": first.cluster_id, "managers": managers}
 
 
 def teardown(c: Cluster, r: Remote, dryrun: bool = False) -> list[str]:
-    """Take every node out of this swarm, keeping quorum; returns messages for the user.
+    """Take every node out of this swarm, keeping quorum; returns messages for the user. With
+    `dryrun` only read the facts and say what would be done.
 
     Unreachable nodes are reported (they still believe they are in the swarm) but do not stop
     the others from leaving.
     """
-    notes: list[str] = []
     addresses = {n.name: advertise_address(n) for n in c.nodes}
     facts, failures = read_facts_reachable(r)
-    for f in failures:
-        notes.append(f"{f.node}: unreachable ({f.detail}); it may still believe it is in the "
-                     f"swarm: once it is back, run `doit clean` again (or `docker swarm "
-                     f"leave --force` on it)")
-    p = leave_plan(c, facts, addresses)
-    notes += [msg for _, msg in p.skipped]
-    if p.empty:
+    notes = [f"{f.node}: unreachable ({f.detail}); it may still believe it is in the swarm: "
+             "once it is back, run `doit clean` again (or `docker swarm leave --force` on it)"
+             for f in failures]
+    ops, skipped = leave_plan(c, facts, addresses)
+    notes += skipped
+    if not ops:
         notes.append("swarm: no node is in this swarm: nothing to remove")
         return notes
+    apply_ops(r, c.nodes[0], STEP, ops, dryrun=dryrun)
     if dryrun:
-        for via, names in p.demote.items():
-            notes += [f"{name}: would be demoted to worker (on {via})" for name in names]
-        notes += [f"{name}: would leave the swarm" for name in p.leave]
-        notes += [f"{name}: would leave the swarm last (--force: ends the swarm)"
-                  for name in p.last]
         return notes
-    for via, names in p.demote.items():
-        demoted = []
-        for name in names:  # one at a time: 3 -> 2 -> 1 managers, each with a majority
-            progress(name, f"swarm: demote to worker (via {via})")
-            res = r.run(via, "swarm: demote",
-                        f"docker node demote {shlex.quote(facts[name].node_id)}",
-                        check=False, timeout=60)
-            if res.ok:
-                demoted.append(facts[name].node_id)
-            else:
-                notes.append(f"{name}: demotion failed ({res.stderr.strip()[:200]}); "
-                             "it leaves by force instead")
-        _wait_workers(r, via, demoted)
-
-    def leave(n: Node) -> None:
-        progress(n, "swarm: leave")
-        r.run(n, "swarm: leave", "docker swarm leave --force", timeout=60)
-
-    r.on_all("swarm: leave", leave, p.leave)
-    for name in p.last:
-        progress(name, "swarm: leave (last manager: the swarm ends)")
-        r.run(name, "swarm: leave", "docker swarm leave --force", timeout=60)
-    left, _ = read_facts_reachable(r, [c.node(n) for n in [*p.leave, *p.last]])
+    left, _ = read_facts_reachable(r, [c.node(op.node) for op in ops
+                                       if op.cmd == LEAVE_CMD and op.node])
     stuck = [n for n, f in left.items() if f.state != "inactive"]
     if stuck:
         raise RemoteError([Failure(
@@ -474,18 +438,6 @@ def teardown(c: Cluster, r: Remote, dryrun: bool = False) -> list[str]:
             hint=f"run `docker swarm leave --force` on {n} by hand") for n in stuck])
     notes.append(f"swarm: {len(left)} node(s) left the swarm")
     return notes
-
-
-def _wait_workers(r: Remote, via: str, node_ids: list[str], timeout: float = 30) -> None:
-    """After demotion, wait until the demoted nodes no longer count as managers."""
-    if not node_ids:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = {row["ID"]: row for row in node_table(r, via)}
-        if all(not rows.get(i, {}).get("ManagerStatus") for i in node_ids):
-            return
-        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,7 +456,6 @@ def clean(c: Cluster, r: Remote, dryrun: bool) -> None:
 def swarm_task(c: Cluster, after: Sequence[str] = ()) -> dict[str, Any]:
     """The `swarm` task dict; `after` names tasks that must run first (gluster, avahi,
     preload-images)."""
-    from tasks.ops import StepError, remote_task
 
     def form(cl: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
         try:

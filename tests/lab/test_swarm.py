@@ -38,12 +38,19 @@ def form(c, dryrun: bool = False):
         return swarm.setup(c, r, dryrun)
 
 
+def take_down(c, dryrun: bool = False):
+    """The swarm step's clean side (teardown), on its own connection."""
+    with Remote(c) as r:
+        return swarm.teardown(c, r, dryrun=dryrun)
+
+
 @pytest.fixture(scope="module")
 def formed(lab, cluster):
     """A formed swarm (takes whatever stack runs down first, as `doit clean` would)."""
-    quiet(stack.remove, cluster)
-    quiet(stack.remove_objects, cluster)
-    quiet(swarm.teardown, cluster)
+    with Remote(cluster) as r:
+        quiet(stack.remove, cluster, r)
+        quiet(stack.remove_objects, cluster, r)
+    quiet(take_down, cluster)
     for step in ("swarm", *swarm.INSIDE_SWARM):  # these tests bypass doit: its stamps go
         forget(cluster, step)
     facts, out, seconds = quiet(form, cluster)
@@ -80,14 +87,14 @@ def test_rerun_changes_nothing(lab, cluster, formed):
 
 
 def test_dry_run_clean_touches_nothing(lab, cluster, formed):
-    notes, _, _ = quiet(swarm.teardown, cluster, dryrun=True)
-    assert any("would be demoted" in n for n in notes)
-    assert any("would leave the swarm last" in n for n in notes)
+    _, out, _ = quiet(take_down, cluster, dryrun=True)
+    assert out.count("would demote to worker") == 2, out
+    assert "would leave (last manager: the swarm ends)" in out
     assert all(swarm_info(lab, n)["LocalNodeState"] == "active" for n in lab.names)
 
 
 def test_clean_leaves_no_swarm_state_then_setup_again(lab, cluster, formed):
-    notes, out, seconds = quiet(swarm.teardown, cluster)
+    notes, out, seconds = quiet(take_down, cluster)
     print(f"\n[swarm] clean: {seconds:.2f} s\n{out}" + "\n".join(notes))
     assert out.count("demote to worker") == 2, notes
     for name in lab.names:
@@ -95,7 +102,7 @@ def test_clean_leaves_no_swarm_state_then_setup_again(lab, cluster, formed):
         left = lab.exec(name, "ls -A /var/lib/docker/swarm 2>/dev/null; "
                               "docker network ls --filter driver=overlay -q").stdout.split()
         assert left == [], f"{name}: swarm state left: {left}"
-    again, _, _ = quiet(swarm.teardown, cluster)
+    again, _, _ = quiet(take_down, cluster)
     assert again == ["swarm: no node is in this swarm: nothing to remove"]
     facts, _, seconds = quiet(form, cluster)
     print(f"[swarm] setup again: {seconds:.2f} s")
@@ -104,8 +111,7 @@ def test_clean_leaves_no_swarm_state_then_setup_again(lab, cluster, formed):
 
 def test_node_in_another_swarm_is_refused_with_instructions(lab, cluster, formed):
     # pi3 leaves and starts a swarm of its own: setup must refuse and change nothing.
-    with Remote(cluster) as r:
-        swarm.teardown(cluster, r)
+    quiet(take_down, cluster)
     lab.exec("pi3", "docker swarm init --advertise-addr 10.77.0.13 >/dev/null")
     lab.exec("pi2", "docker swarm init --advertise-addr 10.77.0.12 >/dev/null")
     try:
@@ -116,6 +122,6 @@ def test_node_in_another_swarm_is_refused_with_instructions(lab, cluster, formed
         assert "nothing was changed" in msg
         assert swarm_info(lab, "pi1")["LocalNodeState"] == "inactive"
     finally:
-        quiet(swarm.teardown, cluster)
+        quiet(take_down, cluster)
         quiet(form, cluster)
     assert all(swarm_info(lab, n)["ControlAvailable"] for n in lab.names)

@@ -6,6 +6,8 @@ The outputs below were recorded on the lab (dockerd 20.10.24, CLI 28.2.2) and tr
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,9 @@ import yaml
 
 from tasks import galera, render, secrets, stack, stack_facts, swarm
 from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
+from tasks.failures import Result
 from tasks.galera import BOOTSTRAP, STEADY, GaleraFacts, Member, decide
+from tasks.ops import Op
 from tasks.swarm import SwarmFacts, leave_plan, parse_swarm_info, plan
 
 
@@ -67,44 +71,92 @@ def test_parse_inactive_info():
     assert f.state == "inactive" and not f.manager and f.managers == () and f.heartbeat_ns is None
 
 
-def test_plan_fresh_inits_first_and_joins_the_others(c):
+def whats(ops: list[Op]) -> list[tuple[str | None, str]]:
+    """(node, what) of each op: the plan as the user reads it."""
+    return [(op.node, op.what) for op in ops]
+
+
+def converged() -> dict[str, SwarmFacts]:
+    """Every node a manager of swarm "clu", the heartbeat of the lab's cluster file (2 s)."""
+    return {n: parse_swarm_info(manager_info(f"id-{n}", a, "clu", ALL, 2_000_000_000))
+            for n, a in ADDRS.items()}
+
+
+WAIT = ("pi1", "wait until pi1, pi2, pi3 are Ready managers")
+
+
+def test_plan_fresh_inits_first_joins_the_others_then_heartbeat_and_wait(c):
     facts = {n: parse_swarm_info(INACTIVE) for n in ADDRS}
-    p = plan(c, facts, ADDRS)
-    assert (p.init, p.leader, p.join, p.promote, p.problems) == (True, "pi1", ["pi2", "pi3"],
-                                                                  [], [])
+    ops = plan(c, facts, ADDRS)
+    assert whats(ops) == [("pi1", "init (advertise 10.77.0.11)"),
+                          ("pi2", "join as manager via pi1"),
+                          ("pi3", "join as manager via pi1"),
+                          ("pi1", "set the dispatcher heartbeat to 2 s"), WAIT]
+    assert ops[0].cmd == ("docker swarm init --advertise-addr 10.77.0.11 "
+                          "--listen-addr 0.0.0.0:2377")
+    assert ops[1].call is not None and ops[1].cmd is None  # the token is read when applied
+    assert ops[3].cmd == "docker swarm update --dispatcher-heartbeat 2s"
+    assert ops[4].wait == swarm.MEMBERSHIP_TIMEOUT
 
 
-def test_plan_converged_changes_nothing(c):
-    facts = {n: parse_swarm_info(manager_info(f"id-{n}", a, "clu", ALL))
-             for n, a in ADDRS.items()}
-    p = plan(c, facts, ADDRS)
-    assert not p.changes and p.leader == "pi1" and p.members == ["pi1", "pi2", "pi3"]
+def test_plan_converged_is_empty(c):
+    assert plan(c, converged(), ADDRS) == []
+
+
+def test_plan_a_node_that_left_joins_again_and_nothing_else(c):
+    facts = converged() | {"pi3": parse_swarm_info(INACTIVE)}
+    assert whats(plan(c, facts, ADDRS)) == [("pi3", "join as manager via pi1"), WAIT]
 
 
 def test_plan_half_joined_joins_the_rest_via_a_member(c):
     two = ["10.77.0.12", "10.77.0.13"]
     facts = {"pi1": parse_swarm_info(INACTIVE),
-             "pi2": parse_swarm_info(manager_info("b", "10.77.0.12", "clu", two)),
-             "pi3": parse_swarm_info(manager_info("c", "10.77.0.13", "clu", two))}
-    p = plan(c, facts, ADDRS)
-    assert (p.init, p.leader, p.join, p.problems) == (False, "pi2", ["pi1"], [])
+             "pi2": parse_swarm_info(manager_info("b", "10.77.0.12", "clu", two, 2_000_000_000)),
+             "pi3": parse_swarm_info(manager_info("c", "10.77.0.13", "clu", two, 2_000_000_000))}
+    assert whats(plan(c, facts, ADDRS)) == [
+        ("pi1", "join as manager via pi2"),
+        ("pi2", "wait until pi1, pi2, pi3 are Ready managers")]
 
 
 def test_plan_promotes_a_worker_of_this_swarm(c):
-    facts = {"pi1": parse_swarm_info(manager_info("a", "10.77.0.11", "clu", ["10.77.0.11"])),
+    facts = converged() | {"pi2": parse_swarm_info(worker_info("b", "10.77.0.12", ALL))}
+    ops = plan(c, facts, ADDRS)
+    assert whats(ops) == [("pi1", "promote pi2 (a worker) to manager"), WAIT]
+    assert ops[0].cmd == "docker node promote b"
+
+
+def test_plan_worker_and_fresh_node_with_the_old_heartbeat(c):
+    facts = {"pi1": parse_swarm_info(manager_info("a", "10.77.0.11", "clu", ["10.77.0.11"],
+                                                  5_000_000_000)),
              "pi2": parse_swarm_info(worker_info("b", "10.77.0.12", ["10.77.0.11"])),
              "pi3": parse_swarm_info(INACTIVE)}
-    p = plan(c, facts, ADDRS)
-    assert (p.leader, p.promote, p.join, p.problems) == ("pi1", ["pi2"], ["pi3"], [])
+    assert whats(plan(c, facts, ADDRS)) == [
+        ("pi3", "join as manager via pi1"), ("pi1", "promote pi2 (a worker) to manager"),
+        ("pi1", "set the dispatcher heartbeat 5 s -> 2 s"), WAIT]
+
+
+def test_plan_heartbeat_different_updates_only_it(c):
+    facts = {n: parse_swarm_info(manager_info(f"id-{n}", a, "clu", ALL, 5_000_000_000))
+             for n, a in ADDRS.items()}
+    ops = plan(c, facts, ADDRS)
+    assert whats(ops) == [("pi1", "set the dispatcher heartbeat 5 s -> 2 s")]
+    assert ops[0].cmd == "docker swarm update --dispatcher-heartbeat 2s"
+
+
+def refusal(c: Cluster, facts: dict[str, SwarmFacts]) -> list[tuple[str, str]]:
+    """(node, what to do) of each node plan refuses; it must refuse before any op."""
+    with pytest.raises(swarm.RemoteError) as e:
+        plan(c, facts, ADDRS)
+    assert all("nothing was changed" in f.detail for f in e.value.failures)
+    return [(f.node, f.hint) for f in e.value.failures]
 
 
 def test_plan_node_in_a_foreign_swarm_is_a_problem_with_instructions(c):
     facts = {"pi1": parse_swarm_info(INACTIVE), "pi2": parse_swarm_info(INACTIVE),
              "pi3": parse_swarm_info(manager_info("c", "10.77.0.13", "other",
                                                   ["10.77.0.13", "192.168.1.50"]))}
-    p = plan(c, facts, ADDRS)
-    assert [name for name, _ in p.problems] == ["pi3"]
-    msg = p.problems[0][1]
+    [(name, msg)] = refusal(c, facts)
+    assert name == "pi3"
     assert "another swarm" in msg and "192.168.1.50" in msg
     assert "docker swarm leave --force" in msg
 
@@ -113,41 +165,178 @@ def test_plan_two_swarms_of_our_nodes_is_a_problem(c):
     facts = {"pi1": parse_swarm_info(INACTIVE),
              "pi2": parse_swarm_info(manager_info("b", "10.77.0.12", "one", ["10.77.0.12"])),
              "pi3": parse_swarm_info(manager_info("c", "10.77.0.13", "two", ["10.77.0.13"]))}
-    p = plan(c, facts, ADDRS)
-    assert [name for name, _ in p.problems] == ["pi3"]
-    assert "different swarm" in p.problems[0][1]
+    [(name, msg)] = refusal(c, facts)
+    assert name == "pi3" and "different swarm" in msg
 
 
 @pytest.mark.parametrize("state", ["pending", "error", "locked"])
 def test_plan_stuck_node_is_a_problem(c, state):
     facts = {n: parse_swarm_info(INACTIVE) for n in ADDRS}
     facts["pi2"] = SwarmFacts(state=state, error="boom")
-    p = plan(c, facts, ADDRS)
-    assert [name for name, _ in p.problems] == ["pi2"]
-    assert "docker swarm leave --force" in p.problems[0][1]
+    [(name, msg)] = refusal(c, facts)
+    assert name == "pi2" and "docker swarm leave --force" in msg
+
+
+def test_plan_worker_of_a_swarm_without_managers_is_a_problem(c):
+    # pi2 is still a worker of a swarm whose manager (pi1) has left it
+    facts = {"pi1": parse_swarm_info(INACTIVE),
+             "pi2": parse_swarm_info(worker_info("b", "10.77.0.12", ["10.77.0.11"])),
+             "pi3": parse_swarm_info(INACTIVE)}
+    [(name, msg)] = refusal(c, facts)
+    assert name == "pi2" and "do not answer as managers" in msg
+
+
+NODE_INSPECT = (Path(__file__).parent / "data" / "swarm" / "node-inspect.txt").read_text()
+
+
+@pytest.mark.parametrize(("case", "edit", "want"), [
+    ("as recorded: pi3 down", {}, (1, ["pi3 is not a Ready manager yet"])),
+    ("all up", {'"down"': '"ready"', '"unreachable"': '"reachable"'}, (0, [])),
+    ("pi2 a worker", {'"down"': '"ready"', '"unreachable"': '"reachable"',
+                      '{"Reachability":"reachable","Addr":"10.77.0.12:2377"}': "null"},
+     (1, ["pi2 is not a Ready manager yet"])),
+])
+def test_managers_ready_check_on_recorded_node_inspect(c, tmp_path, case, edit, want):
+    """The wait's shell check, run by sh with a `docker` printing what `docker node inspect`
+    prints for its format, made from recorded inspect output."""
+    text = NODE_INSPECT
+    for old, new in edit.items():
+        text = text.replace(old, new)
+    rows = [json.loads(line) for line in text.splitlines()]
+    lines = [f"{r['state']}/" + (f"{r['manager']['Reachability']}@{r['manager']['Addr']}"
+                                 if r["manager"] else "") for r in rows]
+    docker = tmp_path / "docker"
+    docker.write_text("#!/bin/sh\n[ \"$2\" = ls ] && echo id1 id2 id3 && exit\n"
+                      f"printf '%s\\n' {' '.join(lines)}\n")
+    docker.chmod(0o755)
+    res = subprocess.run(["sh", "-c", swarm.managers_ready_check(c, ADDRS)],
+                         capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    assert (res.returncode, res.stdout.splitlines()[:1]) == want, res.stdout
 
 
 def test_leave_plan_keeps_quorum(c):
-    facts = {n: parse_swarm_info(manager_info(f"id-{n}", a, "clu", ALL))
-             for n, a in ADDRS.items()}
-    p = leave_plan(c, facts, ADDRS)
-    assert p.demote == {"pi1": ["pi2", "pi3"]}
-    assert p.leave == ["pi2", "pi3"] and p.last == ["pi1"]
+    ops, skipped = leave_plan(c, converged(), ADDRS)
+    assert whats(ops) == [("pi2", "demote to worker (via pi1)"),
+                          ("pi3", "demote to worker (via pi1)"),
+                          ("pi2", "leave"), ("pi3", "leave"),
+                          ("pi1", "leave (last manager: the swarm ends)")]
+    assert ops[2].cmd == ops[4].cmd == swarm.LEAVE_CMD and skipped == []
 
 
 def test_leave_plan_nothing_and_foreign(c):
     facts = {n: parse_swarm_info(INACTIVE) for n in ADDRS}
-    assert leave_plan(c, facts, ADDRS).empty
+    assert leave_plan(c, facts, ADDRS) == ([], [])
     facts["pi3"] = parse_swarm_info(manager_info("c", "10.77.0.13", "x", ["192.168.1.9"]))
-    p = leave_plan(c, facts, ADDRS)
-    assert p.empty and [n for n, _ in p.skipped] == ["pi3"]
+    ops, skipped = leave_plan(c, facts, ADDRS)
+    assert ops == [] and skipped == ["pi3 is in another swarm (managers: 192.168.1.9): "
+                                     "left as it is"]
 
 
 def test_leave_plan_unreachable_node_is_not_in_facts(c):
-    facts = {n: parse_swarm_info(manager_info(f"id-{n}", a, "clu", ALL))
-             for n, a in ADDRS.items() if n != "pi1"}
-    p = leave_plan(c, facts, ADDRS)
-    assert p.demote == {"pi2": ["pi3"]} and p.leave == ["pi3"] and p.last == ["pi2"]
+    facts = {n: f for n, f in converged().items() if n != "pi1"}
+    ops, _ = leave_plan(c, facts, ADDRS)
+    assert whats(ops) == [("pi3", "demote to worker (via pi2)"), ("pi3", "leave"),
+                          ("pi2", "leave (last manager: the swarm ends)")]
+
+
+def test_leave_plan_workers_leave_without_demotion(c):
+    facts = converged() | {"pi3": parse_swarm_info(worker_info("c", "10.77.0.13", ALL))}
+    ops, _ = leave_plan(c, facts, ADDRS)
+    assert whats(ops) == [("pi2", "demote to worker (via pi1)"), ("pi2", "leave"),
+                          ("pi3", "leave"), ("pi1", "leave (last manager: the swarm ends)")]
+
+
+class SwarmRemote:
+    """A Remote for swarm's setup and teardown: `docker info` answers from `infos` (recorded
+    output per node), which init, join and leave change as Docker would; every command but
+    `docker info` is logged as (node, command)."""
+
+    def __init__(self, c: Cluster, infos: dict[str, str]):
+        self.cluster, self.infos, self.log = c, dict(infos), []
+
+    def run(self, node, step, cmd, **kw):
+        name = node if isinstance(node, str) else node.name
+        if cmd == swarm.INFO_CMD:
+            return Result(self.infos[name], "", 0)
+        self.log.append((name, cmd))
+        if cmd.startswith("docker swarm init"):
+            self._manager(name)
+        elif cmd == swarm.LEAVE_CMD:
+            self.infos[name] = INACTIVE
+        return Result("TOKEN" if "join-token" in cmd else "", "", 0)
+
+    def run_all(self, step, cmd, nodes=None, **kw):
+        return self.on_all(step, lambda n: self.run(n, step, cmd), nodes)
+
+    def on_all(self, step, fn, nodes=None):
+        return {n.name: fn(n) for n in (self.cluster.nodes if nodes is None else nodes)}
+
+    def redact(self, *values):
+        pass
+
+    def docker(self, node):
+        remote = self
+
+        class Swarm:
+            def join(self, remote_addrs, join_token, listen_addr, advertise_addr):
+                remote.log.append((node.name, f"API join {remote_addrs} {join_token}"))
+                remote._manager(node.name)
+
+        return type("Client", (), {"swarm": Swarm()})()
+
+    def _manager(self, name: str) -> None:
+        self.infos[name] = manager_info(f"id-{name}", ADDRS[name], "clu", ALL, 2_000_000_000)
+
+
+def test_setup_from_fresh_nodes_applies_the_plan_in_order(c, capsys):
+    r = SwarmRemote(c, {n: INACTIVE for n in ADDRS})
+    facts = swarm.setup(c, r)
+    assert facts == {"cluster_id": "clu", "managers": ["pi1", "pi2", "pi3"]}
+    assert [(n, cmd.split(" --")[0]) for n, cmd in r.log if "node inspect" not in cmd] == [
+        ("pi1", "docker swarm init"),
+        ("pi1", "docker swarm join-token -q manager"),  # read after init, once per join
+        ("pi2", "API join ['10.77.0.11:2377'] TOKEN"),
+        ("pi1", "docker swarm join-token -q manager"),
+        ("pi3", "API join ['10.77.0.11:2377'] TOKEN"),
+        ("pi1", "docker swarm update")]
+    assert r.log[-1] == ("pi1", swarm.managers_ready_check(c, ADDRS))  # the wait
+    out = capsys.readouterr().out
+    assert "pi2: swarm: join as manager via pi1\n" in out
+    assert out.endswith("pi1: swarm: 3 managers (pi1, pi2, pi3), dispatcher heartbeat 2 s\n")
+
+
+def test_setup_converged_says_nothing_to_do(c, capsys):
+    r = SwarmRemote(c, {n: manager_info(f"id-{n}", a, "clu", ALL, 2_000_000_000)
+                        for n, a in ADDRS.items()})
+    assert swarm.setup(c, r) == {"cluster_id": "clu", "managers": ["pi1", "pi2", "pi3"]}
+    assert r.log == []
+    assert capsys.readouterr().out.splitlines() == [
+        "pi1: swarm: nothing to do",
+        "pi1: swarm: all 3 nodes are managers already, dispatcher heartbeat 2 s"]
+
+
+def test_setup_dry_run_only_reads(c, capsys):
+    r = SwarmRemote(c, {n: INACTIVE for n in ADDRS})
+    assert swarm.setup(c, r, True) == {}
+    assert r.log == []
+    out = capsys.readouterr().out
+    assert out.splitlines()[:2] == ["pi1: swarm: would init (advertise 10.77.0.11)",
+                                    "pi2: swarm: would join as manager via pi1"]
+
+
+def test_teardown_demotes_one_at_a_time_then_leaves(c, capsys):
+    r = SwarmRemote(c, {n: manager_info(f"id-{n}", a, "clu", ALL) for n, a in ADDRS.items()})
+    assert swarm.teardown(c, r, dryrun=True) == [] and r.log == []
+    assert "pi3: swarm: would demote to worker (via pi1)" in capsys.readouterr().out
+    notes = swarm.teardown(c, r)
+    assert [(n, cmd.split(" --")[0]) for n, cmd in r.log] == [
+        ("pi1", "docker node demote id-pi2"), ("pi1", "docker node inspect"),
+        ("pi1", "docker node demote id-pi3"), ("pi1", "docker node inspect"),
+        ("pi2", swarm.LEAVE_CMD.split(" --")[0]), ("pi3", swarm.LEAVE_CMD.split(" --")[0]),
+        ("pi1", swarm.LEAVE_CMD.split(" --")[0])]
+    assert notes == ["swarm: 3 node(s) left the swarm"]
+    assert swarm.teardown(c, r) == ["swarm: no node is in this swarm: nothing to remove"]
 
 
 def test_heartbeat_duration():
