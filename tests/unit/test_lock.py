@@ -169,3 +169,22 @@ def test_a_mosquitto_whose_volume_fails_is_fenced(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait(5)
+
+
+def test_a_mosquitto_starts_at_once_after_an_old_unclean_end(tmp_path):
+    """The last holder's heartbeat is older than HANG + 3 s: it has surely stopped."""
+    needs_root_unshare_flock()
+    lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
+    lock.parent.mkdir(parents=True)
+    Path(f"{lock}.beat").write_text(f"container dead 2026-01-01T00:00:00 @{int(time.time()) - 7}\n")
+    script, _, running = mosquitto_entrypoint(tmp_path, "one", lock)
+    proc = container(script)
+    try:
+        started = time.monotonic()
+        assert wait_file(running, 10)
+        assert time.monotonic() - started < 1.5
+        assert "has not released" not in stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
