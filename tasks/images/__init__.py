@@ -41,13 +41,16 @@ layer the node already holds (the Debian base is sent once, not once per image).
 the facts are read again: tag, image ID and platform must match. Nodes run in parallel threads
 (`Remote.on_all`), one progress line each; a failed node is named with its reason after the
 others finished. The preload tasks run on every `doit setup` (a wiped node gets its images
-again); a node holding everything prints "pi1: 3 images already present, nothing sent".
+again); a node holding everything prints "pi1: preload-images: nothing to do". As every step
+that changes a node (tasks/ops.py), the plan becomes `Op`s (`preload_ops`: a `docker tag` per
+retag, one `call` for the load stream) that `apply_ops` applies or, in `doit plan`, only tells
+("pi1: preload-images: would load 2 image(s): ... (3 layer(s), 1 shared, 120 MB)").
 
 The package, one job per module:
     core.py     platforms, the local Docker engine, QEMU emulation (binfmt), ImageError
     base.py     FROM lines, the local Debian bases (mmdebstrap + docker load), tar streams
     build.py    buildx, build or pull, platform check, save, manifest
-    preload.py  per node facts, the plan of what is missing, one docker load stream
+    preload.py  per node facts, the plan of what is missing, its Ops, one docker load stream
     here        the doit task creators (no Docker, no SSH at load time: `doit list` is instant)
 """
 
@@ -121,6 +124,8 @@ from tasks.images.preload import (
     plan_node,
     preload,
     preload_action,
+    preload_node,
+    preload_ops,
     read_manifest,
 )
 
@@ -132,8 +137,9 @@ __all__ = [
     "daemon_platform", "docker_available", "ensure_base", "ensure_emulation", "fetch_buildx",
     "image_matches", "images_dir", "load_entries", "local_bases", "local_image",
     "make_image", "manifest_path", "node_facts", "normalize_ref", "parse_froms", "plan_node",
-    "preload", "pull_image", "read_manifest", "resolve_bases", "rewrite_froms", "run_prepare",
-    "save_image", "stack_images", "tar_stream", "tools_dir", "verify_local", "write_manifest",
+    "preload", "preload_node", "preload_ops", "pull_image", "read_manifest", "resolve_bases",
+    "rewrite_froms", "run_prepare", "save_image", "stack_images", "tar_stream", "tools_dir",
+    "verify_local", "write_manifest",
     "task_buildx", "task_base_image", "task_images", "task_preload_images",
 ]
 

@@ -1,5 +1,6 @@
-"""Images: preload onto the nodes: per node facts, the plan of what is missing, one
-`docker load` stream of only the missing layers."""
+"""Images: preload onto the nodes, as every step changes a node (tasks/ops.py): per node facts,
+the plan of what is missing (`plan_node`), its `Op`s (`preload_ops`: a `docker tag` per retag,
+one `docker load` stream of only the missing layers), applied or dry-run by `apply_ops`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from doit.exceptions import TaskFailed
 
@@ -20,6 +21,12 @@ from tasks.config import Cluster, Node, current
 from tasks.images.base import TarEntry, normalize_ref, tar_stream
 from tasks.images.build import _rel, manifest_path, stack_images
 from tasks.images.core import LOAD_TIMEOUT, ImageError, Platform, image_matches
+from tasks.ops import Op, apply_ops, say
+
+if TYPE_CHECKING:
+    from tasks.remote import Remote
+
+STEP = "preload-images"  # how its lines start: "pi1: preload-images: nothing to do"
 
 # ---------------------------------------------------------------------------------------------
 # Preload: facts, plan, stream
@@ -170,6 +177,10 @@ class _SavedImage:
 
         return TarEntry(name, size, opener)
 
+    def layer_size(self, index: int) -> int:
+        """Bytes of layer `index` in the tarball (what sending it costs)."""
+        return self.members[self.layer_names[index].lstrip("./")].size
+
     def close(self) -> None:
         self.tf.close()
 
@@ -258,69 +269,73 @@ def node_facts(remote: Any, node: Node | str) -> NodeFacts:
         raise ImageError(f"unexpected `docker image inspect` output on {node}: {e}") from None
 
 
+def preload_ops(plan: Plan, layer_sizes: dict[tuple[str, int], int],
+                load: Callable[[Remote], None] | None = None) -> list[Op]:
+    """The Ops of a node's `plan`: a `docker tag` per image there under another name, then one
+    `call` (`load`) streaming every missing image in one `docker load`; nothing for what is
+    present. `layer_sizes` gives the bytes of each (service, layer index) to send."""
+    ops = [Op(f"tag {w.id[:19]} as {w.ref}", f"docker tag {w.id} {shlex.quote(w.ref)}")
+           for w in plan.retag]
+    if plan.load:
+        notes = [f"{len(plan.send_layers)} layer(s)"]
+        if plan.skipped_layers:
+            notes.append(f"{plan.skipped_layers} present already")
+        if plan.shared_layers:
+            notes.append(f"{plan.shared_layers} shared")
+        size = sum(layer_sizes[x] for x in plan.send_layers)
+        ops.append(Op(f"load {len(plan.load)} image(s): {', '.join(w.ref for w in plan.load)} "
+                      f"({', '.join(notes)}, {size / 1e6:.0f} MB)", call=load))
+    return ops
+
+
 def preload_node(remote: Any, node: Node, wanted: list[Wanted],
-                 say: Callable[[str, str], None], dryrun: bool = False) -> NodeReport:
-    """Put every wanted image on `node`, sending only what it lacks; verify afterwards. With
-    `dryrun`, only say what it would send."""
+                 dryrun: bool = False) -> NodeReport:
+    """Put every wanted image on `node`, sending only what it lacks (facts, `plan_node`,
+    `preload_ops`, `apply_ops`); verify afterwards. With `dryrun`, only say what it would do."""
     t0 = time.monotonic()
-    rep = NodeReport(node.name)
     facts = node_facts(remote, node)
     plan = plan_node(wanted, facts)
-    rep.present = len(plan.present)
-    if plan.nothing_to_do:
-        problems = check_node(wanted, facts)
-        if problems:
-            raise ImageError("; ".join(problems))
+    rep = NodeReport(node.name, present=len(plan.present))
+    if plan.nothing_to_do and (problems := check_node(wanted, facts)):
+        raise ImageError("; ".join(problems))
+    saved = {w.service: _SavedImage(w.tar) for w in plan.load}
+    try:
+        sizes = {(svc, i): saved[svc].layer_size(i) for svc, i in plan.send_layers}
+        ops = preload_ops(plan, sizes, lambda r: _load_plan(r, node, plan, saved, rep))
+        changed = apply_ops(remote, node, STEP, ops, dryrun=dryrun)
+    finally:
+        for s in saved.values():
+            s.close()
+    if not changed or dryrun:
         rep.seconds = time.monotonic() - t0
-        say(node.name, f"{len(wanted)} images already present, nothing sent")
         return rep
-    if dryrun:
-        for w in plan.retag:
-            say(node.name, f"would tag {w.id[:19]} as {w.ref}")
-        if plan.load:
-            say(node.name, f"would send {len(plan.load)} image(s): "
-                f"{', '.join(w.ref for w in plan.load)}")
-        return rep
-    for w in plan.retag:
-        remote.run(node, "images: tag", f"docker tag {w.id} {shlex.quote(w.ref)}")
-        rep.retagged += 1
-    if plan.load:
-        saved = {w.service: _SavedImage(w.tar) for w in plan.load}
-        try:
-            entries = load_entries(plan, saved)
-            size = sum(e.size for e in entries)
-            rep.layers_sent, rep.layers_skipped = len(plan.send_layers), plan.skipped_layers
-            notes = [f"{rep.layers_sent} layer(s)"]
-            if plan.skipped_layers:
-                notes.append(f"{plan.skipped_layers} present already")
-            if plan.shared_layers:
-                notes.append(f"{plan.shared_layers} shared")
-            say(node.name, f"sending {len(plan.load)} image(s): "
-                f"{', '.join(w.ref for w in plan.load)} ({', '.join(notes)}, "
-                f"{size / 1e6:.0f} MB)")
-            try:
-                _load(remote, node, entries, rep)
-            except ImageError as e:
-                if not plan.skipped_layers:  # nothing was left out: a retry would not help
-                    raise
-                say(node.name, f"load without the layers it has failed ({e}); sending the "
-                    "complete images")
-                rep.retried_full = True
-                _load(remote, node, load_entries(plan, saved, False), rep)
-            rep.loaded = len(plan.load)
-        finally:
-            for s in saved.values():
-                s.close()
-    facts = node_facts(remote, node)
-    problems = check_node(wanted, facts)
+    rep.retagged = len(plan.retag)
+    problems = check_node(wanted, node_facts(remote, node))
     if problems:
         raise ImageError("after loading: " + "; ".join(problems))
     rep.seconds = time.monotonic() - t0
     done = [f"loaded {rep.loaded}"] + ([f"retagged {rep.retagged}"] if rep.retagged else [])
-    say(node.name, f"{', '.join(done)}, {rep.bytes_sent / 1e6:.0f} MB sent in "
+    say(node, f"{STEP}: {', '.join(done)}, {rep.bytes_sent / 1e6:.0f} MB sent in "
         f"{rep.seconds:.1f} s (upload {rep.upload_seconds:.1f} s); all {len(wanted)} images "
         f"present ({wanted[0].platform})")
     return rep
+
+
+def _load_plan(remote: Any, node: Node, plan: Plan, saved: dict[str, _SavedImage],
+               rep: NodeReport) -> None:
+    """The load Op's call: one `docker load` stream of `plan.load` without the layers the node
+    holds; when the engine refuses it, once more with the complete images."""
+    rep.layers_sent, rep.layers_skipped = len(plan.send_layers), plan.skipped_layers
+    try:
+        _load(remote, node, load_entries(plan, saved), rep)
+    except ImageError as e:
+        if not plan.skipped_layers:  # nothing was left out: a retry would not help
+            raise
+        say(node, f"{STEP}: load without the layers it has failed ({e}); sending the "
+            "complete images")
+        rep.retried_full = True
+        _load(remote, node, load_entries(plan, saved, False), rep)
+    rep.loaded = len(plan.load)
 
 
 def _load(remote: Any, node: Node, entries: list[TarEntry], rep: NodeReport) -> None:
@@ -350,7 +365,7 @@ def preload(c: Cluster, manifest: Path, nodes: Iterable[str] | None = None,
 
     Every node runs to its end; failed nodes are raised together as one RemoteError naming
     each node and its reason. Returns node -> NodeReport."""
-    from tasks.remote import Failure, Kind, Remote, RemoteError, progress
+    from tasks.remote import Failure, Kind, Remote, RemoteError
 
     wanted = read_manifest(manifest)
     for w in wanted:
@@ -364,7 +379,7 @@ def preload(c: Cluster, manifest: Path, nodes: Iterable[str] | None = None,
     def one(r: Any) -> dict[str, NodeReport]:
         def fn(n: Node) -> NodeReport:
             try:
-                return preload_node(r, n, wanted, progress, dryrun)
+                return preload_node(r, n, wanted, dryrun)
             except ImageError as e:
                 raise RemoteError([Failure(
                     node=n.name, address=n.address, step="images: preload", kind=Kind.ERROR,

@@ -108,7 +108,7 @@ def test_preload_puts_every_image_on_every_node_then_sends_nothing(lab, cluster,
     assert {n: r.bytes_sent for n, r in second.items()} == {n: 0 for n in cluster.names}
     out = capsys.readouterr().out
     for name in cluster.names:
-        assert f"{name}: 2 images already present, nothing sent" in out
+        assert f"{name}: preload-images: nothing to do" in out
     with capsys.disabled():
         print(f"\npreload of 2 images to {len(cluster.nodes)} nodes: {first_s:.1f} s "
               f"({sum(r.bytes_sent for r in first.values()) / 1e6:.0f} MB); second run "

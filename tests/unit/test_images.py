@@ -413,7 +413,7 @@ def test_preload_sends_what_is_missing_then_nothing(tmp_path, capsys):
     assert all(r.bytes_sent == 0 and r.present == 2 for r in second.values())
     out = capsys.readouterr().out
     for n in c.names:
-        assert f"{n}: 2 images already present, nothing sent" in out
+        assert f"{n}: preload-images: nothing to do" in out
 
 
 def test_preload_failure_names_the_node_and_others_finish(tmp_path):
