@@ -275,6 +275,48 @@ def test_docker_hub_names_are_compared_normalized():
     assert plan_node(w, facts).nothing_to_do
 
 
+# The Ops of a plan (what `doit plan` prints as "would ..."), from recorded node facts
+SIZES = {("homeassistant", 0): 30_000_000, ("homeassistant", 1): 400_000_000,
+         ("mariadb", 0): 30_000_000, ("mariadb", 1): 120_000_000}
+HA_REF, DB_REF = "haswarm-lab/homeassistant:2024.1.6", "haswarm/mariadb-galera:10.11-1"
+HA_ID, DB_ID = sha(b"cfg-ha"), sha(b"cfg-db")
+
+OPS_CASES = {
+    "fresh node: both images in one stream, the shared base once": (
+        [], [f"load 2 image(s): {HA_REF}, {DB_REF} (3 layer(s), 1 shared, 550 MB)"]),
+    "converged node: nothing to do": (
+        [inspect(HA_ID, [HA_REF], [BASE_L, HA_L]), inspect(DB_ID, [DB_REF], [BASE_L, DB_L])],
+        []),
+    "one image under another tag: retag only": (
+        [inspect(HA_ID, ["old/name:1"], [BASE_L, HA_L]),
+         inspect(DB_ID, [DB_REF], [BASE_L, DB_L])],
+        [f"tag {HA_ID[:19]} as {HA_REF}"]),
+    "the base layer is there: only the upper layers go": (
+        [inspect(sha(b"cfg-base"), ["debian:bookworm"], [BASE_L])],
+        [f"load 2 image(s): {HA_REF}, {DB_REF} (2 layer(s), 2 present already, 520 MB)"]),
+    "one retag and one load": (
+        [inspect(HA_ID, [], [BASE_L, HA_L])],
+        [f"tag {HA_ID[:19]} as {HA_REF}",
+         f"load 1 image(s): {DB_REF} (1 layer(s), 1 present already, 120 MB)"]),
+}
+
+
+@pytest.mark.parametrize(("entries", "whats"), OPS_CASES.values(), ids=OPS_CASES.keys())
+def test_ops_of_a_plan(entries, whats):
+    ops = images.preload_ops(plan_node(wanted(), NodeFacts.from_inspect(entries)), SIZES)
+    assert [op.what for op in ops] == whats
+
+
+def test_retag_is_a_docker_tag_and_the_load_calls_the_given_function():
+    def load(r):
+        return None
+
+    facts = NodeFacts.from_inspect([inspect(HA_ID, [], [BASE_L, HA_L])])
+    tag, stream = images.preload_ops(plan_node(wanted(), facts), SIZES, load)
+    assert tag.cmd == f"docker tag {HA_ID} {HA_REF}" and tag.call is None
+    assert stream.call is load and stream.cmd is None and stream.node is None
+
+
 def test_check_node_reports_missing_and_wrong_platform():
     w = wanted()
     facts = NodeFacts.from_inspect([inspect(w[0].id, [w[0].ref], list(w[0].layers), "arm")])
