@@ -427,6 +427,10 @@ def fake_remote(c, engines: dict[str, FakeEngine]) -> Remote:
             raise RemoteError([images_failure(c, name, e.fail)])
         if cmd == images.FACTS_CMD:
             return Result(e.inspect_json(), "", 0)
+        if cmd.startswith("docker tag "):
+            _, _, image_id, ref = cmd.split()
+            e.images[image_id]["RepoTags"].append(ref)
+            return Result("", "", 0)
         raise AssertionError(cmd)
 
     class Client:
@@ -456,6 +460,39 @@ def test_preload_sends_what_is_missing_then_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     for n in c.names:
         assert f"{n}: preload-images: nothing to do" in out
+
+
+def test_preload_dry_run_says_what_it_would_load_and_sends_nothing(tmp_path, capsys):
+    c = load_cluster(LAB_CLUSTER_FILE)
+    manifest = saved_manifest(tmp_path)
+    engines = {n: FakeEngine() for n in c.names}
+    reports = images.preload(c, manifest, remote=fake_remote(c, engines), dryrun=True)
+    assert all(r.bytes_sent == 0 and r.loaded == 0 for r in reports.values())
+    assert all(not e.images for e in engines.values())
+    out = capsys.readouterr().out.splitlines()
+    assert sorted(out) == [
+        f"{n}: preload-images: would load 2 image(s): haswarm-lab/homeassistant:1, "
+        "haswarm/mariadb-galera:1 (3 layer(s), 1 shared, 0 MB)" for n in c.names]
+
+
+def test_preload_retags_and_loads_then_reports_sizes_and_times(tmp_path, capsys):
+    c = load_cluster(LAB_CLUSTER_FILE)
+    manifest = saved_manifest(tmp_path)
+    w = read_manifest(manifest)
+    engines = {n: FakeEngine() for n in c.names}
+    for e in engines.values():  # homeassistant is there untagged, with its layers
+        e.images[w[0].id] = inspect(w[0].id, [], list(w[0].layers))
+    reports = images.preload(c, manifest, remote=fake_remote(c, engines))
+    assert all((r.retagged, r.loaded, r.layers_sent, r.layers_skipped) == (1, 1, 1, 1)
+               for r in reports.values())
+    assert all(check_node(w, NodeFacts.from_inspect(list(e.images.values()))) == []
+               for e in engines.values())
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("pi1: ")]
+    assert lines[:2] == [f"pi1: preload-images: tag {w[0].id[:19]} as haswarm-lab/homeassistant:1",
+                         "pi1: preload-images: load 1 image(s): haswarm/mariadb-galera:1 "
+                         "(1 layer(s), 1 present already, 0 MB)"]
+    assert lines[2].startswith("pi1: preload-images: loaded 1, retagged 1, 0 MB sent in ")
+    assert lines[2].endswith("; all 2 images present (linux/amd64)") and len(lines) == 3
 
 
 def test_preload_failure_names_the_node_and_others_finish(tmp_path):
