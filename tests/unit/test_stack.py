@@ -628,8 +628,3 @@ def test_rendered_stacks_parse(rendered):
     objects = render.docker_objects(rendered)
     assert {name for objs in objects.values() for name, _ in objs.values()} < refs
 
-
-def test_every_galera_step_has_its_action():
-    from tasks import galera
-
-    assert set(galera.BOOTSTRAP) | set(galera.STEADY) == set(galera.STEP_ACTIONS)
