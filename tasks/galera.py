@@ -32,7 +32,7 @@ command line or in any file written for it.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -366,7 +366,7 @@ def plan(c: Cluster, manager: str, f: GaleraFacts, d: Decision) -> list[Op]:
     steady = d.kind in ("running", "recover")
     now = f" (now: {'; '.join(f.problems)})" if steady and f.problems else ""
 
-    def op(what: str, step: Any) -> Op:
+    def op(what: str, step: Callable[..., None]) -> Op:
         return Op(what, call=partial(step, c=c, manager=manager), node=manager)
 
     ops = {
