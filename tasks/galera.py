@@ -1,7 +1,9 @@
 """The Galera bootstrap, automated: what the 2019 system left to four clicks in Portainer.
 
-`converge(c)` reads facts, `decide()` (pure, unit-tested) picks a plan, and the plan's steps run
-in order, each waiting with progress and a timeout that names what did not converge:
+`converge(c)` reads facts (`gather`), `decide()` (pure) picks the steps, `plan()` (pure) turns
+them into `Op`s (tasks/ops.py: each a `call` of the step's function below), and `apply_ops`
+shows them (dry run) or runs them in order, each wait with progress and a timeout that names
+what did not converge:
 
     fresh cluster (no db task Synced, no database volume with data, no seed):
       deploy-bootstrap  stack.bootstrap.yml: db-seed 1, db 0, homeassistant 0
@@ -14,7 +16,8 @@ in order, each waiting with progress and a timeout that names what did not conve
       probe-ha          Home Assistant answers HTTP on some node (asked from here)
 
     an earlier bootstrap stopped half-way (the seed runs): continue at wait-seed or scale-db;
-    db already runs Synced (a re-run): no bootstrap, deploy-steady only if stack.yml changed;
+    db already runs Synced (a re-run): no bootstrap, deploy-steady only if stack.yml changed,
+    wait-stack and probe-ha only if something changed or is not converged ("nothing to do");
     database volumes hold data but nothing runs (after `doit clean` without purge, or a full
     outage): deploy-steady; the db nodes recover the cluster from their own data (the image's
     recovery, see images/mariadb-galera). The seed is never started in these cases: a seed
@@ -31,12 +34,15 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from tasks import render
 from tasks.config import Cluster, Node
 from tasks.errors import StackError
 from tasks.facts import GaleraMember, galera_command, parse_galera
+from tasks.ops import Op, apply_ops, remote_task
 from tasks.remote import Remote, RemoteError, progress
 from tasks.secrets import secret_values
 from tasks.stack import (
@@ -48,6 +54,7 @@ from tasks.stack import (
     prune_objects,
     record_deploy,
     scale,
+    unused_objects,
 )
 from tasks.stack_facts import StackState, expected_replicas, referenced_objects
 from tasks.stack_observe import find_manager, observe, probe_http, wait_for
@@ -127,6 +134,9 @@ class GaleraFacts:
     members: list[Member] = field(default_factory=list)
     data_nodes: list[str] = field(default_factory=list)  # database volume holds data
     unknown_nodes: list[str] = field(default_factory=list)  # did not answer: data unknown
+    deployed: bool = False  # stack.yml is the deployed one and its replica counts hold
+    problems: list[str] = field(default_factory=list)  # why the steady stack is not there yet
+    unused: list[str] = field(default_factory=list)  # "config NAME" stack.yml does not use
 
     def synced(self, service: str) -> list[Member]:
         """Synced members of `service`."""
@@ -137,14 +147,39 @@ class GaleraFacts:
         return [m for m in self.members if m.service == service]
 
 
+def steady_problems(state: StackState, ms: list[Member], expected: dict[str, int], n: int
+                    ) -> list[str]:
+    """Why the stack is not at `expected` ({service: replicas}) with every db Synced in one
+    cluster of that size; [] when it is."""
+    problems = state.problems(expected, n)
+    want = expected.get(DB, n)
+    synced = [m for m in ms if m.service == DB and m.synced]
+    if len(synced) != want:
+        problems.append(f"db: {len(synced)} of {want} Synced")
+    sizes = {m.cluster_size for m in ms}
+    if ms and sizes != {want}:
+        problems.append(f"galera: wsrep_cluster_size {sorted(sizes)}, want {want}")
+    return problems
+
+
+def steady_file(c: Cluster) -> Path:
+    """The rendered steady stack file (db on every node, Home Assistant, no seed)."""
+    return render.build_dir(c) / "stack.yml"
+
+
 def gather(r: Remote, c: Cluster, manager: str) -> tuple[GaleraFacts, StackState]:
-    """Read the facts `decide` needs (volumes only when no db task is Synced)."""
+    """Read the facts `decide` and `plan` need (volumes only when no db task is Synced)."""
+    n = len(c.nodes)
     state = observe(r, c, manager)
     ms = members(r, c, state)
+    text = steady_file(c).read_text()
     facts = GaleraFacts(
         seed_desired=state.services[SEED].desired if SEED in state.services else None,
         db_desired=state.services[DB].desired if DB in state.services else None,
-        members=ms)
+        members=ms,
+        deployed=is_deployed(r, c, manager, text, state),
+        problems=steady_problems(state, ms, expected_replicas(text, n), n),
+        unused=unused_objects(r, c, manager, referenced_objects(c, text)))
     if not facts.synced(DB):
         facts.data_nodes, facts.unknown_nodes = data_volumes(r, c)
         facts.unknown_nodes = sorted(set(facts.unknown_nodes) | set(state.unreachable))
@@ -198,7 +233,7 @@ def decide(f: GaleraFacts, n: int) -> Decision:
 
 
 # ---------------------------------------------------------------------------------------------
-# Steps
+# Steps: each is one Op of the plan, called with the Remote when applied
 
 
 def _members_line(ms: Iterable[Member]) -> str:
@@ -211,139 +246,151 @@ def _members_line(ms: Iterable[Member]) -> str:
     return f" | galera: {', '.join(m.describe() for m in ordered)}{size}"
 
 
-class _Run:
-    """One converge run: the connection, the manager, the cluster, and the step functions."""
+def galera_wait(r: Remote, c: Cluster, manager: str, what: str, want_db: int | None,
+                want_seed: int, size: int | None, timeout: float) -> None:
+    """Wait until `want_db` db (None: any number, not looked at) and `want_seed` seed members
+    run and are Synced, and every member looked at sees `size` (None: any)."""
+    last: list[Member] = []
 
-    def __init__(self, r: Remote, c: Cluster, manager: str):
-        self.r, self.c, self.manager = r, c, manager
-        self.n = len(c.nodes)
-        self.steady = render.build_dir(c) / "stack.yml"
-        self.bootstrap = render.build_dir(c) / "stack.bootstrap.yml"
-        self.last_members: list[Member] = []
+    def check(state: StackState) -> list[str]:
+        ms = members(r, c, state)
+        last[:] = ms
+        if want_db is None:
+            ms = [m for m in ms if m.service == SEED]
+        problems = []
+        for service, want in ((DB, want_db), (SEED, want_seed)):
+            if want is None:
+                continue
+            running = [m for m in ms if m.service == service]
+            synced = [m for m in running if m.synced]
+            if len(synced) != want or len(running) != want:
+                problems.append(f"{service}: {len(synced)} of {want} Synced "
+                                f"({', '.join(m.describe() for m in running) or 'none'})")
+        sizes = {m.cluster_size for m in ms}
+        if size is not None and ms and sizes != {size}:
+            problems.append(f"galera: wsrep_cluster_size {sorted(sizes)}, want {size}")
+        return problems
 
-    def galera_wait(self, what: str, want_db: int | None, want_seed: int, size: int | None,
-                    timeout: float) -> None:
-        """Wait until `want_db` db (None: any number, not looked at) and `want_seed` seed
-        members run and are Synced, and every member looked at sees `size` (None: any)."""
-
-        def check(state: StackState) -> list[str]:
-            ms = members(self.r, self.c, state)
-            self.last_members = ms
-            if want_db is None:
-                ms = [m for m in ms if m.service == SEED]
-            problems = []
-            for service, want in ((DB, want_db), (SEED, want_seed)):
-                if want is None:
-                    continue
-                running = [m for m in ms if m.service == service]
-                synced = [m for m in running if m.synced]
-                if len(synced) != want or len(running) != want:
-                    problems.append(f"{service}: {len(synced)} of {want} Synced "
-                                    f"({', '.join(m.describe() for m in running) or 'none'})")
-            sizes = {m.cluster_size for m in ms}
-            if size is not None and ms and sizes != {size}:
-                problems.append(f"galera: wsrep_cluster_size {sorted(sizes)}, want {size}")
-            return problems
-
-        wait_for(self.r, self.c, self.manager, what, check, timeout,
-                 extra=lambda _: _members_line(self.last_members))
-
-    # -- the steps ----------------------------------------------------------------------------
-
-    def deploy_bootstrap(self) -> None:
-        facts, _ = gather(self.r, self.c, self.manager)  # look again right before seeding
-        if facts.synced(DB) or facts.data_nodes or facts.unknown_nodes:
-            raise StackError("galera: refusing to start the seed: a db task is Synced or a "
-                             "database volume holds data (or a node did not answer); run the "
-                             "task again")
-        deploy(self.r, self.c, self.manager, self.bootstrap)
-
-    def wait_seed(self) -> None:
-        # Only the seed: after an interrupted run db nodes may already be joining it.
-        self.galera_wait("galera: seed", want_db=None, want_seed=1, size=None,
-                         timeout=SEED_TIMEOUT)
-
-    def scale_db(self) -> None:
-        state = observe(self.r, self.c, self.manager)
-        if state.desired(DB, self.n) != self.n:
-            scale(self.r, self.c, self.manager, DB, self.n)
-
-    def wait_db_seeded(self) -> None:
-        self.galera_wait("galera: db nodes join", want_db=self.n, want_seed=1, size=self.n + 1,
-                         timeout=DB_TIMEOUT)
-
-    def remove_seed(self) -> None:
-        state = observe(self.r, self.c, self.manager)
-        if state.desired(SEED, self.n) != 0:
-            scale(self.r, self.c, self.manager, SEED, 0)
-        self.galera_wait("galera: seed removal", want_db=self.n, want_seed=0, size=self.n,
-                         timeout=SEED_REMOVAL_TIMEOUT)
-
-    def describe(self, d: Decision) -> None:
-        """What `d` would do, said without doing it (a dry run)."""
-        if d.kind != "running":
-            progress(self.manager, f"stack: would run {', '.join(d.steps)}")
-            return
-        state = observe(self.r, self.c, self.manager)
-        text = self.steady.read_text()
-        deployed = is_deployed(self.r, self.c, self.manager, text, state)
-        if not deployed:
-            progress(self.manager, "stack: would deploy stack.yml (it changed)")
-        problems = state.problems(expected_replicas(text, self.n), self.n)
-        for p in problems:
-            progress(self.manager, f"stack: would wait for: {p}")
-        if deployed and not problems:
-            progress(self.manager, "stack: nothing to do")
-
-    def deploy_steady(self) -> None:
-        text = self.steady.read_text()
-        state = observe(self.r, self.c, self.manager)
-        if is_deployed(self.r, self.c, self.manager, text, state):
-            progress(self.manager, "stack: stack.yml is the deployed one: not deploying")
-            return
-        deploy(self.r, self.c, self.manager, self.steady)
-        record_deploy(self.r, self.c, self.manager, text)
-
-    def wait_stack(self) -> None:
-        text = self.steady.read_text()
-        expected = expected_replicas(text, self.n)
-
-        def check(state: StackState) -> list[str]:
-            problems = state.problems(expected, self.n)
-            ms = members(self.r, self.c, state)
-            self.last_members = ms
-            synced = [m for m in ms if m.service == DB and m.synced]
-            if len(synced) != expected.get(DB, self.n):
-                problems.append(f"db: {len(synced)} of {expected.get(DB, self.n)} Synced")
-            sizes = {m.cluster_size for m in ms}
-            if ms and sizes != {expected.get(DB, self.n)}:
-                problems.append(f"galera: wsrep_cluster_size {sorted(sizes)}, want "
-                                f"{expected.get(DB, self.n)}")
-            return problems
-
-        wait_for(self.r, self.c, self.manager, "stack", check, STACK_TIMEOUT,
-                 extra=lambda _: _members_line(self.last_members))
-        notes = prune_objects(self.r, self.c, self.manager, referenced_objects(self.c, text))
-        for note in notes:
-            progress(self.manager, f"stack: {note}")
-
-    def probe_ha(self) -> None:
-        port = self.c.homeassistant.port
-        node, status = probe_http(self.c, port, HA_PROBE_TIMEOUT)
-        progress(node, f"homeassistant: answers HTTP {status} on port {port}")
+    wait_for(r, c, manager, what, check, timeout, extra=lambda _: _members_line(last))
 
 
-# Each step name of a Decision and the _Run method that does it.
-STEP_ACTIONS: dict[str, Callable[[_Run], None]] = {
-    "deploy-bootstrap": _Run.deploy_bootstrap,
-    "wait-seed": _Run.wait_seed,
-    "scale-db": _Run.scale_db,
-    "wait-db-seeded": _Run.wait_db_seeded,
-    "remove-seed": _Run.remove_seed,
-    "deploy-steady": _Run.deploy_steady,
-    "wait-stack": _Run.wait_stack,
-    "probe-ha": _Run.probe_ha,
-}
+def deploy_bootstrap(r: Remote, c: Cluster, manager: str) -> None:
+    """Deploy stack.bootstrap.yml (the seed), after looking again that no data can be lost."""
+    facts, _ = gather(r, c, manager)
+    if facts.synced(DB) or facts.data_nodes or facts.unknown_nodes:
+        raise StackError("galera: refusing to start the seed: a db task is Synced or a "
+                         "database volume holds data (or a node did not answer); run the "
+                         "task again")
+    deploy(r, c, manager, render.build_dir(c) / "stack.bootstrap.yml")
+
+
+def wait_seed(r: Remote, c: Cluster, manager: str) -> None:
+    """Wait for the seed alone: after an interrupted run db nodes may already be joining it."""
+    galera_wait(r, c, manager, "galera: seed", want_db=None, want_seed=1, size=None,
+                timeout=SEED_TIMEOUT)
+
+
+def scale_db(r: Remote, c: Cluster, manager: str) -> None:
+    """db to one task per node (unless the swarm already wants that)."""
+    n = len(c.nodes)
+    if observe(r, c, manager).desired(DB, n) != n:
+        scale(r, c, manager, DB, n)
+
+
+def wait_db_seeded(r: Remote, c: Cluster, manager: str) -> None:
+    """Wait until every db task is Synced beside the seed."""
+    n = len(c.nodes)
+    galera_wait(r, c, manager, "galera: db nodes join", want_db=n, want_seed=1, size=n + 1,
+                timeout=DB_TIMEOUT)
+
+
+def remove_seed(r: Remote, c: Cluster, manager: str) -> None:
+    """db-seed to 0; wait until the db nodes alone form the cluster."""
+    n = len(c.nodes)
+    if observe(r, c, manager).desired(SEED, n) != 0:
+        scale(r, c, manager, SEED, 0)
+    galera_wait(r, c, manager, "galera: seed removal", want_db=n, want_seed=0, size=n,
+                timeout=SEED_REMOVAL_TIMEOUT)
+
+
+def deploy_steady(r: Remote, c: Cluster, manager: str) -> None:
+    """Deploy stack.yml and record it, unless it is the deployed one (looked at again now)."""
+    text = steady_file(c).read_text()
+    if is_deployed(r, c, manager, text, observe(r, c, manager)):
+        progress(manager, "stack: stack.yml is the deployed one: not deploying")
+        return
+    deploy(r, c, manager, steady_file(c))
+    record_deploy(r, c, manager, text)
+
+
+def prune_unused(r: Remote, c: Cluster, manager: str) -> None:
+    """Remove this stack's configs and secrets stack.yml does not use."""
+    keep = referenced_objects(c, steady_file(c).read_text())
+    for note in prune_objects(r, c, manager, keep):
+        progress(manager, f"stack: {note}")
+
+
+def wait_stack(r: Remote, c: Cluster, manager: str) -> None:
+    """Wait until stack.yml runs as written with every db Synced; then prune unused objects."""
+    n = len(c.nodes)
+    expected = expected_replicas(steady_file(c).read_text(), n)
+    last: list[Member] = []
+
+    def check(state: StackState) -> list[str]:
+        last[:] = members(r, c, state)
+        return steady_problems(state, last, expected, n)
+
+    wait_for(r, c, manager, "stack", check, STACK_TIMEOUT, extra=lambda _: _members_line(last))
+    prune_unused(r, c, manager)
+
+
+def probe_ha(r: Remote, c: Cluster, manager: str) -> None:
+    """Ask every node from here until one answers Home Assistant's HTTP port."""
+    port = c.homeassistant.port
+    node, status = probe_http(c, port, HA_PROBE_TIMEOUT)
+    progress(node, f"homeassistant: answers HTTP {status} on port {port}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan (pure) and converge
+
+
+def plan(c: Cluster, manager: str, f: GaleraFacts, d: Decision) -> list[Op]:
+    """The ops that carry out decision `d`, in order, each shown on `manager`.
+
+    A bootstrap or resume runs `d.steps`. The steady plans (running, recover) run only what
+    the facts ask for: deploy stack.yml when it is not the deployed one, wait for the stack
+    and probe Home Assistant when either changed or something is not converged yet; a
+    converged stack gives [] ("nothing to do"), or only the removal of unused objects."""
+    n = len(c.nodes)
+    steady = d.kind in ("running", "recover")
+    now = f" (now: {'; '.join(f.problems)})" if steady and f.problems else ""
+
+    def op(what: str, step: Callable[..., None]) -> Op:
+        return Op(what, call=partial(step, c=c, manager=manager), node=manager)
+
+    ops = {
+        "deploy-bootstrap": op("deploy stack.bootstrap.yml (db-seed 1, db 0, homeassistant 0): "
+                               "the seed creates the cluster", deploy_bootstrap),
+        "wait-seed": op(f"wait until the seed is Synced in a Primary component "
+                        f"(at most {SEED_TIMEOUT:g} s)", wait_seed),
+        "scale-db": op(f"scale db to {n} (one per node)", scale_db),
+        "wait-db-seeded": op(f"wait until {n} db tasks are Synced, cluster size {n + 1} "
+                             f"(at most {DB_TIMEOUT:g} s)", wait_db_seeded),
+        "remove-seed": op(f"scale db-seed to 0; wait until the cluster size is {n} "
+                          f"(at most {SEED_REMOVAL_TIMEOUT:g} s)", remove_seed),
+        "deploy-steady": op("deploy stack.yml (it is not the deployed one)", deploy_steady),
+        "wait-stack": op(f"wait until every service runs and is healthy, {n} db Synced, "
+                         f"cluster size {n}; then remove unused configs and secrets{now}",
+                         wait_stack),
+        "probe-ha": op(f"ask every node for Home Assistant on HTTP port "
+                       f"{c.homeassistant.port} (from here)", probe_ha),
+    }
+    if not steady:
+        return [ops[s] for s in d.steps]
+    if f.deployed and not f.problems:
+        return [op(f"remove {', '.join(f.unused)} (unused)", prune_unused)] if f.unused else []
+    return [ops[s] for s in d.steps if s != "deploy-steady" or not f.deployed]
 
 
 def converge(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
@@ -358,19 +405,12 @@ def converge(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     progress(manager, f"galera: {d.reason}")
     if d.kind == "refuse":
         raise StackError(f"galera: {d.reason}")
-    run = _Run(r, c, manager)
-    if dryrun:
-        run.describe(d)
-        return {}
-    for step in d.steps:
-        STEP_ACTIONS[step](run)
-    return {"decision": d.kind, "steps": list(d.steps)}
+    apply_ops(r, c.node(manager), STEP_STACK, plan(c, manager, facts, d), dryrun=dryrun)
+    return {} if dryrun else {"decision": d.kind, "steps": list(d.steps)}
 
 
 def stack_task(c: Cluster, after: Iterable[str] = ()) -> dict[str, Any]:
     """The `stack` task dict: deploy (Galera bootstrap when fresh), converge, Home Assistant up."""
-    from tasks.ops import remote_task
-
     base = render.build_dir(c)
     task = remote_task(c, STEP_STACK, None,
                        "Deploy the stack (bootstraps Galera when fresh); wait until all "

@@ -145,6 +145,13 @@ def scale(r: Remote, c: Cluster, manager: str, service: str, replicas: int) -> N
           f"docker service scale --detach {shlex.quote(f'{c.name}_{service}')}={replicas}")
 
 
+def unused_objects(r: Remote, c: Cluster, manager: str, keep: set[str]) -> list[str]:
+    """This stack's configs and secrets (`NAME_*`) not in `keep`, as 'config NAME' lines."""
+    return [f"{kind} {name}" for kind in ("config", "secret")
+            for name in sorted(_object_names(r, manager, kind))
+            if name.startswith(f"{c.name}_") and name not in keep]
+
+
 def prune_objects(r: Remote, c: Cluster, manager: str, keep: set[str],
                   adjective: str = "unused ") -> list[str]:
     """Remove this stack's configs and secrets (`NAME_*`) not in `keep`; returns notes."""

@@ -629,7 +629,12 @@ def test_rendered_stacks_parse(rendered):
     assert {name for objs in objects.values() for name, _ in objs.values()} < refs
 
 
-def test_every_galera_step_has_its_action():
-    from tasks import galera
 
-    assert set(galera.BOOTSTRAP) | set(galera.STEADY) == set(galera.STEP_ACTIONS)
+def test_steady_problems_add_galera_to_the_swarm_view():
+    # the recorded state: db 1 of 3 healthy; galera sees one Synced member of a cluster of 2
+    ms = [m("pi1", size=2), m("pi2", synced=False, phase="joining")]
+    probs = galera.steady_problems(state(), ms, {"db": 3, "homeassistant": 1}, 3)
+    assert "db: 1 of 3 running and healthy" in probs
+    assert probs[-2:] == ["db: 1 of 3 Synced", "galera: wsrep_cluster_size [0, 2], want 3"]
+    assert galera.steady_problems(stack_facts.StackState({}, [], []), [], {}, 3) == [
+        "db: 0 of 3 Synced"]
