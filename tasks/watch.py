@@ -68,7 +68,7 @@ class Census:
 
 
 def parse_census(text: str, stack: str) -> tuple[dict[str, tuple[str, ...]], int]:
-    """The output of CENSUS_CMD: ({service: container ids}, HA process count).
+    """The output of CENSUS_CMD: ({service: container ids}, containers running an HA process).
 
     A Home Assistant or Mosquitto container counts only while its program runs in it: a
     container that waits for the lock (a standby, or a second one swarm started) runs nothing
@@ -90,7 +90,9 @@ def parse_census(text: str, stack: str) -> tuple[dict[str, tuple[str, ...]], int
                 containers[service] = active
             else:
                 del containers[service]
-    return {k: tuple(v) for k, v in containers.items()}, len(running_in["homeassistant"])
+    # Home Assistant runs in how many containers (a process that HA forks, seen by pgrep
+    # between fork and exec with HA's command line, is no second Home Assistant)
+    return {k: tuple(v) for k, v in containers.items()}, len(set(running_in["homeassistant"]))
 
 
 # One line per HA or Mosquitto process, with the container it runs in (the 64-hex id in its

@@ -61,6 +61,8 @@ def test_a_home_assistant_container_without_the_process_does_not_count():
            "#ha 7777bbbb8888\n")
     assert parse_census(two, "haswarm") == ({"homeassistant": ("7777bbbb8888",)}, 1)
     assert parse_census("#ha\n", "haswarm") == ({}, 1)  # an HA outside any container
+    forked = ("7777bbbb8888 haswarm_homeassistant\n#ha 7777bbbb8888\n#ha 7777bbbb8888\n")
+    assert parse_census(forked, "haswarm") == ({"homeassistant": ("7777bbbb8888",)}, 1)
 
 
 def test_a_mosquitto_container_waiting_for_the_lock_does_not_count():
