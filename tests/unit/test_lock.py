@@ -19,6 +19,14 @@ def start(lock: Path, ready: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def end(*procs: subprocess.Popen | None) -> None:
+    """Kill whatever of `procs` still runs (a test's cleanup)."""
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait(5)
+
+
 def wait_file(path: Path, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -41,10 +49,7 @@ def test_the_second_keeper_waits_until_the_first_is_gone(tmp_path):
         first.wait(5)
         assert wait_file(tmp_path / "ready2", 5)
     finally:
-        for p in (first, second):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(5)
+        end(first, second)
     assert "lock held after" in second.stdout.read()
 
 
@@ -131,10 +136,7 @@ def test_mosquitto_handover_clean_at_once_unclean_after_the_settle_time(tmp_path
         out = stop(procs[2])
         assert "the last holder has not released the lock (container" in out
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
+        end(*procs)
 
 
 def test_a_mosquitto_whose_volume_fails_is_fenced(tmp_path):
@@ -165,10 +167,7 @@ def test_a_mosquitto_whose_volume_fails_is_fenced(tmp_path):
         assert "FENCING: a write to the volume hangs for more than 3 s" in out
         assert 3 <= time.monotonic() - started < 8
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
+        end(*procs)
 
 
 def test_a_mosquitto_starts_at_once_after_an_old_unclean_end(tmp_path):
@@ -185,6 +184,4 @@ def test_a_mosquitto_starts_at_once_after_an_old_unclean_end(tmp_path):
         assert time.monotonic() - started < 1.5
         assert "has not released" not in stop(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+        end(proc)
