@@ -57,14 +57,15 @@ class Sample:
 
 @dataclass(frozen=True)
 class Census:
-    """One look at one node: its running stack containers by service and its HA processes.
-    `reachable` False: the node could not be asked (dead, cut, or no answer in time)."""
+    """One look at one node: its running stack containers by service and how many containers
+    run an HA process (an HA outside any container counts as one). `reachable` False: the node
+    could not be asked (dead, cut, or no answer in time)."""
 
     t: float
     node: str
     reachable: bool
     containers: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    ha_processes: int = 0
+    ha_running: int = 0
 
 
 def parse_census(text: str, stack: str) -> tuple[dict[str, tuple[str, ...]], int]:
@@ -256,7 +257,7 @@ def overlaps(census: list[Census], end: float, stale: float = 3 * INTERVAL) -> l
         for c in looks:
             copies = 0
             if c.reachable:
-                copies = (c.ha_processes if service == "homeassistant"
+                copies = (c.ha_running if service == "homeassistant"
                           else len(c.containers.get(service, ())))
             current[c.node] = (c.t, copies)
             live = {n: k for n, (t, k) in current.items() if k and c.t - t <= stale}
