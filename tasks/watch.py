@@ -20,6 +20,7 @@ samples and are tested without a cluster.
 
 from __future__ import annotations
 
+import itertools
 import shlex
 import threading
 import time
@@ -66,6 +67,11 @@ class Census:
     reachable: bool
     containers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ha_running: int = 0
+    done: float | None = None  # when the answer came back (None: at once)
+
+    @property
+    def answered(self) -> float:
+        return self.t if self.done is None else self.done
 
 
 def parse_census(text: str, stack: str) -> tuple[dict[str, tuple[str, ...]], int]:
@@ -244,35 +250,72 @@ class Overlap:
     nodes: tuple[str, ...]
 
 
-def overlaps(census: list[Census], end: float, stale: float = 3 * INTERVAL) -> list[Overlap]:
-    """Stretches with more than one Home Assistant process (HA) or running container (other
-    singletons) across the cluster. A node's last look counts for `stale` seconds; a node that
-    cannot be asked counts as running nothing (a lab node that is killed runs nothing; on a
-    real cluster an unreachable node is unknown, which this cannot see)."""
-    looks = sorted(census, key=lambda c: c.t)
+def overlaps(census: list[Census], end: float) -> list[Overlap]:
+    """Stretches during which more than one Home Assistant (containers running an HA process)
+    or more than one running container of another singleton ran across the cluster, as far
+    as the looks prove it.
+
+    A node is known to run a copy from the moment its first look showing it came back to the
+    start of its last look showing it (a look happens somewhere between its start and its
+    answer); a copy seen by one look only proves nothing about any other moment. So a clean
+    hand-over that completes between two looks is no overlap, and any overlap longer than a
+    look's interval plus its round trip is seen. A node that cannot be asked counts as running
+    nothing (a lab node that is killed runs nothing; on a real cluster an unreachable node is
+    unknown, which this cannot see). `end` closes a stretch still open when the watch ended."""
     out: list[Overlap] = []
     for service in SINGLETONS:
-        current: dict[str, tuple[float, int]] = {}  # node -> (t, copies)
-        open_: Overlap | None = None
-        for c in looks:
-            copies = 0
-            if c.reachable:
-                copies = (c.ha_running if service == "homeassistant"
-                          else len(c.containers.get(service, ())))
-            current[c.node] = (c.t, copies)
-            live = {n: k for n, (t, k) in current.items() if k and c.t - t <= stale}
-            total = sum(live.values())
-            if total > 1:
-                if open_ is None:
-                    open_ = Overlap(service, c.t, c.t, total, tuple(sorted(live)))
-                else:
-                    open_ = Overlap(service, open_.start, c.t, max(open_.count, total),
-                                    tuple(sorted({*open_.nodes, *live})))
-            elif open_ is not None:
-                out.append(Overlap(service, open_.start, c.t, open_.count, open_.nodes))
-                open_ = None
-        if open_ is not None:
-            out.append(Overlap(service, open_.start, end, open_.count, open_.nodes))
+        # (from, to, copies, node): one stretch of consecutive looks of a node that saw copies
+        known: list[tuple[float, float, int, str]] = []
+        for node in sorted({c.node for c in census}):
+            run: list[Census] = []
+            for c in [*sorted((c for c in census if c.node == node), key=lambda c: c.t), None]:
+                copies = _copies(c, service) if c is not None else 0
+                if copies:
+                    run.append(c)  # type: ignore[arg-type]
+                    continue
+                if run:
+                    first, last = run[0], run[-1]
+                    most = max(_copies(x, service) for x in run)
+                    if most > 1:  # two copies on one node: each look proves it on its own
+                        known.append((first.t, last.answered, most, node))
+                    elif first.answered <= last.t:
+                        known.append((first.answered, last.t, 1, node))
+                    run = []
+        out += _stretches(service, known, end)
+    return out
+
+
+def _copies(c: Census, service: str) -> int:
+    if not c.reachable:
+        return 0
+    return c.ha_running if service == "homeassistant" else len(c.containers.get(service, ()))
+
+
+def _stretches(service: str, known: list[tuple[float, float, int, str]],
+               end: float) -> list[Overlap]:
+    """Where the known stretches add up to more than one copy."""
+    marks = sorted({x for a, b, _, _ in known for x in (a, b)})
+    # every mark and every span between two marks, in time order: (from, to)
+    pieces = [(m, m) for m in marks] + [(a, b) for a, b in itertools.pairwise(marks)]
+    pieces.sort(key=lambda p: (p[0], p[1]))
+    out: list[Overlap] = []
+    open_: Overlap | None = None
+    for lo, hi in pieces:
+        mid = (lo + hi) / 2
+        live = [(k, n) for a, b, k, n in known if a <= mid <= b]
+        total = sum(k for k, _ in live)
+        if total > 1:
+            nodes = {n for _, n in live}
+            if open_ is None:
+                open_ = Overlap(service, lo, min(hi, end), total, tuple(sorted(nodes)))
+            else:
+                open_ = Overlap(service, open_.start, min(hi, end), max(open_.count, total),
+                                tuple(sorted({*open_.nodes, *nodes})))
+        elif open_ is not None:
+            out.append(open_)
+            open_ = None
+    if open_ is not None:
+        out.append(open_)
     return out
 
 
@@ -416,11 +459,12 @@ class Watch:
     def _census_loop(self, node: str) -> None:
         def look(t: float) -> None:
             out = self.run_on(node, CENSUS_CMD, 2.0)
+            done = self.now()
             if out is None:
-                c = Census(t, node, False)
+                c = Census(t, node, False, done=done)
             else:
                 containers, ha = parse_census(out, self.c.name)
-                c = Census(t, node, True, containers, ha)
+                c = Census(t, node, True, containers, ha, done=done)
             with self._lock:
                 self.census.append(c)
 

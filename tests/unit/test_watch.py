@@ -94,7 +94,7 @@ def test_a_move_off_a_healthy_node_and_the_overlap_it_caused():
     assert s[0].t == 10.0
     o = overlaps(census, end=20.0)
     assert [(x.service, x.count, x.nodes) for x in o] == [("homeassistant", 2, ("pi1", "pi3"))]
-    assert o[0].start == 10.0 and o[0].end == 15.0
+    assert o[0].start == 10.0 and o[0].end == 14.5  # pi3's last look that saw it
 
 
 def test_a_restart_on_the_same_node_and_no_overlap_when_the_old_one_is_gone():
@@ -103,6 +103,34 @@ def test_a_restart_on_the_same_node_and_no_overlap_when_the_old_one_is_gone():
     s = starts(census)
     assert [(x.kind, x.node) for x in s] == [("restart", "pi1")]
     assert overlaps(census, end=1.0) == []
+
+
+def test_a_clean_hand_over_between_two_looks_is_no_overlap():
+    # CI, docker stopped on pi2: pi2's look at 58.58 still saw HA, pi3's at 59.05 saw its new
+    # one, pi2's at 59.08 no more; pi2's HA may have ended at any moment after 58.58
+    census = [Census(t, "pi2", True, {"homeassistant": ("a",)}, 1, done=t + 0.1)
+              for t in (57.58, 58.08, 58.58)]
+    census += [Census(59.08, "pi2", True, {}, 0, done=59.2)]
+    census += [Census(t, "pi3", True, {"homeassistant": ("b",)}, 0, done=t + 0.1)
+               for t in (57.55, 58.05, 58.55)]
+    census += [Census(t, "pi3", True, {"homeassistant": ("b",)}, 1, done=t + 0.1)
+               for t in (59.05, 59.55, 60.05)]
+    assert overlaps(census, end=61.0) == []
+
+
+def test_an_overlap_is_known_from_the_answer_of_the_first_look_to_the_last_look():
+    census = [Census(t, "pi1", True, {"homeassistant": ("a",)}, 1, done=t + 0.3)
+              for t in (0.0, 0.5, 1.0, 1.5, 2.0)]
+    census += [Census(t, "pi2", True, {"homeassistant": ("b",)}, 1, done=t + 0.3)
+               for t in (1.2, 1.7, 2.2)]
+    census += [Census(2.5, "pi1", True, {}, 0, done=2.8)]
+    o = overlaps(census, end=3.0)
+    assert [(x.start, x.end, x.count, x.nodes) for x in o] == [(1.5, 2.0, 2, ("pi1", "pi2"))]
+
+
+def test_two_copies_on_one_node_are_an_overlap_on_their_own():
+    census = [Census(0.0, "pi1", True, {"mosquitto": ("a", "b")}, 0, done=0.2)]
+    assert [(x.service, x.count) for x in overlaps(census, end=1.0)] == [("mosquitto", 2)]
 
 
 def test_a_waiting_container_is_not_a_running_home_assistant():
