@@ -76,7 +76,7 @@ def volume_options(c: Cluster) -> dict[str, str]:
         # stack/haswarm-lock.py.j2) ~4 s after that client itself has given the volume up, so
         # a cut-off HA has fenced itself before another can take the lock (defaults: 20 s idle
         # + 9 x 2 s probes; 42 s with unacknowledged data).
-        **server_keepalive(c.gluster.ping_timeout),
+        **server_keepalive(render.client_drop(c)),
         # Client quorum: write only while more than half of the copies are reachable.
         "cluster.quorum-type": "auto",
         # Server quorum: glusterd stops its bricks when it loses contact with most of the pool.
@@ -90,14 +90,14 @@ def volume_options(c: Cluster) -> dict[str, str]:
     }
 
 
-def server_keepalive(ping_timeout: int) -> dict[str, str]:
+def server_keepalive(drop_after: int) -> dict[str, str]:
     """Brick-side TCP keepalive: a silent client is dropped (and its locks released) after
-    ping_timeout + 7 s; later than Home Assistant's lock keeper fences itself on a hanging write
-    (ping_timeout + 3, tasks.render.lock_hang), so a cut-off node's HA is gone before another
-    can take the lock."""
-    idle = ping_timeout + 2
-    return {"server.keepalive-time": str(idle), "server.keepalive-interval": "1",
-            "server.keepalive-count": "5", "server.tcp-user-timeout": str(ping_timeout + 7)}
+    `drop_after` s (tasks.render.client_drop), once a cut-off node's lock keeper has fenced
+    Home Assistant, so that another node's HA can take the lock then and not later."""
+    probes = 4
+    return {"server.keepalive-time": str(max(1, drop_after - probes)),
+            "server.keepalive-interval": "1", "server.keepalive-count": str(probes),
+            "server.tcp-user-timeout": str(drop_after)}
 
 
 def peers_to_probe(c: Cluster, peers: list[Peer]) -> list[Node]:

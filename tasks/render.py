@@ -104,11 +104,23 @@ def mosquitto_password_line(user: str, password: str) -> str:
             f"${base64.b64encode(dk).decode()}")
 
 
+# Seconds without reaching a majority of the nodes after which HA's lock keeper takes its node
+# for cut off and fences Home Assistant (stack/haswarm-lock.py.j2); fenced at the latest
+# ISOLATED_AFTER + 1.5 s after a cut (a probe's timeout, the watchdog's period).
+ISOLATED_AFTER = 3
+
+
 def lock_hang(c: Cluster) -> int:
-    """Seconds a write to HA's lock file may hang before its keeper fences Home Assistant: longer
-    than a peer's death delays writes (the volume's ping timeout), shorter than the bricks take to
-    drop a silent client and release its lock (tasks.gluster.server_keepalive: ping + 7)."""
+    """Seconds a write to a lock file may hang before its keeper fences its program: longer than
+    a peer's death delays writes (the volume's ping timeout)."""
     return c.gluster.ping_timeout + 3
+
+
+def client_drop(c: Cluster) -> int:
+    """Seconds after which the bricks drop a silent client and release its locks
+    (tasks.gluster_plans.server_keepalive): after a cut-off node's keeper has fenced HA
+    (ISOLATED_AFTER + 1.5 s), with a margin."""
+    return max(c.gluster.ping_timeout + 2, ISOLATED_AFTER + 4)
 
 
 def lock_settle(c: Cluster) -> int:
@@ -142,6 +154,8 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
         "mqtt_standby": c.mqtt_standby,
         "lock_ready": HA_LOCK_READY,
         "lock_hang": lock_hang(c),
+        "isolated_after": ISOLATED_AFTER,
+        "node_addresses": " ".join(n.address for n in c.nodes),
         "lock_settle": lock_settle(c),
         "db_name": DB_NAME,
         "db_user": DB_USER,

@@ -156,8 +156,8 @@ def test_plan_volume_changed_option_and_stopped(c: Cluster) -> None:
     vol = gluster_facts.parse_volume_info(
         VOLUME_INFO.replace("<statusStr>Started", "<statusStr>Stopped"))
     assert cmds(gluster_plans.plan_volume(slower, vol)) == [
-        "gluster --mode=script volume set haswarm network.ping-timeout 10 server.keepalive-time 12 "
-        "server.tcp-user-timeout 17",
+        "gluster --mode=script volume set haswarm network.ping-timeout 10 server.keepalive-time 8 "
+        "server.tcp-user-timeout 12",
         "gluster --mode=script volume start haswarm",
     ]
 

@@ -215,9 +215,13 @@ def test_the_lock_keeper_fences_before_the_bricks_release_its_lock(rendered):
 
     c, _ = rendered
     hang = render.lock_hang(c)
-    k = server_keepalive(c.gluster.ping_timeout)
+    k = server_keepalive(render.client_drop(c))
     dropped = int(k["server.keepalive-time"]) + int(k["server.keepalive-count"])
-    assert c.gluster.ping_timeout + 2 <= hang <= dropped - 3
-    assert int(k["server.tcp-user-timeout"]) >= dropped
+    fenced = render.ISOLATED_AFTER + 1.5  # a probe's timeout, the watchdog's period
+    assert dropped == render.client_drop(c) >= fenced + 2
+    assert int(k["server.tcp-user-timeout"]) == dropped
+    assert hang >= c.gluster.ping_timeout + 2  # a peer's death does not fence
     env = stack(c)["services"]["homeassistant"]["environment"]
     assert env["HASWARM_LOCK_HANG"] == str(hang)
+    assert env["HASWARM_NODES"].split() == [n.address for n in c.nodes]
+    assert env["HASWARM_ISOLATED_AFTER"] == str(render.ISOLATED_AFTER)
