@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,13 @@ class KeyFileProblem(Exception):
     """The private key named in the cluster file cannot be used."""
 
 
+# Fabric's Config is not thread-safe: a Connection built while another thread's Connection
+# merges the shared config can find keys missing ("No attribute or config key found for
+# 'gateway'", seen when a watch's threads reconnect at once). Each connection gets its own
+# copy, made under this lock.
+_CONFIG_LOCK = threading.Lock()
+
+
 def load_key(path: Path) -> paramiko.PKey:
     """The private key in `path`; `KeyFileProblem` saying why if it cannot be used."""
     try:
@@ -75,8 +83,9 @@ def open_connection(cluster: Cluster, n: Node, config: Config,
         kwargs.update(pkey=pkey, look_for_keys=False, allow_agent=False)
     from fabric import Connection
 
-    conn = Connection(n.address, user=ssh.user, port=ssh.port, config=config,
-                      connect_kwargs=kwargs)
+    with _CONFIG_LOCK:
+        conn = Connection(n.address, user=ssh.user, port=ssh.port, config=config.clone(),
+                          connect_kwargs=kwargs)
     # Fabric installs AutoAddPolicy; trust only what known_hosts lists.
     conn.client.set_missing_host_key_policy(_RejectUnknown())
     known = cluster.ssh.known_hosts
