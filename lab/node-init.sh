@@ -1,7 +1,7 @@
 #!/bin/bash
 # node-init.sh: the "boot" of one simulated Raspberry Pi of the haswarm lab.
 #
-# lab/driver.py starts it as
+# lab/nodes.py starts it as
 #   nsenter --net=/run/netns/hswlab-NAME unshare --mount --uts --pid --fork --mount-proc \
 #       --propagation private tini -s -- lab/node-init.sh
 # so it runs as PID 2 of the node (tini is PID 1) in a fresh mount, UTS and PID namespace, inside
@@ -13,7 +13,7 @@
 #   4. then waits; SIGTERM (lab-down) stops the services in order and ends the node.
 # Killing tini (lab-kill) ends every process of the node at once instead, as a power cut would.
 #
-# Environment (set by lab/driver.py, nothing else is inherited from the host):
+# Environment (set by lab/nodes.py, nothing else is inherited from the host):
 #   LAB_NODE         node name, also its host name            e.g. pi1
 #   LAB_ADDRESS      its address on the lab bridge            e.g. 10.77.0.11
 #   LAB_NODE_DIR     its disk on the host (kept across boots) e.g. <project>/.lab/nodes/pi1
@@ -136,8 +136,8 @@ nameserver 127.0.0.1
 options timeout:1 attempts:1
 EOF
 
-# The node's own SSH host key (generated once by lab/driver.py, which also put its public half in
-# .lab/ssh/known_hosts) and the controller's key for root.
+# The node's own SSH host key (generated once by lab/nodes.py; lab/access.py put its public half
+# in .lab/ssh/known_hosts) and the controller's key for root.
 if ! cmp -s "$LAB_NODE_DIR/ssh_host_ed25519_key" /etc/ssh/ssh_host_ed25519_key; then
     install -m 0600 "$LAB_NODE_DIR/ssh_host_ed25519_key" /etc/ssh/ssh_host_ed25519_key
     install -m 0644 "$LAB_NODE_DIR/ssh_host_ed25519_key.pub" /etc/ssh/ssh_host_ed25519_key.pub

@@ -15,8 +15,9 @@ Facts come from the CLI on the nodes and are parsed by the pure `parse_*` functi
 of the tasks that should run (made from the current template or not) on a manager, `docker ps`
 on every node (the containers, their health, and so which node runs what). Configs and secrets
 are created through the Docker API (content in the request body: never on a command line, never
-in a file on the node); the stack file (names only, no secret) is uploaded to a root-only
-temporary file for `docker stack deploy`.
+in a file on the node), as the `Op`s (tasks/ops.py) of a pure `plan_objects` from the names that
+exist; the stack file (names only, no secret) is uploaded to a root-only temporary file for
+`docker stack deploy`.
 
 A deploy is recorded in the swarm itself: a config `NAME_deployed-stack_<fingerprint>` holding
 the stack file. A re-run whose stack file is the deployed one (and whose services still have the
@@ -31,13 +32,14 @@ from __future__ import annotations
 import hashlib
 import shlex
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tasks import render
 from tasks.config import Cluster, Node, purge_requested
 from tasks.errors import StackError
+from tasks.ops import Op, apply_ops
 from tasks.remote import Failure, Kind, Remote, RemoteError, progress
 from tasks.secrets import secret_values
 from tasks.stack_facts import MARKER_KEY, StackState, expected_replicas, label_filter, marker_name
@@ -48,6 +50,7 @@ STEP_STACK = "stack"
 HASWARM_LABEL = "io.haswarm.stack"
 DB_VOLUME = "db-data"
 REMOVE_TIMEOUT = 180.0  # stack rm: the db's stop grace period is 60 s
+OBJECT_KINDS = ("config", "secret")
 # Removed before the rest of the stack: clients of the database stop while it still answers.
 STOP_FIRST = ("homeassistant",)
 
@@ -83,25 +86,34 @@ def _create_object(r: Remote, manager: str, kind: str, name: str, data: bytes,
             hint="check that the node is a healthy swarm manager (`docker node ls`)")]) from None
 
 
-def ensure_objects(r: Remote, c: Cluster, manager: str, dryrun: bool = False) -> list[str]:
-    """Create the configs and secrets the stack references that do not exist yet. Returns the
-    names created (with `dryrun`: that would be; nothing is created)."""
-    created = []
+def read_object_names(r: Remote, manager: str) -> dict[str, set[str]]:
+    """The facts of `stack-objects`: the names of the configs and secrets in the swarm, by kind
+    ('config', 'secret'), read on `manager`."""
+    return {kind: _object_names(r, manager, kind) for kind in OBJECT_KINDS}
+
+
+def plan_objects(c: Cluster, existing: Mapping[str, set[str]], manager: str) -> list[Op]:
+    """The ops creating the configs and secrets the stack references that are not in `existing`
+    (names by kind, `read_object_names`), on `manager`: configs first, each kind by key; [] when
+    all exist. Pure but for the rendered files (their fingerprints are in the names): a content
+    is read only when its op is applied, so no op holds a secret."""
+    ops = []
     for kind, objects in render.docker_objects(c).items():
         singular = kind[:-1]  # configs -> config
-        existing = _object_names(r, manager, singular)
         for key, (name, source) in sorted(objects.items()):
-            if name in existing:
-                continue
-            if dryrun:
-                progress(manager, f"stack-objects: would create {singular} {name}")
-                created.append(name)
-                continue
-            progress(manager, f"stack: create {singular} {name}")
-            _create_object(r, manager, singular, name, source.read_bytes(),
-                           {HASWARM_LABEL: c.name, "io.haswarm.key": key})
-            created.append(name)
-    return created
+            if name not in existing.get(singular, set()):
+                ops.append(_create_op(manager, singular, name, source,
+                                      {HASWARM_LABEL: c.name, "io.haswarm.key": key}))
+    return ops
+
+
+def _create_op(manager: str, kind: str, name: str, source: Path, labels: dict[str, str]) -> Op:
+    """The op creating config or secret `name` from the file `source` (read when applied)."""
+
+    def create(r: Remote) -> None:
+        _create_object(r, manager, kind, name, source.read_bytes(), labels)
+
+    return Op(f"create {kind} {name}", node=manager, call=create)
 
 
 def deploy(r: Remote, c: Cluster, manager: str, stack_file: Path) -> None:
@@ -310,12 +322,14 @@ def setup_objects(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]
     names = sorted(name for objs in render.docker_objects(c).values() for name, _ in objs.values())
     manager = find_manager(r, c)
     assert manager is not None
-    made = ensure_objects(r, c, manager, dryrun=dryrun)
+    ops = plan_objects(c, read_object_names(r, manager), manager)
+    if ops or dryrun:  # a dry run says "nothing to do"; a converged run counts below
+        # the step as the user has always read it: "stack-objects: would create secret X",
+        # "stack: create secret X"
+        apply_ops(r, c.node(manager), STEP_OBJECTS if dryrun else "stack", ops, dryrun=dryrun)
     if dryrun:
-        if not made:
-            progress(manager, "stack-objects: nothing to do")
         return {}
-    progress(manager, f"stack-objects: {len(made)} created, {len(names) - len(made)} present")
+    progress(manager, f"stack-objects: {len(ops)} created, {len(names) - len(ops)} present")
     return {"objects": names}
 
 

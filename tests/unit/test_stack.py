@@ -630,6 +630,112 @@ def test_rendered_stacks_parse(rendered):
 
 
 
+# ---------------------------------------------------------------------------------------------
+# stack-objects: facts (the names that exist) -> plan_objects -> apply_ops
+
+
+def wanted(c: Cluster) -> dict[str, list[str]]:
+    """The names the stack references, by kind ('config', 'secret'), each kind by key."""
+    return {kind[:-1]: [name for _, (name, _) in sorted(objs.items())]
+            for kind, objs in render.docker_objects(c).items()}
+
+
+def test_plan_objects_from_scratch_creates_every_object_configs_first(rendered):
+    w = wanted(rendered)
+    ops = stack.plan_objects(rendered, {"config": set(), "secret": set()}, "pi2")
+    assert whats(ops) == [("pi2", f"create {kind} {name}")
+                          for kind in ("config", "secret") for name in w[kind]]
+    assert all(op.call is not None and op.cmd is None and op.put is None for op in ops)
+
+
+def test_plan_objects_converged_is_empty(rendered):
+    w = wanted(rendered)
+    existing = {kind: {*names, f"{rendered.name}_old_0123456789"} for kind, names in w.items()}
+    assert stack.plan_objects(rendered, existing, "pi1") == []
+
+
+def test_plan_objects_creates_only_the_missing_ones(rendered):
+    w = wanted(rendered)
+    existing = {"config": set(w["config"][1:]), "secret": set(w["secret"])}
+    assert whats(stack.plan_objects(rendered, existing, "pi1")) == [
+        ("pi1", f"create config {w['config'][0]}")]
+    # a kind the facts do not mention has none
+    assert len(stack.plan_objects(rendered, {"config": set(w["config"])}, "pi1")) == len(
+        w["secret"])
+
+
+def test_plan_objects_holds_no_secret(rendered):
+    ops = stack.plan_objects(rendered, {}, "pi1")
+    values = secrets.secret_values(rendered)
+    assert values
+    shown = " ".join(f"{op!r} {op.what}" for op in ops)
+    assert not [v for v in values if v in shown]
+
+
+class ObjectsRemote:
+    """A Remote for `stack-objects`: pi1 is the manager; `docker config|secret ls` answer the
+    names in `existing`, which creating through the (fake) Docker API adds to; every create is
+    logged as (kind, name, data, labels)."""
+
+    def __init__(self, c: Cluster, existing: dict[str, set[str]]):
+        self.cluster, self.existing, self.created = c, existing, []
+
+    def run(self, node, step, cmd, **kw):
+        name = node if isinstance(node, str) else node.name
+        if "ControlAvailable" in cmd:
+            return Result("true" if name == "pi1" else "false", "", 0)
+        kind = cmd.split()[1]
+        assert cmd.startswith(f"docker {kind} ls") and name == "pi1"
+        return Result("".join(f"{n}\n" for n in sorted(self.existing[kind])), "", 0)
+
+    def redact(self, *values):
+        pass
+
+    def docker(self, node):
+        remote = self
+
+        class Collection:
+            def __init__(self, kind: str):
+                self.kind = kind
+
+            def create(self, name, data, labels):
+                remote.created.append((self.kind, name, data, labels))
+                remote.existing[self.kind].add(name)
+
+        assert node == "pi1"
+        return type("Client", (), {"configs": Collection("config"),
+                                   "secrets": Collection("secret")})()
+
+
+def test_setup_objects_creates_the_missing_ones_never_showing_a_secret(rendered, capsys):
+    c, w = rendered, wanted(rendered)
+    r = ObjectsRemote(c, {"config": set(w["config"]), "secret": set(w["secret"][1:])})
+    assert stack.setup_objects(c, r) == {"objects": sorted(n for v in w.values() for n in v)}
+    key, (name, source) = sorted(render.docker_objects(c)["secrets"].items())[0]
+    assert r.created == [("secret", name, source.read_bytes(),
+                          {stack.HASWARM_LABEL: c.name, "io.haswarm.key": key})]
+    total = sum(len(v) for v in w.values())
+    out = capsys.readouterr().out
+    assert out.splitlines() == [f"pi1: stack: create secret {name}",
+                                f"pi1: stack-objects: 1 created, {total - 1} present"]
+    assert not [v for v in secrets.secret_values(c) if v in out]
+
+
+def test_setup_objects_dry_run_says_what_it_would_create_then_nothing_to_do(rendered, capsys):
+    c, w = rendered, wanted(rendered)
+    r = ObjectsRemote(c, {"config": set(), "secret": set(w["secret"])})
+    assert stack.setup_objects(c, r, dryrun=True) == {} and r.created == []
+    assert capsys.readouterr().out.splitlines() == [
+        f"pi1: stack-objects: would create config {n}" for n in w["config"]]
+    r.existing["config"] = set(w["config"])
+    assert stack.setup_objects(c, r, dryrun=True) == {}
+    assert capsys.readouterr().out == "pi1: stack-objects: nothing to do\n"
+    assert stack.setup_objects(c, r) == {"objects": sorted(n for v in w.values() for n in v)}
+    assert r.created == []
+    total = sum(len(v) for v in w.values())
+    assert capsys.readouterr().out == f"pi1: stack-objects: 0 created, {total} present\n"
+
+
 def test_steady_problems_add_galera_to_the_swarm_view():
     # the recorded state: db 1 of 3 healthy; galera sees one Synced member of a cluster of 2
     ms = [m("pi1", size=2), m("pi2", synced=False, phase="joining")]
