@@ -53,6 +53,13 @@ class ConfigError(Exception):
         super().__init__("\n".join(lines))
 
 
+def _matching(v: str, pattern: str, what: str) -> str:
+    """`v` if it matches `pattern` whole; else the validation error "'v' is not WHAT"."""
+    if not re.fullmatch(pattern, v):
+        raise ValueError(f"{v!r} is not {what}")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -154,9 +161,7 @@ class Gluster(_Strict):
     @field_validator("volume")
     @classmethod
     def _volume(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v):
-            raise ValueError(f"{v!r} is not a valid Gluster volume name")
-        return v
+        return _matching(v, r"[A-Za-z0-9_-]{1,64}", "a valid Gluster volume name")
 
 
 class Swarm(_Strict):
@@ -193,9 +198,8 @@ class HomeAssistant(_Strict):
     @field_validator("time_zone")
     @classmethod
     def _tz(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*", v):
-            raise ValueError(f"{v!r} is not a time zone name such as Europe/Berlin")
-        return v
+        return _matching(v, r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*",
+                         "a time zone name such as Europe/Berlin")
 
 
 class MQTT(_Strict):
@@ -210,8 +214,7 @@ class MQTT(_Strict):
     @classmethod
     def _users(cls, v: list[str]) -> list[str]:
         for user in v:
-            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", user):
-                raise ValueError(f"{user!r} is not a valid MQTT user name")
+            _matching(user, r"[A-Za-z0-9_-]{1,64}", "a valid MQTT user name")
         if len(set(v)) != len(v):
             raise ValueError("MQTT user names must be unique")
         if "homeassistant" not in v:
@@ -276,9 +279,8 @@ class VIP(_Strict):
     @field_validator("interface")
     @classmethod
     def _interface(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,15}", v):
-            raise ValueError(f"{v!r} is not a network interface name such as eth0 or wlan0")
-        return v
+        return _matching(v, r"[A-Za-z0-9_.@-]{1,15}",
+                         "a network interface name such as eth0 or wlan0")
 
 
 class Cluster(_Strict):

@@ -279,30 +279,36 @@ def cluster(galera_lab):
 
 
 # --------------------------------------------------------------------------------------------
+def start_and_time(cluster, figure: str, *names: str) -> None:
+    """Start containers `names`, wait until all NODES are Synced in one cluster of 3, and record
+    the seconds it took as `figure`."""
+    start = time.monotonic()
+    docker("start", *names)
+    cluster.wait_synced(NODES, 3, 90)
+    FIGURES[figure] = f"{time.monotonic() - start:.1f}"
+
+
+def exit_code(name: str, timeout: float = 30) -> str:
+    """The exit code of container `name`, once it has exited."""
+    return wait_for(
+        "the container to exit",
+        lambda: docker(
+            "inspect", "-f", "{{if not .State.Running}}{{.State.ExitCode}}{{end}}", name
+        ).stdout.strip(),
+        timeout,
+    )
+
+
 def test_refuses_to_start_without_secret_files(galera_lab):
     lab = galera_lab
     name = f"{PREFIX}-nosecret"
     lab.run(name, "seed", "tasks.nothing", secrets=False)
-    code = wait_for(
-        "the container to exit",
-        lambda: docker(
-            "inspect", "-f", "{{if not .State.Running}}{{.State.ExitCode}}{{end}}", name
-        ).stdout.strip(),
-        30,
-    )
-    assert code == "1"
+    assert exit_code(name) == "1"
     assert "MARIADB_ROOT_PASSWORD_FILE is not set" in lab.logs(name)
     lab.remove(name)
 
     lab.run(name, "node", "tasks.nothing", env={"MARIADB_PASSWORD_FILE": "/run/secrets/missing"})
-    code = wait_for(
-        "the container to exit",
-        lambda: docker(
-            "inspect", "-f", "{{if not .State.Running}}{{.State.ExitCode}}{{end}}", name
-        ).stdout.strip(),
-        30,
-    )
-    assert code == "1"
+    assert exit_code(name) == "1"
     assert "MARIADB_PASSWORD_FILE=/run/secrets/missing: no such file" in lab.logs(name)
     lab.remove(name)
 
@@ -409,12 +415,8 @@ def test_nodes_that_are_behind_never_bootstrap(cluster):
         logs = cluster.logs(db1, since) + cluster.logs(db2, since) + cluster.logs(seed3)
         assert "bootstrapping" not in logs and "creating a new cluster '" not in logs
 
-        start = time.monotonic()
-        docker("start", db3)
-        cluster.wait_synced(NODES, 3, 90)
-        FIGURES["graceful full stop -> all back (s after the last node started)"] = (
-            f"{time.monotonic() - start:.1f}"
-        )
+        start_and_time(cluster, "graceful full stop -> all back (s after the last node started)",
+                       db3)
         assert "bootstrapping the cluster from it" in cluster.logs(db3, since)
         for name in NODES:
             assert cluster.rows(name)[-2:] == ["db1 missed this", "only db3 has this"]
@@ -465,12 +467,8 @@ def test_a_node_that_stays_away_does_not_block_the_others_forever(cluster):
         60,
     )
     assert cluster.status(db1)["cluster_status"] == "none"
-    start = time.monotonic()
-    docker("start", db3)
-    cluster.wait_synced(NODES, 3, 90)
-    FIGURES["two back first, third later -> all back (s after the third started)"] = (
-        f"{time.monotonic() - start:.1f}"
-    )
+    start_and_time(cluster, "two back first, third later -> all back (s after the third started)",
+                   db3)
     assert "did not come back" in cluster.logs(db1, since)
     for name in NODES:
         assert cluster.rows(name)[-1] == "before kill 3"

@@ -335,12 +335,7 @@ def test_ha_answers_http_on_empty_config_and_onboards(ha_image, res, tmp_path):
     name = res.run(
         "ha-empty",
         ha_image,
-        run_opts=(
-            "-p",
-            "127.0.0.1::8123",
-            "-v",
-            f"{config}:/config",
-        ),
+        run_opts=("-p", "127.0.0.1::8123", "-v", f"{config}:/config"),
     )
     base = f"http://127.0.0.1:{host_port(name, 8123)}"
     code, headers, _ = wait_http(base + "/", name, HA_HTTP_TIMEOUT)
@@ -440,14 +435,7 @@ def test_ha_recorder_on_mariadb(ha_image, mariadb_image, res, tmp_path):
     name = res.run(
         "ha-recorder",
         ha_image,
-        run_opts=(
-            "--network",
-            net,
-            "-p",
-            "127.0.0.1::8123",
-            "-v",
-            f"{config}:/config",
-        ),
+        run_opts=("--network", net, "-p", "127.0.0.1::8123", "-v", f"{config}:/config"),
     )
     base = f"http://127.0.0.1:{host_port(name, 8123)}"
     _, _, took = wait_http(base + "/", name, HA_HTTP_TIMEOUT)
