@@ -87,14 +87,12 @@ from tasks.images.build import (
     local_bases,
     make_image,
     manifest_path,
-    pull_image,
     resolve_bases,
     run_prepare,
     save_image,
     stack_images,
     step,
     tools_dir,
-    verify_local,
     write_manifest,
 )
 from tasks.images.core import (
@@ -108,6 +106,7 @@ from tasks.images.core import (
     ensure_emulation,
     image_matches,
     local_image,
+    verify_local,
 )
 from tasks.images.preload import (
     FACTS_CMD,
@@ -128,11 +127,20 @@ from tasks.images.preload import (
     preload_ops,
     read_manifest,
 )
+from tasks.images.pull import (
+    classify_pull_error,
+    local_fallback,
+    pull_failure,
+    pull_image,
+    pulled_digest,
+    repo_digest,
+)
 
 __all__ = [
     "BINFMT_DIR", "BUILDER_ENV", "FACTS_CMD", "SERVICES", "BaseChoice", "FromLine",
     "ImageError", "NodeFacts", "Plan", "Platform", "TarEntry", "Wanted", "_SavedImage",
-    "base_refs", "base_tag", "bootstrap_suite", "build_context", "build_image",
+    "base_refs", "base_tag", "classify_pull_error", "local_fallback", "pull_failure",
+    "pulled_digest", "repo_digest", "bootstrap_suite", "build_context", "build_image",
     "buildx_command", "chain_ids", "check_node", "context_dir", "context_files",
     "daemon_platform", "docker_available", "ensure_base", "ensure_emulation", "fetch_buildx",
     "image_matches", "images_dir", "load_entries", "local_bases", "local_image",
