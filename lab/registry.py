@@ -40,6 +40,7 @@ def free_port(preferred: int = DEFAULT_PORT) -> int:
     """`preferred` when nothing listens on 127.0.0.1 there, else a port the kernel picks."""
     for port in (preferred, 0):
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the registry does
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:

@@ -88,7 +88,8 @@ def pull_failure(service: str, img: Image, platform: Platform, kind: str, output
         "other": "see docker's message above",
     }
     tail = "\n".join(f"  | {line}" for line in output.strip().splitlines()[-6:])
-    return (f"{service}: cannot pull {img.image} ({img.pull_ref} for {platform}): "
+    how = f"{img.pull_ref}, " if img.pull_ref != img.image else ""
+    return (f"{service}: cannot pull {img.image} ({how}{platform}): "
             f"{reasons[kind]}\n{tail}\n  what to do: {todo[kind]}\n"
             "  nothing was saved: preload-images does not run, the nodes are not changed")
 
