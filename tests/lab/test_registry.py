@@ -101,8 +101,9 @@ def lab_refs(lab, cluster) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def registry(lab, lab_refs, tmp_path_factory):
-    """The registry, fresh, with the lab's images pushed: (registry, {service: digest})."""
+def registry(lab, lab_refs):
+    """The registry with the lab's images pushed: (registry, {service: digest}). At the end it
+    is stopped and its tags are removed from the controller and the nodes (untagged only)."""
     reg = Registry().start()  # its storage is kept: a later session pushes no layer again
     t0 = time.monotonic()
     try:
