@@ -111,9 +111,18 @@ ISOLATED_AFTER = 3
 
 
 def lock_hang(c: Cluster) -> int:
-    """Seconds a write to a lock file may hang before its keeper fences its program: longer than
-    a peer's death delays writes (the volume's ping timeout)."""
+    """Seconds a write to Mosquitto's lock file may hang before its keeper fences the broker,
+    when the image cannot probe the nodes (no nc): longer than a peer's death usually delays
+    writes (the volume's ping timeout)."""
     return c.gluster.ping_timeout + 3
+
+
+def lock_hang_probed(c: Cluster) -> int:
+    """The same for a keeper that probes the nodes (HA's always; Mosquitto's with nc): a cut is
+    caught by the probes, so this only stops a frozen mount. Long: Gluster declares a cut peer's
+    brick dead only once the client stops sending to it, and writes waited 9 s in a lab cut with
+    ping_timeout 5 (a healthy node fenced at ping + 3 then)."""
+    return 2 * c.gluster.ping_timeout + 10
 
 
 def client_drop(c: Cluster) -> int:
@@ -154,6 +163,7 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
         "mqtt_standby": c.mqtt_standby,
         "lock_ready": HA_LOCK_READY,
         "lock_hang": lock_hang(c),
+        "lock_hang_probed": lock_hang_probed(c),
         "isolated_after": ISOLATED_AFTER,
         "node_addresses": " ".join(n.address for n in c.nodes),
         "lock_settle": lock_settle(c),

@@ -185,3 +185,77 @@ def test_a_mosquitto_starts_at_once_after_an_old_unclean_end(tmp_path):
         assert "has not released" not in stop(proc)
     finally:
         end(proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# A cut-off node: both keepers probe every node's glusterd each second and fence when they have
+# not reached a majority for HASWARM_ISOLATED_AFTER s. Here the "node" is a network namespace:
+# with its loopback down nothing answers (cut off); with it up, 127.0.0.x refuses at once, which
+# counts as an answer for Home Assistant's keeper (Mosquitto's nc -z counts only a connection).
+
+NODES_ENV = {"HASWARM_NODES": "127.0.0.2 127.0.0.3 127.0.0.4", "HASWARM_ISOLATED_AFTER": "1"}
+
+
+def isolated_keeper(tmp_path: Path, lo_up: bool) -> subprocess.Popen:
+    up = "ip link set lo up; " if lo_up else ""
+    return subprocess.Popen(
+        # (--mount-proc: the fence looks for Home Assistant processes in /proc; only this
+        # namespace's are to be seen)
+        ["unshare", "--pid", "--net", "--fork", "--kill-child", "--mount-proc", "sh", "-c",
+         f'{up}exec "$0" "$@"', sys.executable, str(SCRIPT), str(tmp_path / "lock"),
+         str(tmp_path / "ready")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **NODES_ENV})
+
+
+def test_the_ha_keeper_fences_a_node_that_reaches_no_majority(tmp_path):
+    needs_root_unshare_flock()
+    proc = isolated_keeper(tmp_path, lo_up=False)
+    try:
+        assert wait_file(tmp_path / "ready", 10)
+        started = time.monotonic()
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        end(proc)
+    assert time.monotonic() - started < 4.0
+    assert "FENCING: this node reached 0 of 3 nodes in the last 1 s: it is cut off" in out
+
+
+def test_the_ha_keeper_stays_while_the_nodes_answer(tmp_path):
+    needs_root_unshare_flock()
+    proc = isolated_keeper(tmp_path, lo_up=True)
+    try:
+        assert wait_file(tmp_path / "ready", 10)
+        time.sleep(3.0)
+        assert proc.poll() is None  # still holding: refused connections are answers
+    finally:
+        end(proc)
+    assert "FENCING" not in proc.stdout.read()
+
+
+def test_the_mosquitto_keeper_fences_a_node_that_reaches_no_majority(tmp_path):
+    import shutil
+
+    import pytest
+
+    needs_root_unshare_flock()
+    if not shutil.which("nc"):
+        pytest.skip("needs nc (netcat-openbsd)")
+    lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
+    script, _, running = mosquitto_entrypoint(tmp_path, "a", lock)
+    tmp = script.with_suffix(".tmp")
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--net", "--fork", "--kill-child", "sh", str(script), "mosquitto"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HASWARM_LOCK_HANG": "3",
+             "HASWARM_LOCK_SETTLE": "2", "TMPDIR": str(tmp), **NODES_ENV})
+    try:
+        assert wait_file(running, 10)
+        started = time.monotonic()
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        end(proc)
+    assert time.monotonic() - started < 5.0
+    assert "FENCING: this node reached 0 of 3 nodes in the last 1 s: it is cut off" in out
+    assert not Path(f"{lock}.beat").read_text().startswith("released")

@@ -222,6 +222,11 @@ def test_the_lock_keeper_fences_before_the_bricks_release_its_lock(rendered):
     assert int(k["server.tcp-user-timeout"]) == dropped
     assert hang >= c.gluster.ping_timeout + 2  # a peer's death does not fence
     env = stack(c)["services"]["homeassistant"]["environment"]
-    assert env["HASWARM_LOCK_HANG"] == str(hang)
+    assert int(env["HASWARM_LOCK_HANG"]) == render.lock_hang_probed(c) > hang
+    mq = stack(c)["services"]["mosquitto"].get("environment")
+    if mq:  # the standby's keeper (not with ingress)
+        assert mq["HASWARM_LOCK_HANG"] == str(hang)
+        assert mq["HASWARM_LOCK_HANG_PROBED"] == env["HASWARM_LOCK_HANG"]
+        assert mq["HASWARM_NODES"] == env["HASWARM_NODES"]
     assert env["HASWARM_NODES"].split() == [n.address for n in c.nodes]
     assert env["HASWARM_ISOLATED_AFTER"] == str(render.ISOLATED_AFTER)
