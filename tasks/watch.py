@@ -267,20 +267,17 @@ def overlaps(census: list[Census], end: float) -> list[Overlap]:
         # (from, to, copies, node): one stretch of consecutive looks of a node that saw copies
         known: list[tuple[float, float, int, str]] = []
         for node in sorted({c.node for c in census}):
-            run: list[Census] = []
-            for c in [*sorted((c for c in census if c.node == node), key=lambda c: c.t), None]:
-                copies = _copies(c, service) if c is not None else 0
-                if copies:
-                    run.append(c)  # type: ignore[arg-type]
+            looks = sorted((c for c in census if c.node == node), key=lambda c: c.t)
+            for seen, group in itertools.groupby(looks, key=lambda c: _copies(c, service) > 0):
+                if not seen:
                     continue
-                if run:
-                    first, last = run[0], run[-1]
-                    most = max(_copies(x, service) for x in run)
-                    if most > 1:  # two copies on one node: each look proves it on its own
-                        known.append((first.t, last.answered, most, node))
-                    elif first.answered <= last.t:
-                        known.append((first.answered, last.t, 1, node))
-                    run = []
+                run = list(group)
+                first, last = run[0], run[-1]
+                most = max(_copies(x, service) for x in run)
+                if most > 1:  # two copies on one node: each look proves it on its own
+                    known.append((first.t, last.answered, most, node))
+                elif first.answered <= last.t:
+                    known.append((first.answered, last.t, 1, node))
         out += _stretches(service, known, end)
     return out
 

@@ -81,14 +81,18 @@ def mosquitto_entrypoint(tmp_path: Path, name: str, lock: Path) -> tuple[Path, P
     return script, ready, running
 
 
-def container(script: Path) -> subprocess.Popen:
+def container(script: Path, isolated: bool = False) -> subprocess.Popen:
+    """The script as a container's PID 1; `isolated`: also in a network namespace of its own
+    (loopback down: no node answers) with the nodes to probe (NODES_ENV)."""
     tmp = script.with_suffix(".tmp")  # the container's own /tmp
     tmp.mkdir()
-    return subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sh", str(script),
-                             "mosquitto", "-c", "conf"],
+    net = ["--net"] if isolated else []
+    return subprocess.Popen(["unshare", "--pid", *net, "--fork", "--kill-child", "sh",
+                             str(script), "mosquitto", "-c", "conf"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HASWARM_LOCK_HANG": "3",
-                                 "HASWARM_LOCK_SETTLE": "2", "TMPDIR": str(tmp)})
+                                 "HASWARM_LOCK_SETTLE": "2", "TMPDIR": str(tmp),
+                                 **(NODES_ENV if isolated else {})})
 
 
 def stop(proc: subprocess.Popen) -> str:
@@ -208,17 +212,22 @@ def isolated_keeper(tmp_path: Path, lo_up: bool) -> subprocess.Popen:
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **NODES_ENV})
 
 
-def test_the_ha_keeper_fences_a_node_that_reaches_no_majority(tmp_path):
-    needs_root_unshare_flock()
-    proc = isolated_keeper(tmp_path, lo_up=False)
+def fenced_as_cut_off(proc: subprocess.Popen, ready: Path) -> float:
+    """Once `ready` exists (the lock is held), the seconds until the keeper ended; it must have
+    fenced because no node answered."""
     try:
-        assert wait_file(tmp_path / "ready", 10)
+        assert wait_file(ready, 10)
         started = time.monotonic()
         out, _ = proc.communicate(timeout=10)
     finally:
         end(proc)
-    assert time.monotonic() - started < 4.0
     assert "FENCING: this node reached 0 of 3 nodes in the last 1 s: it is cut off" in out
+    return time.monotonic() - started
+
+
+def test_the_ha_keeper_fences_a_node_that_reaches_no_majority(tmp_path):
+    needs_root_unshare_flock()
+    assert fenced_as_cut_off(isolated_keeper(tmp_path, lo_up=False), tmp_path / "ready") < 4.0
 
 
 def test_the_ha_keeper_stays_while_the_nodes_answer(tmp_path):
@@ -243,19 +252,6 @@ def test_the_mosquitto_keeper_fences_a_node_that_reaches_no_majority(tmp_path):
         pytest.skip("needs nc (netcat-openbsd)")
     lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
     script, _, running = mosquitto_entrypoint(tmp_path, "a", lock)
-    tmp = script.with_suffix(".tmp")
-    tmp.mkdir()
-    proc = subprocess.Popen(
-        ["unshare", "--pid", "--net", "--fork", "--kill-child", "sh", str(script), "mosquitto"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HASWARM_LOCK_HANG": "3",
-             "HASWARM_LOCK_SETTLE": "2", "TMPDIR": str(tmp), **NODES_ENV})
-    try:
-        assert wait_file(running, 10)
-        started = time.monotonic()
-        out, _ = proc.communicate(timeout=10)
-    finally:
-        end(proc)
-    assert time.monotonic() - started < 5.0
-    assert "FENCING: this node reached 0 of 3 nodes in the last 1 s: it is cut off" in out
+    proc = container(script, isolated=True)
+    assert fenced_as_cut_off(proc, running) < 5.0
     assert not Path(f"{lock}.beat").read_text().startswith("released")
