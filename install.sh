@@ -14,7 +14,7 @@ packages=(
   docker.io openssh-server openssh-client glusterfs-server glusterfs-client
   avahi-daemon avahi-utils libnss-mdns dbus cron tini mmdebstrap iptables iproute2
   qemu-user-static binfmt-support mosquitto-clients mariadb-client rsync procps psmisc socat
-  keepalived curl ca-certificates git python3-pip sudo netcat-openbsd
+  keepalived curl ca-certificates git python3-pip sudo docker-registry netcat-openbsd
 )
 missing=()
 for p in "${packages[@]}"; do

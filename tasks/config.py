@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +41,7 @@ _IMAGE = re.compile(
     r"^(?P<repo>[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[0-9]+(?=/))?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
     r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
 )
+_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
 
 
 class ConfigError(Exception):
@@ -111,7 +113,8 @@ class Node(_Strict):
 
 
 class Image(_Strict):
-    image: str = Field(description="pinned image reference, NAME:TAG (never latest)")
+    image: str = Field(description="pinned image reference: NAME:TAG (never latest), "
+                                   "NAME@sha256:DIGEST or NAME:TAG@sha256:DIGEST")
     build: Path | None = Field(
         None, description="build context (relative to the project root); built instead of pulled"
     )
@@ -119,22 +122,64 @@ class Image(_Strict):
     @field_validator("image")
     @classmethod
     def _pinned(cls, v: str) -> str:
+        name, at, digest = v.partition("@")
+        if at and not _DIGEST.fullmatch(digest):
+            raise ValueError(
+                f"{v!r} has a malformed digest {digest!r}: a digest is 'sha256:' and 64 "
+                f"lower-case hexadecimal digits, as `docker image inspect --format "
+                f"'{{{{.RepoDigests}}}}' {name}` shows it")
         m = _IMAGE.match(v)
         if not m:
             raise ValueError(f"{v!r} is not a valid image reference")
-        if not m["tag"]:
-            raise ValueError(f"{v!r} has no tag: pin a version, e.g. {v}:1.2.3")
-        if m["tag"] == "latest":
-            raise ValueError(f"{v!r} is tagged 'latest': pin a version so every node runs the same")
+        if not m["tag"] and not m["digest"]:
+            raise ValueError(f"{v!r} has no tag: pin a version, e.g. {v}:1.2.3, or a digest, "
+                             f"{v}@sha256:...")
+        if m["tag"] == "latest" and not m["digest"]:
+            raise ValueError(f"{v!r} is tagged 'latest': pin a version (or a digest) so every "
+                             "node runs the same")
         return v
+
+    @model_validator(mode="after")
+    def _built_has_no_digest(self) -> Image:
+        if self.build is not None and self.digest is not None:
+            raise ValueError(f"{self.image!r} is built here (build: {self.build}): no registry "
+                             "gave it a digest; name it NAME:TAG")
+        return self
 
     @property
     def repository(self) -> str:
         return _IMAGE.match(self.image)["repo"]  # type: ignore[index]
 
     @property
-    def tag(self) -> str:
+    def tag(self) -> str | None:  # None for NAME@sha256:...
         return _IMAGE.match(self.image)["tag"]  # type: ignore[index]
+
+    @property
+    def digest(self) -> str | None:  # 'sha256:...', None for NAME:TAG
+        return _IMAGE.match(self.image)["digest"]  # type: ignore[index]
+
+    @property
+    def registry(self) -> str:
+        """host[:port] of its registry: the name's first part when it has a '.' or ':' or is
+        'localhost' (as Docker reads it), else docker.io."""
+        first, sep, _ = self.repository.partition("/")
+        if sep and ("." in first or ":" in first or first == "localhost"):
+            return first
+        return "docker.io"
+
+    @property
+    def pull_ref(self) -> str:
+        """What `docker pull` gets: NAME@DIGEST when pinned (a digest wins over a tag)."""
+        return f"{self.repository}@{self.digest}" if self.digest else self.image
+
+    @property
+    def node_ref(self) -> str:
+        """The tag on the nodes and in the stack file: the reference, or NAME:sha256-<hex> for
+        one pinned by digest (`docker load` can only tag: an engine records digests only when
+        it pulls; and swarm never pulls a newer image over a tag no registry holds)."""
+        if self.digest:
+            return f"{self.repository}:{self.digest.replace(':', '-')}"
+        return self.image
 
 
 class Images(_Strict):
@@ -379,7 +424,7 @@ def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
                              f"duplicate address {node.address!r} (also nodes[{first}])"))
         seen_addrs.setdefault(addr, i)
     if c.platform == "linux/arm/v7":
-        version = _calver(c.images.homeassistant.tag)
+        version = _calver(c.images.homeassistant.tag or "")
         if version and version[:2] > HA_LAST_ARMV7:
             problems.append((
                 "images.homeassistant.image",

@@ -145,7 +145,7 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
     replicas = ({"db_seed": 1, "db": 0, "homeassistant": 0} if bootstrap
                 else {"db_seed": 0, "db": n, "homeassistant": n if c.ha_standby else 1})
     replicas["mosquitto"] = n if c.mqtt_standby else 1
-    images = {k: v.image for k, v in c.images if v is not None}
+    images = {k: v.node_ref for k, v in c.images if v is not None}  # as preloaded
     return {
         "name": c.name,
         "images": images,

@@ -25,8 +25,15 @@ Building (`images:<service>`), in this order:
 4. The image's recorded OS/architecture/variant must match the platform, then
    `docker save REPO:TAG` (tag kept) writes the tarball; `<service>.json` records the image ID
    and layers, and `images:manifest` gathers them into `manifest.json` for the preload.
-Pulled images: `docker pull --platform P` (a matching local image is used when no registry
-answers), then steps 4.
+Pulled images (`pull.py`): `docker pull --platform P` of NAME:TAG, or of NAME@DIGEST for a
+reference pinned by digest (then tagged NAME:sha256-<hex>, the tag the nodes and the stack use:
+`docker load` cannot record a digest); then step 4, the registry's digest recorded in
+`<service>.json` and manifest.json ("digest"). A pull that fails (registry down, tag or digest not
+there, access refused) fails `images:<service>` naming the image, the registry and what to do;
+nothing is saved, and since `preload-images` depends on manifest.json, made from every
+`images:<service>`, doit never preloads after it: no node changes. The local engine stands in
+only for a reference pinned by digest whose image it holds under that digest (the same content by
+definition), never for a tag (a stale local tag would be deployed silently).
 
 Up to date: a built image while its context files (as git sees them: tracked or untracked but not
 ignored, so the `prepare` downloads do not count: they are a function of the tracked pins) and the
@@ -49,7 +56,8 @@ retag, one `call` for the load stream) that `apply_ops` applies or, in `doit pla
 The package, one job per module:
     core.py     platforms, the local Docker engine, QEMU emulation (binfmt), ImageError
     base.py     FROM lines, the local Debian bases (mmdebstrap + docker load), tar streams
-    build.py    buildx, build or pull, platform check, save, manifest
+    build.py    buildx, build, platform check, save, manifest
+    pull.py     pull by tag or digest, why a pull failed, the local stand-in rule
     preload.py  per node facts, the plan of what is missing, its Ops, one docker load stream
     here        the doit task creators (no Docker, no SSH at load time: `doit list` is instant)
 """
@@ -87,14 +95,12 @@ from tasks.images.build import (
     local_bases,
     make_image,
     manifest_path,
-    pull_image,
     resolve_bases,
     run_prepare,
     save_image,
     stack_images,
     step,
     tools_dir,
-    verify_local,
     write_manifest,
 )
 from tasks.images.core import (
@@ -108,6 +114,7 @@ from tasks.images.core import (
     ensure_emulation,
     image_matches,
     local_image,
+    verify_local,
 )
 from tasks.images.preload import (
     FACTS_CMD,
@@ -128,11 +135,20 @@ from tasks.images.preload import (
     preload_ops,
     read_manifest,
 )
+from tasks.images.pull import (
+    classify_pull_error,
+    local_fallback,
+    pull_failure,
+    pull_image,
+    pulled_digest,
+    repo_digest,
+)
 
 __all__ = [
     "BINFMT_DIR", "BUILDER_ENV", "FACTS_CMD", "SERVICES", "BaseChoice", "FromLine",
     "ImageError", "NodeFacts", "Plan", "Platform", "TarEntry", "Wanted", "_SavedImage",
-    "base_refs", "base_tag", "bootstrap_suite", "build_context", "build_image",
+    "base_refs", "base_tag", "classify_pull_error", "local_fallback", "pull_failure",
+    "pulled_digest", "repo_digest", "bootstrap_suite", "build_context", "build_image",
     "buildx_command", "chain_ids", "check_node", "context_dir", "context_files",
     "daemon_platform", "docker_available", "ensure_base", "ensure_emulation", "fetch_buildx",
     "image_matches", "images_dir", "load_entries", "local_bases", "local_image",

@@ -31,9 +31,9 @@ from tasks.images.core import (
     daemon_platform,
     docker_available,
     ensure_emulation,
-    image_matches,
-    local_image,
+    verify_local,
 )
+from tasks.images.pull import pull_image
 
 # ---------------------------------------------------------------------------------------------
 # buildx
@@ -320,57 +320,30 @@ def build_image(c: Cluster, service: str, img: Image,
                          name=service, log=log)
 
 
-def pull_image(c: Cluster, service: str, img: Image,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """`docker pull --platform` (a matching local image is kept when no registry answers)."""
-    platform = Platform.parse(c.platform)
-    t0 = time.monotonic()
-    try:
-        _run(["docker", "pull", "--platform", str(platform), img.image],
-             what=f"{service}: docker pull {img.image}",
-             hint="the registry must be reachable (or the image present locally)")
-    except ImageError as e:
-        info = local_image(img.image)
-        if info and image_matches(platform, info):
-            log(f"{service}: pull failed, using the local {img.image} ({info['Id'][:19]}): "
-                f"{str(e).splitlines()[-1].strip()}")
-            return info
-        raise
-    info = verify_local(img.image, platform)
-    log(f"{service}: pulled {img.image} ({info['Id'][:19]}, {platform}) in "
-        f"{time.monotonic() - t0:.1f} s")
-    return info
-
-
-def verify_local(ref: str, platform: Platform) -> dict[str, Any]:
-    """The local image `ref`, which must record `platform` (ImageError otherwise)."""
-    info = local_image(ref)
-    if info is None:
-        raise ImageError(f"{ref} is not in the local Docker engine after the build/pull")
-    if not image_matches(platform, info):
-        raise ImageError(
-            f"{ref} records {platform.describe(info)}, not {platform}: a node would refuse it "
-            "(\"unsupported platform\"). A FROM image of the wrong platform is the usual cause "
-            "(the legacy builder takes a local base whatever its platform)")
-    return info
-
-
 def save_image(c: Cluster, service: str, img: Image, info: dict[str, Any],
-               how: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """`docker save REPO:TAG` (the tag is kept) to BUILD/images/<service>.tar + its record."""
+               how: str, log: Callable[[str], None] = print,
+               digest: str | None = None) -> dict[str, Any]:
+    """`docker save` of the image as the nodes will hold it (`img.node_ref`, the tag is kept) to
+    BUILD/images/<service>.tar + its record (with the registry's digest of a pulled image, and
+    the configured reference when the nodes' tag differs from it)."""
     out = images_dir(c)
     out.mkdir(parents=True, exist_ok=True)
     tar = out / f"{service}.tar"
     part = tar.with_name(tar.name + ".part")
+    ref = img.node_ref
     t0 = time.monotonic()
     try:
-        _run(["docker", "save", "-o", str(part), img.image], what=f"docker save {img.image}")
+        _run(["docker", "save", "-o", str(part), ref], what=f"docker save {ref}")
         os.replace(part, tar)
     finally:
         part.unlink(missing_ok=True)
-    record = {"image": img.image, "id": info["Id"], "platform": c.platform, "tar": tar.name,
+    record = {"image": ref, "id": info["Id"], "platform": c.platform, "tar": tar.name,
               "layers": list(info.get("RootFS", {}).get("Layers") or []), "how": how,
               "size": tar.stat().st_size}
+    if img.build is None:
+        record["digest"] = digest
+    if ref != img.image:
+        record["reference"] = img.image
     _write_if_changed(out / f"{service}.json", record)
     log(f"{service}: saved {_rel(tar)} ({record['size'] / 1e6:.0f} MB) in "
         f"{time.monotonic() - t0:.1f} s")
@@ -392,12 +365,10 @@ def make_image(c: Cluster, service: str, log: Callable[[str], None] = print) -> 
     ensure_engine(c, log)
     img = stack_images(c)[service]
     if img.build is not None:
-        info = build_image(c, service, img, log=log)
-        how = "built"
-    else:
-        info = pull_image(c, service, img, log=log)
-        how = "pulled"
-    return save_image(c, service, img, info, how, log=log)
+        return save_image(c, service, img, build_image(c, service, img, log=log), "built",
+                          log=log)
+    info, digest, how = pull_image(c, service, img, log=log)
+    return save_image(c, service, img, info, how, log=log, digest=digest)
 
 
 def write_manifest(c: Cluster) -> dict[str, Any]:

@@ -141,6 +141,19 @@ def local_image(ref: str) -> dict[str, Any] | None:
     return data[0] if data else None
 
 
+def verify_local(ref: str, platform: Platform) -> dict[str, Any]:
+    """The local image `ref`, which must record `platform` (ImageError otherwise)."""
+    info = local_image(ref)
+    if info is None:
+        raise ImageError(f"{ref} is not in the local Docker engine after the build/pull")
+    if not image_matches(platform, info):
+        raise ImageError(
+            f"{ref} records {platform.describe(info)}, not {platform}: a node would refuse it "
+            "(\"unsupported platform\"). A FROM image of the wrong platform is the usual cause "
+            "(the legacy builder takes a local base whatever its platform)")
+    return info
+
+
 def daemon_platform() -> Platform:
     """The platform the local Docker engine runs natively."""
     out = _run(["docker", "version", "--format", "{{.Server.Os}}/{{.Server.Arch}}"],

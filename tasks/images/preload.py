@@ -452,7 +452,7 @@ def clean_preload(nodes: list[str] | None, step_name: str,
         print(f"{step_name} (clean): images {'would be ' if dryrun else ''}kept on the nodes "
               "(`purge=yes` removes them)")
         return None
-    refs = " ".join(shlex.quote(img.image) for img in stack_images(c).values())
+    refs = " ".join(shlex.quote(img.node_ref) for img in stack_images(c).values())
     # an image a container still uses stays (a plain `docker image rm` refuses it): said, not
     # an error; `doit purge=yes clean` removes the stack before this task
     if dryrun:
