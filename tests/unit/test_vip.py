@@ -279,3 +279,12 @@ def test_setup_without_a_vip_address_removes(cv, capsys):
     assert vip.setup(c, r) == {"vip": None}
     assert [call[2] for call in r.calls if call[0] == "pi1"] == [
         vip.STOP, f"rm -f {CONF} {CHECK} {CRON}"]
+
+
+def test_unicast_adverts_only_from_the_peers(cv):
+    """A LAN host announcing a higher priority cannot take the VIP: keepalived drops adverts
+    whose source is not one of the peers (issue 14)."""
+    conf = vip.render_conf(cv, cv.nodes[0], IPS)
+    assert "check_unicast_src" in conf
+    peers = conf.split("unicast_peer {", 1)[1].split("}", 1)[0].split()
+    assert peers == ["10.77.0.12", "10.77.0.13"]
