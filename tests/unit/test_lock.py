@@ -255,3 +255,43 @@ def test_the_mosquitto_keeper_fences_a_node_that_reaches_no_majority(tmp_path):
     proc = container(script, isolated=True)
     assert fenced_as_cut_off(proc, running) < 5.0
     assert not Path(f"{lock}.beat").read_text().startswith("released")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for kid in children.get(todo.pop(), []):
+            out.append(kid)
+            todo.append(kid)
+    return out
+
+
+def test_the_ha_keeper_held_up_does_not_take_its_stall_for_a_cut(tmp_path):
+    """A keeper stopped for 3 s (a starved CPU, a stalled SD card: its probes stopped too) finds
+    every probe stale when it runs again; that is no proof of a cut, so it must not fence."""
+    import os
+    import signal
+
+    needs_root_unshare_flock()
+    proc = isolated_keeper(tmp_path, lo_up=True)
+    try:
+        assert wait_file(tmp_path / "ready", 10)
+        frozen = descendants(proc.pid)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(3.0)
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(2.5)
+        assert proc.poll() is None
+    finally:
+        end(proc)
+    assert "FENCING" not in proc.stdout.read()
