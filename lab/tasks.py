@@ -12,18 +12,22 @@ import functools
 import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from lab.driver import Lab, LabError, instance_lab
 from tasks.config import LAB_CLUSTER_FILE
+
+if TYPE_CHECKING:
+    from lab.driver import Lab
 
 # ---------------------------------------------------------------------------------------------
 # doit task creators (the lead wires them into dodo.py). They do no work when loaded: every
-# action loads config/lab.yml and talks to the lab only when it runs.
+# action imports the lab driver, loads config/lab.yml and talks to the lab only when it runs.
 
 
 def _lab() -> Lab:
     """The lab the tasks act on: config/lab.yml, or with HASWARM_LAB_INSTANCE=NAME (and
     optionally HASWARM_LAB_NODES=N) an independent second lab (see instance_lab)."""
+    from lab.driver import Lab, instance_lab
     from tasks.config import load_cluster
     instance = os.environ.get("HASWARM_LAB_INSTANCE", "")
     if instance:
@@ -40,6 +44,7 @@ def _action(fn: Callable[..., str | None]) -> Callable[..., object]:
     def run(**kwargs: object) -> object:
         from doit.exceptions import TaskFailed
 
+        from lab.driver import LabError
         from tasks.config import ConfigError
         try:
             msg = fn(**kwargs)
@@ -58,6 +63,8 @@ def _node_param() -> dict:
 
 
 def _need_node(lab: Lab, node: str) -> str:
+    from lab.driver import LabError
+
     if not node:
         raise LabError(f"name the node: --node NAME (nodes: {', '.join(lab.names)})")
     lab.node(node)

@@ -39,21 +39,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from doit.exceptions import TaskFailed
 
-from tasks import status, watch
+from tasks import status
 from tasks.config import Cluster
 from tasks.errors import DrillError
-from tasks.failover import failover_probes, measure
-from tasks.markers import cleanup, verify, write_markers
-from tasks.mqtt_client import MQTT_USER, mqtt_password
 from tasks.remote import Remote, RemoteError, redact
 from tasks.secrets import secret_values
 from tasks.service import service
 from tasks.status import ClusterStatus
-from tasks.watch import RunOn, WatchReport, remote_runner
+
+if TYPE_CHECKING:  # the probing machinery is imported when a drill runs (`doit list` stays light)
+    from tasks.watch import RunOn, WatchReport
 
 FAULTS = ("kill", "cut", "docker")
 # Seconds: how long to wait for each failover figure, for the restored node to converge, for
@@ -199,6 +198,9 @@ def check_fault(faults: Faults, fault: str) -> None:
 
 def start_watch(c: Cluster, faults: Faults, log: Callable[[str], None]) -> Any:
     """Continuous probes and census (tasks/watch.py), looking into nodes as `faults` can."""
+    from tasks import watch
+    from tasks.mqtt_client import MQTT_USER, mqtt_password
+
     return watch.Watch(c, faults.run_on(), mqtt_user=MQTT_USER,
                        mqtt_password=mqtt_password(c), log=log).start()
 
@@ -250,6 +252,8 @@ class DockerFaults:
             r.run(node, "drill: start docker", DOCKER_START, timeout=180)
 
     def run_on(self) -> RunOn:
+        from tasks.watch import remote_runner
+
         r = Remote(self.c)
         r.redact(*_secret_values(self.c))
         return remote_runner(r)
@@ -313,6 +317,10 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
     before the node is restored (tests look at the degraded cluster there). `watch_after`:
     seconds of continuous probing after the cluster has converged again. Raises DrillError
     when it cannot start; once the fault is injected, the node is always restored."""
+    from tasks.failover import failover_probes, measure
+    from tasks.markers import cleanup, verify, write_markers
+    from tasks.mqtt_client import mqtt_password
+
     say = log or (lambda msg: print(f"drill: {msg}", flush=True))
     faults = faults or DockerFaults(c)
     fault = fault or faults.kinds[0]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import shlex
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 from tasks.config import Cluster, Node
@@ -168,6 +166,9 @@ def diagnose(r: Remote, c: Cluster, manager: str, state: StackState, what: str,
 
 def http_answer(address: str, port: int, timeout: float = 3.0) -> int | None:
     """The HTTP status of GET / on address:port, None when nothing answers."""
+    import urllib.error  # here: loading the doit tasks does not need an HTTP client
+    import urllib.request
+
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # straight to the node
     try:
         with opener.open(f"http://{address}:{port}/", timeout=timeout) as resp:

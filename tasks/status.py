@@ -28,25 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
 from tasks.facts import GaleraMember, parse_galera, parse_sections, probe_script
-from tasks.facts_cluster import (
-    DB_SERVICES,
-    Brick,
-    SwarmNode,
-    bricks_from,
-    cluster_probes,
-    heal_probe,
-    node_probes,
-    parse_index,
-    parse_mount,
-    parse_node_inspect,
-    parse_services,
-    parse_swarm,
-    parse_updates,
-    parse_volume_status,
-)
 from tasks.mqtt_probe import mqtt_connack
 
+# The probes and parsers (tasks/facts_cluster.py) are imported where a status is read: loading
+# the doit tasks does not need them.
 if TYPE_CHECKING:
+    from tasks.facts_cluster import Brick, SwarmNode
     from tasks.remote import Remote
     from tasks.stack_facts import Container
 
@@ -255,6 +242,7 @@ def _short_error(e: Exception) -> str:
 
 def read_node(r: Remote, c: Cluster, node: Node, st: NodeStatus) -> None:
     """Fill `st` from one round trip to `node`; unreachable nodes keep reachable=False."""
+    from tasks.facts_cluster import node_probes, parse_index, parse_mount, parse_swarm
     from tasks.remote import RemoteError
     from tasks.stack_facts import parse_containers
 
@@ -294,6 +282,15 @@ class _ClusterView:
 
     def ask(self, st: NodeStatus) -> None:
         """Read what is still missing from node `st` (reachable)."""
+        from tasks.facts_cluster import (
+            bricks_from,
+            cluster_probes,
+            heal_probe,
+            parse_node_inspect,
+            parse_services,
+            parse_updates,
+            parse_volume_status,
+        )
         from tasks.remote import RemoteError
 
         c, status = self.c, self.status
@@ -416,6 +413,8 @@ def _services_cell(n: NodeStatus) -> str:
 
 
 def _galera_cell(n: NodeStatus) -> str:
+    from tasks.facts_cluster import DB_SERVICES
+
     if not n.reachable:
         return "?"
     ms = [m for m in n.galera if m.service in DB_SERVICES]

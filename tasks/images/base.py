@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -348,6 +347,8 @@ class TarEntry:
 
 def tar_stream(entries: Iterable[TarEntry], chunk: int = CHUNK) -> Iterator[bytes]:
     """The bytes of an uncompressed tar archive holding `entries`, produced as it is read."""
+    import tarfile  # here: loading the doit tasks does not need it
+
     for e in entries:
         info = tarfile.TarInfo(e.name)
         info.size = e.size

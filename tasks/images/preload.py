@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import shlex
-import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -148,6 +147,8 @@ class _SavedImage:
     """One `docker save` tarball: its manifest entry, config and layer members."""
 
     def __init__(self, path: Path):
+        import tarfile  # here: loading the doit tasks does not need it
+
         self.path = path
         self.tf = tarfile.open(path)
         members = {m.name.lstrip("./"): m for m in self.tf.getmembers()}

@@ -6,9 +6,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
-from tasks.config import PROJECT_ROOT
+from tasks.config import LAB_CLUSTER_FILE, PROJECT_ROOT
 
 # Runs `doit list` in a process where any network connection raises.
 NO_NETWORK = """
@@ -59,3 +60,32 @@ def test_no_task_is_named_after_a_doit_command():
     commands = {"clean", "list", "info", "run", "forget", "ignore", "help", "auto", "dumpdb",
                 "strace", "reset-dep", "tabcompletion"}
     assert not commands & {line.split(":")[0].strip() for line in r.stdout.splitlines()}
+
+
+# Runs `doit list` and prints, on stderr, every module the process imported.
+MODULES = """
+import sys
+from doit.doit_cmd import DoitMain
+from doit.cmd_base import DodoTaskLoader
+code = DoitMain(DodoTaskLoader()).run(sys.argv[1:])
+print("\\n".join(sorted(sys.modules)), file=sys.stderr)
+sys.exit(code)
+"""
+
+# Needed only when a task runs: SSH and Docker clients, templates, the drill's probes, the lab's
+# driver. Every module `doit list` imports costs it time (dodo.py loads all task creators).
+ACTION_ONLY = ("docker", "fabric", "paramiko", "invoke", "jinja2", "requests", "lab.driver",
+               "lab.faults", "tasks.watch", "tasks.failover", "tasks.markers",
+               "tasks.mqtt_client", "tasks.facts_cluster")
+
+
+@pytest.mark.parametrize("lab", [False, True], ids=["cluster", "lab"])
+def test_list_imports_no_module_that_only_actions_need(tmp_path, lab):
+    cfg = LAB_CLUSTER_FILE if lab else unreachable_cluster(tmp_path)
+    r = subprocess.run([sys.executable, "-c", MODULES, "list", f"config={cfg}"],
+                       cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    loaded = set(r.stderr.splitlines())
+    assert "tasks.config" in loaded  # the dodo was loaded
+    assert sorted(m for m in loaded for heavy in ACTION_ONLY
+                  if m == heavy or m.startswith(heavy + ".")) == []
