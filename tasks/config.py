@@ -11,7 +11,7 @@ import functools
 import ipaddress
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
@@ -190,18 +190,58 @@ class Images(_Strict):
     portainer_agent: Image | None = None
 
 
+# Trees of the operating system: a brick or mount point there, or above one, would hide or (with
+# `purge=yes clean`, which removes the bricks) destroy the system's files. /tmp and /run are
+# emptied at boot. Nothing of haswarm goes inside these.
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
+                "/run", "/sbin", "/sys", "/tmp", "/usr", "/var/lib/docker", "/var/lib/glusterd",
+                "/var/run", "/var/tmp")
+# Shared directories: haswarm's may sit below them, never be one of them or above one.
+SYSTEM_DIRS = ("/", "/home", "/media", "/mnt", "/opt", "/root", "/srv", "/var", "/var/backups",
+               "/var/cache", "/var/lib", "/var/local", "/var/log", "/var/mail", "/var/opt",
+               "/var/spool")
+_SAFE_PATH = r"/[A-Za-z0-9._/-]*"
+
+
+def _node_path(v: Path) -> Path:
+    """`v` if it is a safe absolute path on a node for a directory of haswarm's own: letters,
+    digits and `._-/` only (it goes into fstab, shell commands and the stack file), no `..`,
+    not in, equal to or above a directory of the operating system (SYSTEM_TREES, SYSTEM_DIRS).
+    """
+    text = str(v)
+    _matching(text, _SAFE_PATH, "an absolute path of letters, digits and '._-/' (no spaces, "
+                                "quotes or other characters)")
+    if ".." in v.parts:
+        raise ValueError(f"{text!r} must not contain '..'")
+    p = PurePosixPath(text)
+    own = "choose a directory of its own, e.g. below /srv or /mnt"
+    for tree in SYSTEM_TREES:
+        if p.is_relative_to(tree):
+            where = "is" if text == tree else f"is inside {tree},"
+            raise ValueError(f"{text!r} {where} a directory of the operating system: {own}")
+    if text in SYSTEM_DIRS:
+        raise ValueError(f"{text!r} is a directory shared with the operating system (`doit "
+                         "purge=yes clean` removes the brick dir): choose a directory of its "
+                         f"own below it, e.g. {text.rstrip('/')}/haswarm")
+    for d in (*SYSTEM_TREES, *SYSTEM_DIRS):
+        if PurePosixPath(d).is_relative_to(p):
+            raise ValueError(f"{text!r} holds the system directory {d}: {own}")
+    return v
+
+
 class Gluster(_Strict):
     volume: str = "haswarm"
     brick_dir: Path = Path("/srv/gluster/haswarm")
     mount_point: Path = Path("/mnt/haswarm")
     ping_timeout: int = Field(5, ge=1, le=1800, description="seconds to drop a silent peer")
+    brick_on_root_fs: bool = Field(
+        False, description="accept brick_dir on the root file system (the SD card); preflight "
+                           "refuses it otherwise")
 
     @field_validator("brick_dir", "mount_point")
     @classmethod
-    def _absolute(cls, v: Path) -> Path:
-        if not v.is_absolute() or str(v) == "/":
-            raise ValueError(f"{str(v)!r} must be an absolute path below /")
-        return v
+    def _path(cls, v: Path) -> Path:
+        return _node_path(v)
 
     @field_validator("volume")
     @classmethod
@@ -441,6 +481,12 @@ def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
                 "needs swarm.publish_mode: host. With the routing mesh (ingress) every node's "
                 f"port would lead to any {what} container, also to the waiting ones.",
             ))
+    brick, mount = PurePosixPath(c.gluster.brick_dir), PurePosixPath(c.gluster.mount_point)
+    if brick.is_relative_to(mount) or mount.is_relative_to(brick):
+        problems.append(("gluster.mount_point",
+                         f"{str(mount)!r} and gluster.brick_dir {str(brick)!r} overlap: keep "
+                         "them apart (neither inside the other): the bricks are Gluster's "
+                         "private store, the mount point is where the volume is used"))
     if c.portainer.enabled and not (c.images.portainer and c.images.portainer_agent):
         problems.append(("images.portainer",
                          "portainer.enabled is true: images.portainer and images.portainer_agent "

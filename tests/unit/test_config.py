@@ -226,8 +226,9 @@ def test_portainer_enabled_needs_its_images(tmp_path):
 
 
 @pytest.mark.parametrize("path, value, expect", [
-    (("gluster", "mount_point"), "mnt/haswarm", "gluster.mount_point: 'mnt/haswarm' must be"),
-    (("gluster", "brick_dir"), "/", "gluster.brick_dir: '/' must be"),
+    (("gluster", "mount_point"), "mnt/haswarm",
+     "gluster.mount_point: 'mnt/haswarm' is not an absolute path"),
+    (("gluster", "brick_dir"), "/", "gluster.brick_dir: '/' is a directory shared with"),
     (("galera", "buffer_pool"), "64MB", "galera.buffer_pool: '64MB' is not a size"),
     (("swarm", "publish_mode"), "mesh", "swarm.publish_mode: "),
     (("mqtt", "users"), ["sensors"], "mqtt.users: the user 'homeassistant' is required"),
@@ -303,3 +304,57 @@ def test_standby_follows_the_publish_mode_and_needs_host_mode(tmp_path):
     assert load_cluster(write(tmp_path, d)).mqtt_standby is True
     d["mqtt"] = {"standby": False}
     assert load_cluster(write(tmp_path, d)).mqtt_standby is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths on the nodes: brick dir and mount point
+
+
+@pytest.mark.parametrize("field", ["brick_dir", "mount_point"])
+@pytest.mark.parametrize("bad, expect", [
+    ("/srv/gluster haswarm", "is not an absolute path of letters, digits"),
+    ("/srv/\"haswarm\"", "is not an absolute path of letters, digits"),
+    ("/srv/it's", "is not an absolute path of letters, digits"),
+    ("/srv/a\nb", "is not an absolute path of letters, digits"),
+    ("/srv/x/../../etc", "must not contain '..'"),
+    ("/etc", "'/etc' is a directory of the operating system"),
+    ("/etc/haswarm", "'/etc/haswarm' is inside /etc, a directory of the operating system"),
+    ("/usr/local/haswarm", "is inside /usr"),
+    ("/lib64/x", "is inside /lib64"),
+    ("/tmp/haswarm", "is inside /tmp"),
+    ("/var/lib/docker/volumes/x", "is inside /var/lib/docker"),
+    ("/srv", "'/srv' is a directory shared with the operating system"),
+    ("/var", "'/var' is a directory shared with the operating system"),
+    ("/home", "e.g. /home/haswarm"),
+    ("/var/lib", "'/var/lib' is a directory shared"),
+])
+def test_node_paths_are_safe_and_not_the_systems(tmp_path, field, bad, expect):
+    d = base()
+    d["gluster"][field] = bad
+    msg = error_of(tmp_path, d)
+    assert f"gluster.{field}: " in msg and expect in msg, msg
+
+
+@pytest.mark.parametrize("good", ["/srv/gluster/haswarm", "/mnt/usb-ssd/brick_1",
+                                  "/home/pi/haswarm", "/var/lib/haswarm", "/data/gluster.b"])
+def test_good_node_paths(tmp_path, good):
+    d = base()
+    d["gluster"]["brick_dir"] = good
+    d["gluster"]["mount_point"] = "/mnt/haswarm-volume"
+    assert str(load_cluster(write(tmp_path, d)).gluster.brick_dir) == good
+
+
+@pytest.mark.parametrize("brick, mount", [("/srv/haswarm", "/srv/haswarm"),
+                                          ("/srv/haswarm", "/srv/haswarm/mnt"),
+                                          ("/mnt/haswarm/brick", "/mnt/haswarm")])
+def test_brick_and_mount_point_apart(tmp_path, brick, mount):
+    d = base()
+    d["gluster"].update(brick_dir=brick, mount_point=mount)
+    msg = error_of(tmp_path, d)
+    assert f"gluster.mount_point: '{mount}' and gluster.brick_dir '{brick}' overlap" in msg
+
+
+def test_brick_and_mount_point_side_by_side_are_fine(tmp_path):
+    d = base()
+    d["gluster"].update(brick_dir="/srv/haswarm-brick", mount_point="/srv/haswarm")
+    assert load_cluster(write(tmp_path, d)).gluster.brick_on_root_fs is False
