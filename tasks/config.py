@@ -75,6 +75,12 @@ class SSH(_Strict):
     port: int = Field(22, ge=1, le=65535)
     key: Path | None = Field(None, description="private key file (relative to the cluster file)")
 
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        return _matching(v, r"[a-z_][a-z0-9_.-]{0,31}", "a valid login name (lower-case "
+                                                         "letters, digits, '_', '.', '-')")
+
 
 class SSHDefaults(SSH):
     known_hosts: Path = Field(
@@ -310,13 +316,27 @@ class MQTT(_Strict):
 class MDNS(_Strict):
     name: str = "hacluster"
     restart_cron: bool = True
-    restart_command: str = "systemctl restart avahi-daemon"
+    restart_command: str = Field("systemctl restart avahi-daemon",
+                                 description="one shell command line, run by root from cron")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
             raise ValueError(f"{v!r} is not a valid mDNS host name (without .local)")
+        return v
+
+    @field_validator("restart_command")
+    @classmethod
+    def _command(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty: give the command that restarts Avahi")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in v):
+            raise ValueError(f"{v!r} holds a newline or another control character: one line "
+                             "only (it runs from cron, as root, on every node)")
+        if "%" in v:
+            raise ValueError(f"{v!r} holds '%', which cron turns into a newline: leave it out "
+                             "(or put the command in a script and give the script's path)")
         return v
 
 
@@ -347,6 +367,8 @@ class VIP(_Strict):
     router_id: int = Field(51, ge=1, le=255,
                            description="VRRP virtual_router_id, unique among routers on the LAN")
     unicast: bool = Field(True, description="adverts to the node addresses (false: multicast)")
+    prefix_length: int = Field(24, ge=8, le=30, description="the LAN's prefix length: the VIP "
+                               "and every node address given as an IP lie in one such network")
 
     @field_validator("address")
     @classmethod
@@ -449,20 +471,12 @@ def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
             "3 swarm managers each survive one lost node. Two nodes work only with "
             "'allow_two_nodes: true', which gives up that protection.",
         ))
-    seen_names: dict[str, int] = {}
-    seen_addrs: dict[str, int] = {}
-    for i, node in enumerate(c.nodes):
-        if node.name in seen_names:
-            first = seen_names[node.name]
-            problems.append((f"nodes[{i}].name",
-                             f"duplicate node name {node.name!r} (also nodes[{first}])"))
-        seen_names.setdefault(node.name, i)
-        addr = node.address.lower()
-        if addr in seen_addrs:
-            first = seen_addrs[addr]
-            problems.append((f"nodes[{i}].address",
-                             f"duplicate address {node.address!r} (also nodes[{first}])"))
-        seen_addrs.setdefault(addr, i)
+    problems += _nodes_listed_twice(c.nodes)
+    problems += _port_clashes(c)
+    if c.vip.address is not None:
+        literal = {n.name: n.address for n in c.nodes if _is_ip(n.address)}
+        problems += [("vip.address", p) for p in vip_problems(c.vip.address,
+                                                              c.vip.prefix_length, literal)]
     if c.platform == "linux/arm/v7":
         version = _calver(c.images.homeassistant.tag or "")
         if version and version[:2] > HA_LAST_ARMV7:
@@ -491,6 +505,106 @@ def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
         problems.append(("images.portainer",
                          "portainer.enabled is true: images.portainer and images.portainer_agent "
                          "must be pinned"))
+    return problems
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _canonical(address: str) -> str:
+    """One spelling per address: an IP in its compressed form, a host name in lower case."""
+    if _is_ip(address):
+        return str(ipaddress.ip_address(address))
+    return address.lower().rstrip(".")
+
+
+def _nodes_listed_twice(nodes: list[Node]) -> list[tuple[str, str]]:
+    """One node listed twice: the same name, the same address (however spelled), or one
+    entry's address naming another entry's node (`pi1`, `pi1.local`: the same Pi by its name
+    and by its IP). Host names that resolve to a listed IP are caught by preflight (the same
+    Docker engine ID twice)."""
+    problems: list[tuple[str, str]] = []
+    seen_names: dict[str, int] = {}
+    seen_addrs: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        if node.name in seen_names:
+            first = seen_names[node.name]
+            problems.append((f"nodes[{i}].name",
+                             f"duplicate node name {node.name!r} (also nodes[{first}])"))
+        seen_names.setdefault(node.name, i)
+        addr = _canonical(node.address)
+        if addr in seen_addrs:
+            first = seen_addrs[addr]
+            problems.append((f"nodes[{i}].address",
+                             f"duplicate address {node.address!r} (also nodes[{first}])"))
+        seen_addrs.setdefault(addr, i)
+    for i, node in enumerate(nodes):
+        if _is_ip(node.address):
+            continue
+        label = _canonical(node.address).split(".")[0]
+        for j, other in enumerate(nodes):
+            if j != i and other.name == label:
+                problems.append((f"nodes[{i}].address",
+                                 f"{node.address!r} names the node {other.name!r} "
+                                 f"(nodes[{j}], at {other.address}): the same node listed "
+                                 "twice? List each node once"))
+    return problems
+
+
+# Ports the nodes' own daemons listen on: a service published there would not start.
+NODE_PORTS = {2377: "swarm's control plane", 7946: "swarm's gossip", 24007: "glusterd",
+              24008: "glusterd"}
+GLUSTER_BRICK_PORTS = range(49152, 61000)  # glusterd gives its bricks ports from here
+
+
+def _port_clashes(c: Cluster) -> list[tuple[str, str]]:
+    """Two services published on one port, or a service on a port of the nodes' daemons."""
+    published = [("homeassistant.port", c.homeassistant.port), ("mqtt.port", c.mqtt.port)]
+    if c.portainer.enabled:
+        published.append(("portainer.port", c.portainer.port))
+    taken = dict(NODE_PORTS)
+    for n in c.nodes:
+        taken[c.ssh_for(n).port] = "SSH"
+    problems: list[tuple[str, str]] = []
+    first: dict[int, str] = {}
+    for where, port in published:
+        if port in first:
+            problems.append((where, f"port {port} is also {first[port]}: two services cannot "
+                                    "be published on one port"))
+        elif port in taken:
+            problems.append((where, f"port {port} is used by {taken[port]} on the nodes"))
+        elif port in GLUSTER_BRICK_PORTS:
+            bricks = f"{GLUSTER_BRICK_PORTS.start}-{GLUSTER_BRICK_PORTS.stop - 1}"
+            problems.append((where, f"port {port} is in the range glusterd gives its bricks "
+                                    f"({bricks})"))
+        first.setdefault(port, where)
+    return problems
+
+
+def vip_problems(vip: str, prefix_length: int, addresses: dict[str, str]) -> list[str]:
+    """Why `vip` cannot be the cluster's virtual address, given the nodes' IP `addresses`
+    (node name -> IP; host names left out): a node's own address, the network's own or
+    broadcast address, or a network that is not the nodes'."""
+    net = ipaddress.ip_network(f"{vip}/{prefix_length}", strict=False)
+    ip = ipaddress.ip_address(vip)
+    problems = []
+    if ip in (net.network_address, net.broadcast_address):
+        problems.append(f"{vip} is the {'network' if ip == net.network_address else 'broadcast'}"
+                        f" address of {net} (vip.prefix_length {prefix_length}): choose a host "
+                        "address")
+    for name, address in addresses.items():
+        if ipaddress.ip_address(address) == ip:
+            problems.append(f"{vip} is {name}'s own address: choose a free address in the same "
+                            "network (outside your router's DHCP range)")
+        elif ipaddress.ip_address(address) not in net:
+            problems.append(f"{vip} is not in the nodes' network: {name} is at {address}, "
+                            f"outside {net} (vip.prefix_length {prefix_length}); sensors on "
+                            "the LAN could not reach it")
     return problems
 
 

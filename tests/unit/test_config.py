@@ -358,3 +358,96 @@ def test_brick_and_mount_point_side_by_side_are_fine(tmp_path):
     d = base()
     d["gluster"].update(brick_dir="/srv/haswarm-brick", mount_point="/srv/haswarm")
     assert load_cluster(write(tmp_path, d)).gluster.brick_on_root_fs is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules across fields: ports, addresses, free-text commands
+
+
+@pytest.mark.parametrize("section, port, expect", [
+    ("mqtt", 8123, "mqtt.port: port 8123 is also homeassistant.port: two services cannot"),
+    ("mqtt", 22, "mqtt.port: port 22 is used by SSH on the nodes"),
+    ("homeassistant", 2222, "homeassistant.port: port 2222 is used by SSH"),  # pi3's own
+    ("mqtt", 24007, "mqtt.port: port 24007 is used by glusterd"),
+    ("homeassistant", 2377, "swarm's control plane"),
+    ("mqtt", 50000, "mqtt.port: port 50000 is in the range glusterd gives its bricks"),
+])
+def test_published_port_clashes(tmp_path, section, port, expect):
+    d = base()
+    d[section]["port"] = port
+    assert expect in error_of(tmp_path, d)
+
+
+def test_portainer_on_the_brokers_port(tmp_path):
+    d = base()
+    d["portainer"].update(enabled=True, port=1883)
+    assert "portainer.port: port 1883 is also mqtt.port" in error_of(tmp_path, d)
+    d["portainer"]["enabled"] = False
+    load_cluster(write(tmp_path, d))  # a disabled Portainer publishes nothing
+
+
+@pytest.mark.parametrize("address, prefix, expect", [
+    ("192.168.1.22", 24, "vip.address: 192.168.1.22 is pi2's own address"),
+    ("10.0.0.5", 24, "vip.address: 10.0.0.5 is not in the nodes' network: pi1 is at "
+                     "192.168.1.21, outside 10.0.0.0/24"),
+    ("192.168.2.250", 24, "outside 192.168.2.0/24"),
+    ("192.168.1.255", 24, "vip.address: 192.168.1.255 is the broadcast address of "
+                          "192.168.1.0/24"),
+    ("192.168.1.0", 24, "is the network address"),
+])
+def test_vip_outside_the_nodes_network_or_on_a_node(tmp_path, address, prefix, expect):
+    d = base()
+    d["vip"].update(address=address, prefix_length=prefix)
+    assert expect in error_of(tmp_path, d)
+
+
+def test_vip_in_a_wider_network_and_host_names_are_fine(tmp_path):
+    d = base()
+    d["vip"].update(address="192.168.2.250", prefix_length=16)
+    assert load_cluster(write(tmp_path, d)).vip.address == "192.168.2.250"
+    d["vip"]["prefix_length"] = 24
+    for node in d["nodes"]:
+        node["address"] = f"{node['name']}-host.lan"  # checked by `doit vip`, once resolved
+    load_cluster(write(tmp_path, d))
+
+
+def test_same_ip_spelled_twice(tmp_path):
+    d = base()
+    d["nodes"][0]["address"], d["nodes"][2]["address"] = "fe80::1", "FE80:0::1"
+    assert "nodes[2].address: duplicate address 'FE80:0::1' (also nodes[0])" in \
+        error_of(tmp_path, d)
+
+
+@pytest.mark.parametrize("address", ["pi1", "pi1.local", "PI1.lan"])
+def test_node_listed_by_name_and_by_address(tmp_path, address):
+    d = base()
+    d["nodes"].append({"name": "pi4", "address": address})
+    msg = error_of(tmp_path, d)
+    assert f"nodes[3].address: {address!r} names the node 'pi1' (nodes[0], at " \
+           "192.168.1.21): the same node listed twice" in msg
+
+
+def test_a_node_by_its_own_host_name_is_fine(tmp_path):
+    d = base()
+    d["nodes"][0]["address"] = "pi1.local"
+    assert load_cluster(write(tmp_path, d)).nodes[0].address == "pi1.local"
+
+
+@pytest.mark.parametrize("command, expect", [
+    ("systemctl restart avahi-daemon\nrm -rf /", "holds a newline or another control"),
+    ("systemctl restart avahi-daemon\trm", "holds a newline or another control"),
+    ("date +%s > /tmp/x", "holds '%', which cron turns into a newline"),
+    ("   ", "is empty"),
+])
+def test_restart_command_is_one_cron_safe_line(tmp_path, command, expect):
+    d = base()
+    d["mdns"]["restart_command"] = command
+    msg = error_of(tmp_path, d)
+    assert "mdns.restart_command: " in msg and expect in msg
+
+
+@pytest.mark.parametrize("user", ["pi user", "pi\n", "Root", "$(id)"])
+def test_ssh_user_is_a_login_name(tmp_path, user):
+    d = base()
+    d["ssh"]["user"] = user
+    assert "ssh.user: " in (msg := error_of(tmp_path, d)) and "valid login name" in msg

@@ -279,3 +279,11 @@ def test_setup_without_a_vip_address_removes(cv, capsys):
     assert vip.setup(c, r) == {"vip": None}
     assert [call[2] for call in r.calls if call[0] == "pi1"] == [
         vip.STOP, f"rm -f {CONF} {CHECK} {CRON}"]
+
+
+def test_validate_with_resolved_addresses(cv):
+    vip.validate(cv, IPS)
+    with pytest.raises(vip.VIPError, match="10.77.0.100 is pi2's own address"):
+        vip.validate(cv, {**IPS, "pi2": "10.77.0.100"})
+    with pytest.raises(vip.VIPError, match="pi3 is at 10.78.0.13, outside 10.77.0.0/24"):
+        vip.validate(cv, {**IPS, "pi3": "10.78.0.13"})
