@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Literal
 
 import yaml
 from pydantic import (
@@ -22,6 +22,17 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_validator,
+)
+
+from tasks.config_errors import ConfigError, describe
+from tasks.config_rules import (
+    cron_command,
+    is_ip,
+    matching,
+    node_path,
+    nodes_listed_twice,
+    port_clashes,
+    vip_problems,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -44,24 +55,6 @@ _IMAGE = re.compile(
 _DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
 
 
-class ConfigError(Exception):
-    """A cluster file that cannot be used; str() is the message shown to the user."""
-
-    def __init__(self, file: Path | str, problems: list[tuple[str, str]]):
-        self.file = str(file)
-        self.problems = problems
-        lines = [f"{self.file}: {where}: {what}" if where else f"{self.file}: {what}"
-                 for where, what in problems]
-        super().__init__("\n".join(lines))
-
-
-def _matching(v: str, pattern: str, what: str) -> str:
-    """`v` if it matches `pattern` whole; else the validation error "'v' is not WHAT"."""
-    if not re.fullmatch(pattern, v):
-        raise ValueError(f"{v!r} is not {what}")
-    return v
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -78,7 +71,7 @@ class SSH(_Strict):
     @field_validator("user")
     @classmethod
     def _user(cls, v: str) -> str:
-        return _matching(v, r"[a-z_][a-z0-9_.-]{0,31}", "a valid login name (lower-case "
+        return matching(v, r"[a-z_][a-z0-9_.-]{0,31}", "a valid login name (lower-case "
                                                          "letters, digits, '_', '.', '-')")
 
 
@@ -196,45 +189,6 @@ class Images(_Strict):
     portainer_agent: Image | None = None
 
 
-# Trees of the operating system: a brick or mount point there, or above one, would hide or (with
-# `purge=yes clean`, which removes the bricks) destroy the system's files. /tmp and /run are
-# emptied at boot. Nothing of haswarm goes inside these.
-SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
-                "/run", "/sbin", "/sys", "/tmp", "/usr", "/var/lib/docker", "/var/lib/glusterd",
-                "/var/run", "/var/tmp")
-# Shared directories: haswarm's may sit below them, never be one of them or above one.
-SYSTEM_DIRS = ("/", "/home", "/media", "/mnt", "/opt", "/root", "/srv", "/var", "/var/backups",
-               "/var/cache", "/var/lib", "/var/local", "/var/log", "/var/mail", "/var/opt",
-               "/var/spool")
-_SAFE_PATH = r"/[A-Za-z0-9._/-]*"
-
-
-def _node_path(v: Path) -> Path:
-    """`v` if it is a safe absolute path on a node for a directory of haswarm's own: letters,
-    digits and `._-/` only (it goes into fstab, shell commands and the stack file), no `..`,
-    not in, equal to or above a directory of the operating system (SYSTEM_TREES, SYSTEM_DIRS).
-    """
-    text = str(v)
-    _matching(text, _SAFE_PATH, "an absolute path of letters, digits and '._-/' (no spaces, "
-                                "quotes or other characters)")
-    if ".." in v.parts:
-        raise ValueError(f"{text!r} must not contain '..'")
-    p = PurePosixPath(text)
-    own = "choose a directory of its own, e.g. below /srv or /mnt"
-    for tree in SYSTEM_TREES:
-        if p.is_relative_to(tree):
-            where = "is" if text == tree else f"is inside {tree},"
-            raise ValueError(f"{text!r} {where} a directory of the operating system: {own}")
-    if text in SYSTEM_DIRS:
-        raise ValueError(f"{text!r} is a directory shared with the operating system (`doit "
-                         "purge=yes clean` removes the brick dir): choose a directory of its "
-                         f"own below it, e.g. {text.rstrip('/')}/haswarm")
-    for d in (*SYSTEM_TREES, *SYSTEM_DIRS):
-        if PurePosixPath(d).is_relative_to(p):
-            raise ValueError(f"{text!r} holds the system directory {d}: {own}")
-    return v
-
-
 class Gluster(_Strict):
     volume: str = "haswarm"
     brick_dir: Path = Path("/srv/gluster/haswarm")
@@ -247,12 +201,12 @@ class Gluster(_Strict):
     @field_validator("brick_dir", "mount_point")
     @classmethod
     def _path(cls, v: Path) -> Path:
-        return _node_path(v)
+        return node_path(v)
 
     @field_validator("volume")
     @classmethod
     def _volume(cls, v: str) -> str:
-        return _matching(v, r"[A-Za-z0-9_-]{1,64}", "a valid Gluster volume name")
+        return matching(v, r"[A-Za-z0-9_-]{1,64}", "a valid Gluster volume name")
 
 
 class Swarm(_Strict):
@@ -289,7 +243,7 @@ class HomeAssistant(_Strict):
     @field_validator("time_zone")
     @classmethod
     def _tz(cls, v: str) -> str:
-        return _matching(v, r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*",
+        return matching(v, r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*",
                          "a time zone name such as Europe/Berlin")
 
 
@@ -305,7 +259,7 @@ class MQTT(_Strict):
     @classmethod
     def _users(cls, v: list[str]) -> list[str]:
         for user in v:
-            _matching(user, r"[A-Za-z0-9_-]{1,64}", "a valid MQTT user name")
+            matching(user, r"[A-Za-z0-9_-]{1,64}", "a valid MQTT user name")
         if len(set(v)) != len(v):
             raise ValueError("MQTT user names must be unique")
         if "homeassistant" not in v:
@@ -329,15 +283,7 @@ class MDNS(_Strict):
     @field_validator("restart_command")
     @classmethod
     def _command(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("is empty: give the command that restarts Avahi")
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in v):
-            raise ValueError(f"{v!r} holds a newline or another control character: one line "
-                             "only (it runs from cron, as root, on every node)")
-        if "%" in v:
-            raise ValueError(f"{v!r} holds '%', which cron turns into a newline: leave it out "
-                             "(or put the command in a script and give the script's path)")
-        return v
+        return cron_command(v)
 
 
 class Galera(_Strict):
@@ -386,7 +332,7 @@ class VIP(_Strict):
     @field_validator("interface")
     @classmethod
     def _interface(cls, v: str) -> str:
-        return _matching(v, r"[A-Za-z0-9_.@-]{1,15}",
+        return matching(v, r"[A-Za-z0-9_.@-]{1,15}",
                          "a network interface name such as eth0 or wlan0")
 
 
@@ -462,6 +408,8 @@ class Cluster(_Strict):
 
 
 def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
+    """Every problem across fields of a cluster whose values are each valid, as (YAML path,
+    problem) pairs; [] when there is none."""
     problems: list[tuple[str, str]] = []
     n = len(c.nodes)
     if n < 2 or (n == 2 and not c.allow_two_nodes):
@@ -471,10 +419,13 @@ def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
             "3 swarm managers each survive one lost node. Two nodes work only with "
             "'allow_two_nodes: true', which gives up that protection.",
         ))
-    problems += _nodes_listed_twice(c.nodes)
-    problems += _port_clashes(c)
+    problems += nodes_listed_twice([(n.name, n.address) for n in c.nodes])
+    published = [("homeassistant.port", c.homeassistant.port), ("mqtt.port", c.mqtt.port)]
+    if c.portainer.enabled:
+        published.append(("portainer.port", c.portainer.port))
+    problems += port_clashes(published, {c.ssh_for(n).port for n in c.nodes})
     if c.vip.address is not None:
-        literal = {n.name: n.address for n in c.nodes if _is_ip(n.address)}
+        literal = {n.name: n.address for n in c.nodes if is_ip(n.address)}
         problems += [("vip.address", p) for p in vip_problems(c.vip.address,
                                                               c.vip.prefix_length, literal)]
     if c.platform == "linux/arm/v7":
@@ -505,106 +456,6 @@ def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
         problems.append(("images.portainer",
                          "portainer.enabled is true: images.portainer and images.portainer_agent "
                          "must be pinned"))
-    return problems
-
-
-def _is_ip(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
-
-
-def _canonical(address: str) -> str:
-    """One spelling per address: an IP in its compressed form, a host name in lower case."""
-    if _is_ip(address):
-        return str(ipaddress.ip_address(address))
-    return address.lower().rstrip(".")
-
-
-def _nodes_listed_twice(nodes: list[Node]) -> list[tuple[str, str]]:
-    """One node listed twice: the same name, the same address (however spelled), or one
-    entry's address naming another entry's node (`pi1`, `pi1.local`: the same Pi by its name
-    and by its IP). Host names that resolve to a listed IP are caught by preflight (the same
-    Docker engine ID twice)."""
-    problems: list[tuple[str, str]] = []
-    seen_names: dict[str, int] = {}
-    seen_addrs: dict[str, int] = {}
-    for i, node in enumerate(nodes):
-        if node.name in seen_names:
-            first = seen_names[node.name]
-            problems.append((f"nodes[{i}].name",
-                             f"duplicate node name {node.name!r} (also nodes[{first}])"))
-        seen_names.setdefault(node.name, i)
-        addr = _canonical(node.address)
-        if addr in seen_addrs:
-            first = seen_addrs[addr]
-            problems.append((f"nodes[{i}].address",
-                             f"duplicate address {node.address!r} (also nodes[{first}])"))
-        seen_addrs.setdefault(addr, i)
-    for i, node in enumerate(nodes):
-        if _is_ip(node.address):
-            continue
-        label = _canonical(node.address).split(".")[0]
-        for j, other in enumerate(nodes):
-            if j != i and other.name == label:
-                problems.append((f"nodes[{i}].address",
-                                 f"{node.address!r} names the node {other.name!r} "
-                                 f"(nodes[{j}], at {other.address}): the same node listed "
-                                 "twice? List each node once"))
-    return problems
-
-
-# Ports the nodes' own daemons listen on: a service published there would not start.
-NODE_PORTS = {2377: "swarm's control plane", 7946: "swarm's gossip", 24007: "glusterd",
-              24008: "glusterd"}
-GLUSTER_BRICK_PORTS = range(49152, 61000)  # glusterd gives its bricks ports from here
-
-
-def _port_clashes(c: Cluster) -> list[tuple[str, str]]:
-    """Two services published on one port, or a service on a port of the nodes' daemons."""
-    published = [("homeassistant.port", c.homeassistant.port), ("mqtt.port", c.mqtt.port)]
-    if c.portainer.enabled:
-        published.append(("portainer.port", c.portainer.port))
-    taken = dict(NODE_PORTS)
-    for n in c.nodes:
-        taken[c.ssh_for(n).port] = "SSH"
-    problems: list[tuple[str, str]] = []
-    first: dict[int, str] = {}
-    for where, port in published:
-        if port in first:
-            problems.append((where, f"port {port} is also {first[port]}: two services cannot "
-                                    "be published on one port"))
-        elif port in taken:
-            problems.append((where, f"port {port} is used by {taken[port]} on the nodes"))
-        elif port in GLUSTER_BRICK_PORTS:
-            bricks = f"{GLUSTER_BRICK_PORTS.start}-{GLUSTER_BRICK_PORTS.stop - 1}"
-            problems.append((where, f"port {port} is in the range glusterd gives its bricks "
-                                    f"({bricks})"))
-        first.setdefault(port, where)
-    return problems
-
-
-def vip_problems(vip: str, prefix_length: int, addresses: dict[str, str]) -> list[str]:
-    """Why `vip` cannot be the cluster's virtual address, given the nodes' IP `addresses`
-    (node name -> IP; host names left out): a node's own address, the network's own or
-    broadcast address, or a network that is not the nodes'."""
-    net = ipaddress.ip_network(f"{vip}/{prefix_length}", strict=False)
-    ip = ipaddress.ip_address(vip)
-    problems = []
-    if ip in (net.network_address, net.broadcast_address):
-        problems.append(f"{vip} is the {'network' if ip == net.network_address else 'broadcast'}"
-                        f" address of {net} (vip.prefix_length {prefix_length}): choose a host "
-                        "address")
-    for name, address in addresses.items():
-        if ipaddress.ip_address(address) == ip:
-            problems.append(f"{vip} is {name}'s own address: choose a free address in the same "
-                            "network (outside your router's DHCP range)")
-        elif ipaddress.ip_address(address) not in net:
-            problems.append(f"{vip} is not in the nodes' network: {name} is at {address}, "
-                            f"outside {net} (vip.prefix_length {prefix_length}); sensors on "
-                            "the LAN could not reach it")
     return problems
 
 
@@ -653,7 +504,7 @@ def load_cluster(path: Path | str) -> Cluster:
     try:
         cluster = Cluster.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(path, [_describe(err) for err in e.errors()]) from None
+        raise ConfigError(path, [describe(err, Cluster) for err in e.errors()]) from None
     problems = _cross_checks(cluster)
     if problems:
         raise ConfigError(path, problems)
@@ -673,64 +524,6 @@ def _resolve_paths(c: Cluster, base: Path) -> Cluster:
     nodes = [n.model_copy(update={"ssh": n.ssh.model_copy(update={"key": fix(n.ssh.key)})})
              if n.ssh and n.ssh.key else n for n in c.nodes]
     return c.model_copy(update={"ssh": ssh, "nodes": nodes})
-
-
-def yaml_path(loc: tuple[Any, ...]) -> str:
-    """('nodes', 2, 'address') -> 'nodes[2].address'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def _describe(err: dict[str, Any]) -> tuple[str, str]:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    where = yaml_path(loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        known = _known_keys(Cluster, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(known)}"
-        return where, f"unknown key {loc[-1]!r}{hint}"
-    if kind == "missing":
-        return where, "required key is missing"
-    msg = err["msg"].removeprefix("Value error, ")
-    if kind.endswith("_type") or kind.endswith("_parsing"):
-        msg = f"wrong type: {msg} (got {type(err['input']).__name__} {err['input']!r})"
-    return where, msg
-
-
-def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The keys the model accepts at `loc` (for 'did you mean')."""
-    current: Any = model
-    for part in loc:
-        current = _unwrap(current)
-        if isinstance(part, int):
-            continue
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(part)
-            current = field.annotation if field else None
-    current = _unwrap(current)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def _unwrap(annotation: Any) -> Any:
-    """Optional[X] / list[X] / Annotated[X, ...] -> X."""
-    while get_origin(annotation) is not None:
-        args = [a for a in get_args(annotation) if a is not type(None)]
-        if get_origin(annotation) is Annotated:
-            args = args[:1]
-        if not args:
-            return None
-        annotation = args[0]
-    if hasattr(annotation, "__args__") and type(None) in getattr(annotation, "__args__", ()):
-        annotation = next(a for a in annotation.__args__ if a is not type(None))
-    return annotation
 
 
 def current() -> Cluster:

@@ -45,7 +45,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tasks.config import Cluster, Node, vip_problems
+from tasks.config import Cluster, Node
+from tasks.config_rules import vip_problems
 from tasks.errors import HaswarmError
 from tasks.ops import Op, StepError, apply_ops, on_nodes, say
 from tasks.remote import key_values
