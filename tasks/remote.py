@@ -261,8 +261,10 @@ class Remote:
         (with `dryrun`: whether anything would; nothing is changed).
 
         Compares sha256, mode and owner on the node first and touches nothing when they match.
-        Otherwise uploads to a private temp file (mktemp, 0600) and moves it into place as root
-        (parent directories created), so readers never see a half-written file.
+        Otherwise uploads to a private temp file of the login user (mktemp: a new name, 0600),
+        copies it as root into a second new file beside `remote_path` (mktemp again: no name a
+        local user could create or link beforehand) and renames that into place (parent
+        directories created), so readers never see a half-written file.
         """
         n = self._node(node)
         content = data.encode() if isinstance(data, str) else data
@@ -286,12 +288,13 @@ class Remote:
         except RemoteError:
             self.run(n, step, f"rm -f -- {shlex.quote(tmp)}", check=False, sudo=False)
             raise
-        new = shlex.quote(path + ".haswarm-new")
+        parent = str(PurePosixPath(path).parent)
+        cleanup = shlex.quote(f'rm -f -- {shlex.quote(tmp)} "$new"')
         self.run(n, step,
-                 f"trap 'rm -f -- {shlex.quote(tmp)}' EXIT; set -e; "
-                 f"mkdir -p -- {shlex.quote(str(PurePosixPath(path).parent))}; "
-                 f"cp -- {shlex.quote(tmp)} {new}; chmod {mode:o} -- {new}; "
-                 + chown.format(f=new) + f"mv -f -- {new} {q}")
+                 f"new=; trap {cleanup} EXIT; set -e; mkdir -p -- {shlex.quote(parent)}; "
+                 f"new=$(mktemp -- {shlex.quote(parent + '/.haswarm-new.XXXXXXXXXX')}); "
+                 f'cp -- {shlex.quote(tmp)} "$new"; chmod {mode:o} -- "$new"; '
+                 + chown.format(f='"$new"') + f'mv -f -- "$new" {q}')
         return True
 
     def read(self, node: Node | str, path: str | PurePosixPath,

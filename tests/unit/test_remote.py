@@ -6,6 +6,7 @@ A fake connection stands in for Fabric's; tests/lab/test_remote.py covers real S
 from __future__ import annotations
 
 import errno
+import shlex
 import socket
 import subprocess
 import threading
@@ -416,9 +417,51 @@ def test_put_uploads_new_content_via_temp(cluster: Cluster) -> None:
     assert not mktemp.startswith("sudo"), "the temp file belongs to the login user"
     install = _unwrap(r.log[-1][1])
     assert "mkdir -p -- '/etc/my dir'" in install
-    assert "chmod 600 -- '/etc/my dir/x.conf.haswarm-new'" in install
-    assert install.endswith("mv -f -- '/etc/my dir/x.conf.haswarm-new' '/etc/my dir/x.conf'")
+    assert "new=$(mktemp -- '/etc/my dir/.haswarm-new.XXXXXXXXXX')" in install
+    assert 'chmod 600 -- "$new"' in install
+    assert install.endswith("mv -f -- \"$new\" '/etc/my dir/x.conf'")
     assert "rm -f -- /tmp/.haswarm-put.abc" in install
+    assert "x.conf.haswarm-new" not in install, "no fixed name beside the file"
+
+
+class LocalRemote(FakeRemote):
+    """A FakeRemote whose "node" is this machine: commands run here with sh, uploads are
+    written here (so put's real shell is exercised, as the current user)."""
+
+    def __init__(self, cluster: Cluster):
+        def run_here(node: str, cmd: str, stdin: str) -> tuple[str, str, int]:
+            res = subprocess.run(["sh", "-c", _unwrap(cmd)], input=stdin, capture_output=True,
+                                 text=True, timeout=10)
+            return res.stdout, res.stderr, res.returncode
+
+        super().__init__(cluster, run_here)
+
+    def _wrap(self, n, cmd, sudo):  # noqa: ANN001, ANN202 - no sudo here
+        return f"sh -c {shlex.quote(cmd)}"
+
+    def _upload(self, n, step, content, tmp):  # noqa: ANN001, ANN202
+        Path(tmp).write_bytes(content)
+
+
+def test_put_cannot_be_hijacked_by_a_file_planted_beside_the_target(cluster: Cluster,
+                                                                    tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    target = tmp_path / "dir" / "stack.yml"
+    target.parent.mkdir()
+    planted = ["stack.yml.haswarm-new", ".haswarm-new", "stack.yml.tmp"]
+    for name in planted:
+        (target.parent / name).symlink_to(victim)  # what a local user could have prepared
+    before = set(Path("/tmp").glob(".haswarm-put.*"))
+    r = LocalRemote(cluster)
+    assert r.put("pi1", "stack", "services: {}\n", str(target), mode=0o600) is True
+    assert target.read_text() == "services: {}\n" and not target.is_symlink()
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert victim.read_text() == "precious\n", "nothing was written through a planted link"
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([*planted, "stack.yml"]), \
+        "the temporary file beside it is gone"
+    assert set(Path("/tmp").glob(".haswarm-put.*")) == before, "the upload's temp file is gone"
+    assert r.put("pi1", "stack", "services: {}\n", str(target), mode=0o600) is False
 
 
 def test_put_changed_content(cluster: Cluster) -> None:
