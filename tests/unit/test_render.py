@@ -230,3 +230,68 @@ def test_the_lock_keeper_fences_before_the_bricks_release_its_lock(rendered):
         assert mq["HASWARM_NODES"] == env["HASWARM_NODES"]
     assert env["HASWARM_NODES"].split() == [n.address for n in c.nodes]
     assert env["HASWARM_ISOLATED_AFTER"] == str(render.ISOLATED_AFTER)
+
+
+def test_a_secret_in_use_is_never_made_again(tmp_path):
+    c = load_cluster(cluster_in(tmp_path))
+    secrets.ensure(c)
+    record = secrets.directory(c) / secrets.FINGERPRINTS
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert set(secrets.recorded(c)) == set(secrets.names(c)) and secrets.as_recorded(c)
+    values = {n: secrets.read(c, n) for n in secrets.names(c)}
+    assert not any(v in record.read_text() for v in values.values()), "no secret in the record"
+
+    secrets.path(c, "db_password").unlink()  # "delete it to have a new one made": no more
+    assert not secrets.as_recorded(c)
+    with pytest.raises(secrets.SecretLost) as e:
+        secrets.ensure(c)
+    msg = str(e.value)
+    assert msg.startswith(f"db_password: {secrets.path(c, 'db_password')} is missing, but this "
+                          "cluster has used it")
+    assert "the database keeps its users' old passwords" in msg
+    assert "restore" in msg and "rotate-secrets" in msg
+    assert not secrets.path(c, "db_password").exists(), "nothing was made"
+
+    secrets.path(c, "db_password").write_text(values["db_password"] + "\n")  # from a backup
+    secrets.path(c, "mqtt_homeassistant").write_text("another\n")
+    with pytest.raises(secrets.SecretLost, match="mqtt_homeassistant: .* holds another value.*"
+                                                  "Mosquitto's user 'homeassistant'"):
+        secrets.ensure(c)
+    secrets.path(c, "mqtt_homeassistant").write_text(values["mqtt_homeassistant"] + "\n")
+    assert secrets.ensure(c) == [] and secrets.as_recorded(c)
+
+
+def test_a_new_user_gets_a_secret_and_the_way_out_for_a_fresh_start(tmp_path):
+    c = load_cluster(cluster_in(tmp_path))
+    secrets.ensure(c)
+    more = c.model_copy(update={"mqtt": c.mqtt.model_copy(
+        update={"users": [*c.mqtt.users, "garage"]})})
+    assert secrets.ensure(more) == ["mqtt_garage"], "a secret never made before is made"
+    # the data is gone for good: delete the record's line, and a new one is made
+    old = secrets.read(c, "db_root_password")
+    secrets.path(c, "db_root_password").unlink()
+    record = secrets.directory(c) / secrets.FINGERPRINTS
+    record.write_text("".join(line + "\n" for line in record.read_text().splitlines()
+                              if not line.startswith("db_root_password ")))
+    assert secrets.ensure(c) == ["db_root_password"] and secrets.read(c, "db_root_password") != old
+
+
+def test_secrets_made_before_the_record_existed_are_adopted(tmp_path):
+    c = load_cluster(cluster_in(tmp_path))
+    secrets.ensure(c)
+    (secrets.directory(c) / secrets.FINGERPRINTS).unlink()  # as an older haswarm left them
+    assert secrets.ensure(c) == [] and secrets.as_recorded(c)
+    secrets.path(c, "galera_sst_password").unlink()
+    with pytest.raises(secrets.SecretLost, match="galera_sst_password: .* is missing"):
+        secrets.ensure(c)
+
+
+def test_the_secrets_task_fails_naming_the_lost_secret(tmp_path, monkeypatch):
+    c = load_cluster(cluster_in(tmp_path))
+    secrets.ensure(c)
+    secrets.path(c, "db_password").unlink()
+    monkeypatch.setattr("tasks.config.current", lambda: c)
+    task = secrets.task_secrets()
+    assert task["uptodate"][0]() is False
+    failed = task["actions"][0]()
+    assert failed is not None and "secrets: db_password: " in str(failed)
