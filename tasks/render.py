@@ -43,6 +43,10 @@ HA_LOCK_READY = "/tmp/haswarm-lock.ready"  # in the container: written once the 
 MQTT_LOCK_FILE = "/mosquitto/data/.haswarm/mosquitto.lock"
 # Mosquitto 2.x password hashes: PBKDF2-SHA512, 101 iterations, 12-byte salt ($7$ format).
 _MQTT_ITERATIONS = 101
+# The healthcheck's mosquitto_sub options (login and password): a Docker secret mounted as
+# /run/secrets/mosquitto_sub, which mosquitto_sub reads with XDG_CONFIG_HOME=/run/secrets, so
+# the password is on no command line (`ps` shows every argv on the node).
+HEALTHCHECK_OPTIONS = "mosquitto/healthcheck-options"
 
 
 def build_dir(c: Cluster) -> Path:
@@ -73,6 +77,7 @@ def config_sources(c: Cluster) -> dict[str, Path]:
 def secret_sources(c: Cluster) -> dict[str, Path]:
     out = {name: secrets.path(c, name) for name in secrets.names(c)}
     out["mosquitto_passwd"] = build_dir(c) / "mosquitto" / "passwd"
+    out["mqtt_healthcheck_options"] = build_dir(c) / HEALTHCHECK_OPTIONS
     return out
 
 
@@ -169,7 +174,6 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
         "lock_settle": lock_settle(c),
         "db_name": DB_NAME,
         "db_user": DB_USER,
-        "healthcheck_user": secrets.HEALTHCHECK_MQTT_USER,
         "paths": volume_paths(c),
     }
 
@@ -238,6 +242,13 @@ def outputs(c: Cluster) -> list[Output]:
         reads=[secrets.path(c, f"mqtt_{u}") for u in users],
         late_context=lambda: {"lines": [mosquitto_password_line(u, secrets.read(c, f"mqtt_{u}"))
                                         for u in users]},
+        mode=0o600,
+    ))
+    hc = secrets.HEALTHCHECK_MQTT_USER
+    outs.append(Output(
+        HEALTHCHECK_OPTIONS, "mosquitto-client-options.j2", {"user": hc},
+        reads=[secrets.path(c, f"mqtt_{hc}")],
+        late_context=lambda: {"password": secrets.read(c, f"mqtt_{hc}")},
         mode=0o600,
     ))
     objects_inputs = [*config_sources(c).values(), *secret_sources(c).values()]

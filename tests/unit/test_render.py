@@ -6,8 +6,10 @@ import base64
 import hashlib
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -108,9 +110,16 @@ def test_no_secret_value_in_any_rendered_file_but_the_hashed_one(rendered):
     c, texts = rendered
     values = [secrets.read(c, n) for n in secrets.names(c)]
     for target, text in texts.items():
+        if target == render.HEALTHCHECK_OPTIONS:  # a Docker secret's source, like secrets/
+            continue
         for v in values:
             assert v not in text, f"a secret is in {target}"
-    assert (render.build_dir(c) / "mosquitto/passwd").stat().st_mode & 0o777 == 0o600
+    for private in ("mosquitto/passwd", render.HEALTHCHECK_OPTIONS):
+        assert (render.build_dir(c) / private).stat().st_mode & 0o777 == 0o600
+    hc = secrets.HEALTHCHECK_MQTT_USER
+    options = [line for line in texts[render.HEALTHCHECK_OPTIONS].splitlines()
+               if not line.startswith("#")]
+    assert options == [f"-u {hc}", f"-P {secrets.read(c, f'mqtt_{hc}')}"]
 
 
 def test_stack_shape(rendered):
@@ -295,3 +304,67 @@ def test_the_secrets_task_fails_naming_the_lost_secret(tmp_path, monkeypatch):
     assert task["uptodate"][0]() is False
     failed = task["actions"][0]()
     assert failed is not None and "secrets: db_password: " in str(failed)
+
+
+def _fake_broker() -> tuple[socket.socket, dict[str, str]]:
+    """A listening socket on 127.0.0.1 that answers one MQTT CONNECT with CONNACK 5 (not
+    authorized) and records the login it carried: {'user': ..., 'password': ...}."""
+    server = socket.create_server(("127.0.0.1", 0))
+    seen: dict[str, str] = {}
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = conn.recv(4096)
+            i, length, shift = 1, 0, 0
+            while True:  # remaining length (varint)
+                length |= (data[i] & 0x7F) << shift
+                shift += 7
+                i += 1
+                if not data[i - 1] & 0x80:
+                    break
+
+            def string(at: int) -> tuple[str, int]:
+                n = int.from_bytes(data[at:at + 2], "big")
+                return data[at + 2:at + 2 + n].decode(), at + 2 + n
+
+            _, at = string(i)  # protocol name
+            flags = data[at + 1]
+            _, at = string(at + 4)  # client id
+            if flags & 0x80:
+                seen["user"], at = string(at)
+            if flags & 0x40:
+                seen["password"], at = string(at)
+            conn.sendall(bytes([0x20, 2, 0, 5]))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, seen
+
+
+@pytest.mark.skipif(not shutil.which("mosquitto_sub"), reason="needs mosquitto-clients")
+def test_mosquitto_healthcheck_logs_in_with_no_secret_in_argv(tmp_path):
+    """The stack's healthcheck command, run here against a stand-in broker: mosquitto_sub takes
+    the login from the options file (the Docker secret), and the command line holds none."""
+    c = load_cluster(cluster_in(tmp_path))
+    render_all(c)
+    hc = secrets.HEALTHCHECK_MQTT_USER
+    password = secrets.read(c, f"mqtt_{hc}")
+    mq = stack(c)["services"]["mosquitto"]
+    assert {"source": "mqtt_healthcheck_options", "target": "mosquitto_sub", "uid": "1883",
+            "gid": "1883", "mode": 0o400} in mq["secrets"]
+    kind, command = mq["healthcheck"]["test"]
+    assert kind == "CMD-SHELL" and password not in command and " -P " not in command
+    run_secrets = tmp_path / "run-secrets"
+    run_secrets.mkdir()
+    (run_secrets / "mosquitto_sub").write_bytes(
+        (render.build_dir(c) / render.HEALTHCHECK_OPTIONS).read_bytes())
+    ready = tmp_path / "lock.ready"
+    ready.touch()
+    server, seen = _fake_broker()
+    port = server.getsockname()[1]
+    here = (command.replace("$$", "$").replace("/run/secrets", str(run_secrets))
+            .replace(render.HA_LOCK_READY, str(ready)).replace("-p 1883", f"-p {port}"))
+    res = subprocess.run(["sh", "-c", here], capture_output=True, text=True, timeout=20)
+    server.close()
+    assert res.returncode != 0, "CONNACK 5: not authorized, so unhealthy"
+    assert seen == {"user": hc, "password": password}
