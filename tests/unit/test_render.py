@@ -164,6 +164,68 @@ def test_mosquitto_conf(rendered):
     assert "listener 1883 0.0.0.0" in conf and "allow_anonymous false" in conf
     assert f"autosave_interval {c.mqtt.autosave_interval}\n" in conf
     assert "persistence_location /mosquitto/data/" in conf
+    assert "\nacl_file /mosquitto/config/acl\n" in conf
+    mosquitto = stack(c)["services"]["mosquitto"]
+    assert {"source": "mosquitto_acl", "target": "/mosquitto/config/acl", "mode": 0o444} in \
+        mosquitto["configs"]
+
+
+def acl_allows(acl: str, user: str, access: str, topic: str) -> bool:
+    """Whether Mosquitto's ACL file `acl` lets `user` `access` ("read"/"write") `topic`: the
+    rules under `user USER` lines, topic filters matched as MQTT does (paho's matcher: `#` does
+    not match `$SYS/...`)."""
+    from paho.mqtt.client import topic_matches_sub
+
+    current = None
+    for line in acl.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "user":
+            current = words[1]
+        elif words[0] == "topic" and current == user:
+            rule_access, pattern = (words[1], words[2]) if len(words) == 3 else ("readwrite",
+                                                                              words[1])
+            if access in rule_access and topic_matches_sub(pattern, topic):
+                return True
+    return False
+
+
+def test_mosquitto_acl_gives_each_user_its_own_topics(tmp_path):
+    c = load_cluster(cluster_in(tmp_path, mqtt__users=["homeassistant", "sensors", "garage"]))
+    acl = render_all(c)["mosquitto/acl"]
+
+    def may(user: str, access: str, topic: str) -> bool:
+        return acl_allows(acl, user, access, topic)
+
+    # Home Assistant: everything
+    for topic in ("homeassistant/switch/garage/door/config", "sensors/kitchen/relay/command",
+                  "zigbee2mqtt/bridge/request"):
+        assert may("homeassistant", "write", topic) and may("homeassistant", "read", topic)
+    # a device user: its own tree, sensor discovery, HA's status
+    assert may("sensors", "write", "sensors/kitchen/sensor/temperature/state")
+    assert may("sensors", "read", "sensors/kitchen/switch/relay/command")
+    for topic in ("homeassistant/sensor/kitchen/temperature/config",
+                  "homeassistant/sensor/temperature/config",
+                  "homeassistant/binary_sensor/hall/motion/config"):
+        assert may("sensors", "write", topic), topic
+    assert may("sensors", "read", "homeassistant/status")
+    # ... and nothing else: the attack of issue 14 (a switch announced by a sensor login)
+    for topic in ("homeassistant/switch/kitchen/relay/config",
+                  "homeassistant/light/hall/config", "homeassistant/lock/front/door/config",
+                  "homeassistant/sensor/kitchen/temperature/state", "homeassistant/status",
+                  "garage/door/cover/command", "$SYS/broker/uptime", "zigbee2mqtt/x/set"):
+        assert not may("sensors", "write", topic), topic
+    assert not may("sensors", "read", "garage/door/state")
+    assert not may("garage", "write", "sensors/kitchen/sensor/temperature/state")
+    # the healthcheck: the broker's uptime, read only
+    assert may(secrets.HEALTHCHECK_MQTT_USER, "read", "$SYS/broker/uptime")
+    assert not may(secrets.HEALTHCHECK_MQTT_USER, "write", "$SYS/broker/uptime")
+    assert not may(secrets.HEALTHCHECK_MQTT_USER, "read", "homeassistant/status")
+    # no rules for anyone unnamed (anonymous logins are refused anyway)
+    assert acl.split("\nuser ")[0].count("\ntopic") == 0
+    users = [line.split()[1] for line in acl.splitlines() if line.startswith("user ")]
+    assert users == ["homeassistant", "sensors", "garage", secrets.HEALTHCHECK_MQTT_USER]
 
 
 def test_node_files(rendered):
