@@ -88,7 +88,16 @@ def volume_options(c: Cluster) -> dict[str, str]:
         "cluster.self-heal-daemon": "on",
         "cluster.heal-timeout": "60",
         "cluster.favorite-child-policy": "mtime",
+        # Only the nodes may connect to the bricks (mount the volume): without it any host on
+        # the LAN with glusterfs-client could read and write Home Assistant's config.
+        "auth.allow": allowed_clients(c),
     }
+
+
+def allowed_clients(c: Cluster) -> str:
+    """The volume's `auth.allow`: the node addresses as the cluster file gives them, in its
+    order (Gluster matches a host name against the client's reverse lookup: give IPs)."""
+    return ",".join(n.address for n in c.nodes)
 
 
 def server_keepalive(drop_after: int) -> dict[str, str]:
