@@ -244,7 +244,7 @@ class HomeAssistant(_Strict):
     @classmethod
     def _tz(cls, v: str) -> str:
         return matching(v, r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*",
-                         "a time zone name such as Europe/Berlin")
+                        "a time zone name such as Europe/Berlin")
 
 
 class MQTT(_Strict):
@@ -333,7 +333,7 @@ class VIP(_Strict):
     @classmethod
     def _interface(cls, v: str) -> str:
         return matching(v, r"[A-Za-z0-9_.@-]{1,15}",
-                         "a network interface name such as eth0 or wlan0")
+                        "a network interface name such as eth0 or wlan0")
 
 
 class Cluster(_Strict):

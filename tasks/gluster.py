@@ -67,6 +67,9 @@ if TYPE_CHECKING:
 # Seconds to wait for glusterd to answer after starting it, and for probed peers to connect.
 DAEMON_WAIT = 30
 PEER_WAIT = 60
+# Deadline of removing a brick (`purge=yes`): Home Assistant's config with its backups may be
+# gigabytes on an SD card.
+BRICK_REMOVE_TIMEOUT = 900.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +223,7 @@ def clean_bricks(c: Cluster, r: Remote, dryrun: bool) -> None:
         ops = []
         if facts.get("exists", "").strip() == "yes":
             ops.append(Op(f"remove brick {brick} (data, .glusterfs, trusted.* xattrs)",
-                          f"rm -rf --one-file-system {b}"))
+                          f"rm -rf --one-file-system {b}", timeout=BRICK_REMOVE_TIMEOUT))
         apply_ops(r, node, step, ops, dryrun=dryrun)
 
     on_nodes(r, step, one)

@@ -50,6 +50,7 @@ HASWARM_LABEL = "io.haswarm.stack"
 DB_VOLUME = "db-data"
 REMOVE_TIMEOUT = 180.0  # stack rm: the db's stop grace period is 60 s
 DEPLOY_TIMEOUT = 300.0  # seconds `docker stack deploy` may take (the command's deadline)
+VOLUME_REMOVE_TIMEOUT = 300.0  # `docker volume rm` of a database volume (purge) on an SD card
 OBJECT_KINDS = ("config", "secret")
 # Removed before the rest of the stack: clients of the database stop while it still answers.
 STOP_FIRST = ("homeassistant",)
@@ -220,7 +221,8 @@ def remove(c: Cluster, r: Remote, dryrun: bool = False, purge: bool = False,
                          f"{', '.join(holders)} (purge)")
         else:
             r.run_all("stack: remove database volume",
-                      f"docker volume rm {shlex.quote(volume)}", holders)
+                      f"docker volume rm {shlex.quote(volume)}", holders,
+                      timeout=VOLUME_REMOVE_TIMEOUT)
             notes.append(f"removed the database volume {volume} on {', '.join(holders)}")
     elif holders:
         notes.append(f"kept the database volume {volume} on {', '.join(holders)} (user "
