@@ -247,6 +247,10 @@ class HomeAssistant(_Strict):
                         "a time zone name such as Europe/Berlin")
 
 
+# Mosquitto user the stack's healthcheck logs in as (reserved: not one of mqtt.users).
+HEALTHCHECK_MQTT_USER = "haswarm-healthcheck"
+
+
 class MQTT(_Strict):
     port: int = Field(1883, ge=1, le=65535)
     users: list[str] = Field(default_factory=lambda: ["homeassistant"], min_length=1)
@@ -262,6 +266,9 @@ class MQTT(_Strict):
             matching(user, r"[A-Za-z0-9_-]{1,64}", "a valid MQTT user name")
         if len(set(v)) != len(v):
             raise ValueError("MQTT user names must be unique")
+        if HEALTHCHECK_MQTT_USER in v:
+            raise ValueError(f"{HEALTHCHECK_MQTT_USER!r} is reserved: the stack's healthcheck "
+                             "logs in as it")
         if "homeassistant" not in v:
             raise ValueError("the user 'homeassistant' is required (Home Assistant connects as it)")
         return v

@@ -20,12 +20,14 @@ from pathlib import Path
 
 from doit.exceptions import TaskFailed
 
-from tasks.config import PROJECT_ROOT, Cluster
+from tasks.config import (  # noqa: F401  (HEALTHCHECK_MQTT_USER: callers read it here)
+    HEALTHCHECK_MQTT_USER,
+    PROJECT_ROOT,
+    Cluster,
+)
 
 # 32 random bytes -> 43 URL-safe characters (256 bits): safe inside a URL, YAML and a shell word.
 _BYTES = 32
-# Mosquitto user the stack's healthcheck logs in as (not one of the user's MQTT users).
-HEALTHCHECK_MQTT_USER = "haswarm-healthcheck"
 # The record of every secret made so far, in the secrets' directory.
 FINGERPRINTS = ".fingerprints"
 

@@ -232,6 +232,8 @@ def test_portainer_enabled_needs_its_images(tmp_path):
     (("galera", "buffer_pool"), "64MB", "galera.buffer_pool: '64MB' is not a size"),
     (("swarm", "publish_mode"), "mesh", "swarm.publish_mode: "),
     (("mqtt", "users"), ["sensors"], "mqtt.users: the user 'homeassistant' is required"),
+    (("mqtt", "users"), ["homeassistant", "haswarm-healthcheck"],
+     "mqtt.users: 'haswarm-healthcheck' is reserved"),
     (("homeassistant", "port"), 70000, "homeassistant.port: "),
     (("homeassistant", "time_zone"), "Europe Berlin", "homeassistant.time_zone: "),
 ])
