@@ -34,10 +34,12 @@ COMMAND_TIMEOUT = 60.0
 # SSH keepalive: after KEEPALIVE_INTERVAL s without traffic the client sends a keepalive
 # packet, and the kernel drops a connection whose sent data stays unacknowledged for DEAD_AFTER
 # s (TCP_USER_TIMEOUT): a node that vanished (power cut, cable, cut link) breaks its connection
-# within KEEPALIVE_INTERVAL + DEAD_AFTER s even while a command waits. A frozen node whose
-# kernel still acknowledges is stopped by the command's deadline instead.
+# within KEEPALIVE_INTERVAL + DEAD_AFTER s even during a long command (an image load may take
+# 900 s). Not shorter: a busy engine that reads an image stream slowly keeps the TCP window shut
+# and Linux counts that time too. A frozen node whose kernel still acknowledges is stopped by
+# the command's deadline instead.
 KEEPALIVE_INTERVAL = 5
-DEAD_AFTER = 20
+DEAD_AFTER = 60
 
 
 class UnknownHostKey(Exception):

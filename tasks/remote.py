@@ -14,7 +14,7 @@
   dockerd) fails the step within the deadline plus `ssh.connect_timeout` (opening the channel)
   and 1 s, with a TIMEOUT failure naming the node, the step and the command. Connections send
   SSH keepalives (`tasks.connection.keep_alive`): a node that vanished breaks its connection
-  within KEEPALIVE_INTERVAL + DEAD_AFTER s (25 s), sooner than the deadline.
+  within KEEPALIVE_INTERVAL + DEAD_AFTER s (65 s), also during a long command.
 - Failures are `RemoteError`s holding one `Failure` per node (node, address, step, command, exit
   code, stderr tail, and a hint of what to do next); `str()` is the message for the user.
   `on_all`/`run_all` run every node in parallel, let each finish, and raise one `RemoteError`
