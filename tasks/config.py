@@ -11,8 +11,8 @@ import functools
 import ipaddress
 import os
 import re
-from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import yaml
 from pydantic import (
@@ -22,6 +22,17 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_validator,
+)
+
+from tasks.config_errors import ConfigError, describe
+from tasks.config_rules import (
+    cron_command,
+    is_ip,
+    matching,
+    node_path,
+    nodes_listed_twice,
+    port_clashes,
+    vip_problems,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -44,24 +55,6 @@ _IMAGE = re.compile(
 _DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
 
 
-class ConfigError(Exception):
-    """A cluster file that cannot be used; str() is the message shown to the user."""
-
-    def __init__(self, file: Path | str, problems: list[tuple[str, str]]):
-        self.file = str(file)
-        self.problems = problems
-        lines = [f"{self.file}: {where}: {what}" if where else f"{self.file}: {what}"
-                 for where, what in problems]
-        super().__init__("\n".join(lines))
-
-
-def _matching(v: str, pattern: str, what: str) -> str:
-    """`v` if it matches `pattern` whole; else the validation error "'v' is not WHAT"."""
-    if not re.fullmatch(pattern, v):
-        raise ValueError(f"{v!r} is not {what}")
-    return v
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -74,6 +67,12 @@ class SSH(_Strict):
     user: str = Field("root", description="login user; sudo is used when it is not root")
     port: int = Field(22, ge=1, le=65535)
     key: Path | None = Field(None, description="private key file (relative to the cluster file)")
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        return matching(v, r"[a-z_][a-z0-9_.-]{0,31}", "a valid login name (lower-case "
+                                                         "letters, digits, '_', '.', '-')")
 
 
 class SSHDefaults(SSH):
@@ -195,18 +194,19 @@ class Gluster(_Strict):
     brick_dir: Path = Path("/srv/gluster/haswarm")
     mount_point: Path = Path("/mnt/haswarm")
     ping_timeout: int = Field(5, ge=1, le=1800, description="seconds to drop a silent peer")
+    brick_on_root_fs: bool = Field(
+        False, description="accept brick_dir on the root file system (the SD card); preflight "
+                           "refuses it otherwise")
 
     @field_validator("brick_dir", "mount_point")
     @classmethod
-    def _absolute(cls, v: Path) -> Path:
-        if not v.is_absolute() or str(v) == "/":
-            raise ValueError(f"{str(v)!r} must be an absolute path below /")
-        return v
+    def _path(cls, v: Path) -> Path:
+        return node_path(v)
 
     @field_validator("volume")
     @classmethod
     def _volume(cls, v: str) -> str:
-        return _matching(v, r"[A-Za-z0-9_-]{1,64}", "a valid Gluster volume name")
+        return matching(v, r"[A-Za-z0-9_-]{1,64}", "a valid Gluster volume name")
 
 
 class Swarm(_Strict):
@@ -243,8 +243,12 @@ class HomeAssistant(_Strict):
     @field_validator("time_zone")
     @classmethod
     def _tz(cls, v: str) -> str:
-        return _matching(v, r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*",
-                         "a time zone name such as Europe/Berlin")
+        return matching(v, r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*",
+                        "a time zone name such as Europe/Berlin")
+
+
+# Mosquitto user the stack's healthcheck logs in as (reserved: not one of mqtt.users).
+HEALTHCHECK_MQTT_USER = "haswarm-healthcheck"
 
 
 class MQTT(_Strict):
@@ -259,9 +263,12 @@ class MQTT(_Strict):
     @classmethod
     def _users(cls, v: list[str]) -> list[str]:
         for user in v:
-            _matching(user, r"[A-Za-z0-9_-]{1,64}", "a valid MQTT user name")
+            matching(user, r"[A-Za-z0-9_-]{1,64}", "a valid MQTT user name")
         if len(set(v)) != len(v):
             raise ValueError("MQTT user names must be unique")
+        if HEALTHCHECK_MQTT_USER in v:
+            raise ValueError(f"{HEALTHCHECK_MQTT_USER!r} is reserved: the stack's healthcheck "
+                             "logs in as it")
         if "homeassistant" not in v:
             raise ValueError("the user 'homeassistant' is required (Home Assistant connects as it)")
         return v
@@ -270,7 +277,8 @@ class MQTT(_Strict):
 class MDNS(_Strict):
     name: str = "hacluster"
     restart_cron: bool = True
-    restart_command: str = "systemctl restart avahi-daemon"
+    restart_command: str = Field("systemctl restart avahi-daemon",
+                                 description="one shell command line, run by root from cron")
 
     @field_validator("name")
     @classmethod
@@ -278,6 +286,11 @@ class MDNS(_Strict):
         if not _NAME.match(v):
             raise ValueError(f"{v!r} is not a valid mDNS host name (without .local)")
         return v
+
+    @field_validator("restart_command")
+    @classmethod
+    def _command(cls, v: str) -> str:
+        return cron_command(v)
 
 
 class Galera(_Strict):
@@ -307,6 +320,8 @@ class VIP(_Strict):
     router_id: int = Field(51, ge=1, le=255,
                            description="VRRP virtual_router_id, unique among routers on the LAN")
     unicast: bool = Field(True, description="adverts to the node addresses (false: multicast)")
+    prefix_length: int = Field(24, ge=8, le=30, description="the LAN's prefix length: the VIP "
+                               "and every node address given as an IP lie in one such network")
 
     @field_validator("address")
     @classmethod
@@ -324,8 +339,8 @@ class VIP(_Strict):
     @field_validator("interface")
     @classmethod
     def _interface(cls, v: str) -> str:
-        return _matching(v, r"[A-Za-z0-9_.@-]{1,15}",
-                         "a network interface name such as eth0 or wlan0")
+        return matching(v, r"[A-Za-z0-9_.@-]{1,15}",
+                        "a network interface name such as eth0 or wlan0")
 
 
 class Cluster(_Strict):
@@ -400,6 +415,8 @@ class Cluster(_Strict):
 
 
 def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
+    """Every problem across fields of a cluster whose values are each valid, as (YAML path,
+    problem) pairs; [] when there is none."""
     problems: list[tuple[str, str]] = []
     n = len(c.nodes)
     if n < 2 or (n == 2 and not c.allow_two_nodes):
@@ -409,20 +426,15 @@ def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
             "3 swarm managers each survive one lost node. Two nodes work only with "
             "'allow_two_nodes: true', which gives up that protection.",
         ))
-    seen_names: dict[str, int] = {}
-    seen_addrs: dict[str, int] = {}
-    for i, node in enumerate(c.nodes):
-        if node.name in seen_names:
-            first = seen_names[node.name]
-            problems.append((f"nodes[{i}].name",
-                             f"duplicate node name {node.name!r} (also nodes[{first}])"))
-        seen_names.setdefault(node.name, i)
-        addr = node.address.lower()
-        if addr in seen_addrs:
-            first = seen_addrs[addr]
-            problems.append((f"nodes[{i}].address",
-                             f"duplicate address {node.address!r} (also nodes[{first}])"))
-        seen_addrs.setdefault(addr, i)
+    problems += nodes_listed_twice([(n.name, n.address) for n in c.nodes])
+    published = [("homeassistant.port", c.homeassistant.port), ("mqtt.port", c.mqtt.port)]
+    if c.portainer.enabled:
+        published.append(("portainer.port", c.portainer.port))
+    problems += port_clashes(published, {c.ssh_for(n).port for n in c.nodes})
+    if c.vip.address is not None:
+        literal = {n.name: n.address for n in c.nodes if is_ip(n.address)}
+        problems += [("vip.address", p) for p in vip_problems(c.vip.address,
+                                                              c.vip.prefix_length, literal)]
     if c.platform == "linux/arm/v7":
         version = _calver(c.images.homeassistant.tag or "")
         if version and version[:2] > HA_LAST_ARMV7:
@@ -441,6 +453,12 @@ def _cross_checks(c: Cluster) -> list[tuple[str, str]]:
                 "needs swarm.publish_mode: host. With the routing mesh (ingress) every node's "
                 f"port would lead to any {what} container, also to the waiting ones.",
             ))
+    brick, mount = PurePosixPath(c.gluster.brick_dir), PurePosixPath(c.gluster.mount_point)
+    if brick.is_relative_to(mount) or mount.is_relative_to(brick):
+        problems.append(("gluster.mount_point",
+                         f"{str(mount)!r} and gluster.brick_dir {str(brick)!r} overlap: keep "
+                         "them apart (neither inside the other): the bricks are Gluster's "
+                         "private store, the mount point is where the volume is used"))
     if c.portainer.enabled and not (c.images.portainer and c.images.portainer_agent):
         problems.append(("images.portainer",
                          "portainer.enabled is true: images.portainer and images.portainer_agent "
@@ -493,7 +511,7 @@ def load_cluster(path: Path | str) -> Cluster:
     try:
         cluster = Cluster.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(path, [_describe(err) for err in e.errors()]) from None
+        raise ConfigError(path, [describe(err, Cluster) for err in e.errors()]) from None
     problems = _cross_checks(cluster)
     if problems:
         raise ConfigError(path, problems)
@@ -513,64 +531,6 @@ def _resolve_paths(c: Cluster, base: Path) -> Cluster:
     nodes = [n.model_copy(update={"ssh": n.ssh.model_copy(update={"key": fix(n.ssh.key)})})
              if n.ssh and n.ssh.key else n for n in c.nodes]
     return c.model_copy(update={"ssh": ssh, "nodes": nodes})
-
-
-def yaml_path(loc: tuple[Any, ...]) -> str:
-    """('nodes', 2, 'address') -> 'nodes[2].address'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def _describe(err: dict[str, Any]) -> tuple[str, str]:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    where = yaml_path(loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        known = _known_keys(Cluster, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(known)}"
-        return where, f"unknown key {loc[-1]!r}{hint}"
-    if kind == "missing":
-        return where, "required key is missing"
-    msg = err["msg"].removeprefix("Value error, ")
-    if kind.endswith("_type") or kind.endswith("_parsing"):
-        msg = f"wrong type: {msg} (got {type(err['input']).__name__} {err['input']!r})"
-    return where, msg
-
-
-def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The keys the model accepts at `loc` (for 'did you mean')."""
-    current: Any = model
-    for part in loc:
-        current = _unwrap(current)
-        if isinstance(part, int):
-            continue
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(part)
-            current = field.annotation if field else None
-    current = _unwrap(current)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def _unwrap(annotation: Any) -> Any:
-    """Optional[X] / list[X] / Annotated[X, ...] -> X."""
-    while get_origin(annotation) is not None:
-        args = [a for a in get_args(annotation) if a is not type(None)]
-        if get_origin(annotation) is Annotated:
-            args = args[:1]
-        if not args:
-            return None
-        annotation = args[0]
-    if hasattr(annotation, "__args__") and type(None) in getattr(annotation, "__args__", ()):
-        annotation = next(a for a in annotation.__args__ if a is not type(None))
-    return annotation
 
 
 def current() -> Cluster:

@@ -27,6 +27,21 @@ def _ssh() -> Any:
     return paramiko
 
 
+# Seconds a remote command may run when its caller names no other deadline (`Remote.run`,
+# `Op.timeout`): every command haswarm runs ends in seconds on a healthy node; the few long ones
+# (a stack deploy, Gluster's volume changes, removing images) pass a longer deadline.
+COMMAND_TIMEOUT = 60.0
+# SSH keepalive: after KEEPALIVE_INTERVAL s without traffic the client sends a keepalive
+# packet, and the kernel drops a connection whose sent data stays unacknowledged for DEAD_AFTER
+# s (TCP_USER_TIMEOUT): a node that vanished (power cut, cable, cut link) breaks its connection
+# within KEEPALIVE_INTERVAL + DEAD_AFTER s even during a long command (an image load may take
+# 900 s). Not shorter: a busy engine that reads an image stream slowly keeps the TCP window shut
+# and Linux counts that time too. A frozen node whose kernel still acknowledges is stopped by
+# the command's deadline instead.
+KEEPALIVE_INTERVAL = 5
+DEAD_AFTER = 60
+
+
 class UnknownHostKey(Exception):
     """The node offered a host key that known_hosts does not list."""
 
@@ -96,7 +111,21 @@ def open_connection(cluster: Cluster, n: Node, config: Config,
     except BaseException:
         conn.close()
         raise
+    if conn.transport is not None:  # None only where a test stubs open()
+        keep_alive(conn.transport)
     return conn
+
+
+def keep_alive(transport: paramiko.Transport, interval: float = KEEPALIVE_INTERVAL,
+               dead_after: float = DEAD_AFTER) -> None:
+    """SSH keepalive packets every `interval` s of silence on `transport`, and its TCP socket
+    given up when data stays unacknowledged `dead_after` s (Linux TCP_USER_TIMEOUT; paramiko's
+    keepalive expects no answer, so the kernel is what notices a vanished peer)."""
+    transport.set_keepalive(interval)
+    sock = transport.sock
+    if hasattr(socket, "TCP_USER_TIMEOUT") and isinstance(sock, socket.socket) \
+            and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_after * 1000))
 
 
 def explain(cluster: Cluster, n: Node, e: BaseException) -> tuple[str, str, str]:

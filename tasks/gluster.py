@@ -34,6 +34,7 @@ from tasks.facts import gather
 from tasks.gluster_facts import (
     DAEMON_PROBES,
     GLUSTER,
+    GLUSTER_CHANGE_TIMEOUT,
     GlusterOutputError,
     Peer,
     Volume,
@@ -66,6 +67,9 @@ if TYPE_CHECKING:
 # Seconds to wait for glusterd to answer after starting it, and for probed peers to connect.
 DAEMON_WAIT = 30
 PEER_WAIT = 60
+# Deadline of removing a brick (`purge=yes`): Home Assistant's config with its backups may be
+# gigabytes on an SD card.
+BRICK_REMOVE_TIMEOUT = 900.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +125,7 @@ def setup_peers(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
                   f"{GLUSTER} peer probe {shlex.quote(n.address)}",
                   hint=f"if {n.address} is already in another trusted pool, detach it there "
                   "first (gluster peer detach); every node's glusterd must be reachable on TCP "
-                  "24007")
+                  "24007", timeout=GLUSTER_CHANGE_TIMEOUT)
                for n in peers_to_probe(c, peers)]
         apply_ops(r, first, step, ops, dryrun=dryrun)
         deadline = time.monotonic() + PEER_WAIT
@@ -172,7 +176,8 @@ def clean_peers(c: Cluster, r: Remote, dryrun: bool) -> None:
                 f"detach peer {target.name} ({target.address})",
                 tolerant(f"{GLUSTER} peer detach {a}", "is not part of cluster"),
                 hint="a volume using its brick must be deleted first (gluster:volume); a peer "
-                "that is down can be dropped with: gluster --mode=script peer detach ADDR force"))
+                "that is down can be dropped with: gluster --mode=script peer detach ADDR force",
+                timeout=GLUSTER_CHANGE_TIMEOUT))
         apply_ops(r, node, step, ops, dryrun=dryrun)
     if unreachable:
         raise RemoteError([f for e in unreachable for f in e.failures])
@@ -218,7 +223,7 @@ def clean_bricks(c: Cluster, r: Remote, dryrun: bool) -> None:
         ops = []
         if facts.get("exists", "").strip() == "yes":
             ops.append(Op(f"remove brick {brick} (data, .glusterfs, trusted.* xattrs)",
-                          f"rm -rf --one-file-system {b}"))
+                          f"rm -rf --one-file-system {b}", timeout=BRICK_REMOVE_TIMEOUT))
         apply_ops(r, node, step, ops, dryrun=dryrun)
 
     on_nodes(r, step, one)

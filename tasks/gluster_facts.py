@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from tasks.config import Cluster
 
 GLUSTER = "gluster --mode=script"
+# Deadline of a change to the pool or the volume (peer probe, volume create/set/start/stop/delete):
+# the gluster CLI gives up by itself after 120 s when a peer does not answer, with its reason.
+GLUSTER_CHANGE_TIMEOUT = 150.0
 # A dead FUSE mount makes stat hang until the client gives up: never wait longer than this.
 STAT_TIMEOUT = 8
 # Marker of haswarm's own line in /etc/fstab (the line below it is haswarm's entry).

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from tasks import render
 from tasks.gluster_facts import (
     GLUSTER,
+    GLUSTER_CHANGE_TIMEOUT,
     STAT_TIMEOUT,
     MountFacts,
     Peer,
@@ -87,7 +88,16 @@ def volume_options(c: Cluster) -> dict[str, str]:
         "cluster.self-heal-daemon": "on",
         "cluster.heal-timeout": "60",
         "cluster.favorite-child-policy": "mtime",
+        # Only the nodes may connect to the bricks (mount the volume): without it any host on
+        # the LAN with glusterfs-client could read and write Home Assistant's config.
+        "auth.allow": allowed_clients(c),
     }
+
+
+def allowed_clients(c: Cluster) -> str:
+    """The volume's `auth.allow`: the node addresses as the cluster file gives them, in its
+    order (Gluster matches a host name against the client's reverse lookup: give IPs)."""
+    return ",".join(n.address for n in c.nodes)
 
 
 def server_keepalive(drop_after: int) -> dict[str, str]:
@@ -129,6 +139,7 @@ def plan_volume(c: Cluster, vol: Volume | None) -> list[Op]:
             + " ".join(shlex.quote(b) for b in want_bricks) + " force",
             hint="a brick dir that belonged to another volume is reused as is; a node in "
             "another trusted pool must be detached there first",
+            timeout=GLUSTER_CHANGE_TIMEOUT,
         ))
         current_options: dict[str, str] = {}
         status = "Created"
@@ -153,11 +164,11 @@ def plan_volume(c: Cluster, vol: Volume | None) -> list[Op]:
     if differ:  # one transaction for all of them (the CLI takes several KEY VALUE pairs)
         pairs = " ".join(f"{shlex.quote(k)} {shlex.quote(val)}" for k, val in differ.items())
         ops.append(Op("set " + ", ".join(f"{k}={val}" for k, val in differ.items()),
-                      f"{GLUSTER} volume set {v} {pairs}"))
+                      f"{GLUSTER} volume set {v} {pairs}", timeout=GLUSTER_CHANGE_TIMEOUT))
     if status != "Started":
         ops.append(Op(f"start volume {name} (about 2 s)", f"{GLUSTER} volume start {v}",
                       hint="`gluster volume status` on the node shows which brick failed; "
-                      "every node's glusterd must be running"))
+                      "every node's glusterd must be running", timeout=GLUSTER_CHANGE_TIMEOUT))
     return ops
 
 
@@ -169,10 +180,12 @@ def plan_volume_clean(c: Cluster, vol: Volume | None) -> list[Op]:
     ops = []
     if vol.status == "Started":
         ops.append(Op(f"stop volume {c.gluster.volume}",
-                      tolerant(f"{GLUSTER} volume stop {v}", "is not in the started state")))
+                      tolerant(f"{GLUSTER} volume stop {v}", "is not in the started state"),
+                      timeout=GLUSTER_CHANGE_TIMEOUT))
     ops.append(Op(f"delete volume {c.gluster.volume} (bricks keep their data)",
                   tolerant(f"{GLUSTER} volume delete {v}", "does not exist"),
-                  hint="every node's glusterd must be running to delete a volume"))
+                  hint="every node's glusterd must be running to delete a volume",
+                  timeout=GLUSTER_CHANGE_TIMEOUT))
     return ops
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from doit.exceptions import TaskFailed
 
 from tasks.config import Cluster, Node
+from tasks.connection import COMMAND_TIMEOUT
 from tasks.errors import HaswarmError
 from tasks.state import forget, mark_done
 
@@ -45,7 +46,7 @@ class Op:
     hint: str | None = None  # shown when `cmd` fails
     mode: int = 0o644  # of the file `put` writes
     owner: str | None = None  # "user:group" of that file; None: root's when new, else as it is
-    timeout: float | None = None  # seconds `cmd` may take; None: as long as it runs
+    timeout: float = COMMAND_TIMEOUT  # seconds `cmd` may take (its deadline; tasks.remote)
     wait: float | None = None  # seconds: poll `cmd` until it exits 0, else fail naming `what`
     call: Callable[[Remote], None] | None = None  # run with the Remote when applied
     node: str | None = None  # where it runs and is shown; None: the node given to apply_ops

@@ -1,12 +1,15 @@
 """`doit preflight`: is every node ready for haswarm? Reads facts, changes nothing.
 
 For every node at once: SSH works (host key checked), a Docker engine answers, its architecture
-matches the cluster's `platform`, Docker's disk has room, and its clock agrees with this
-computer's. Prints one table; fails naming each node that is not ready and why.
+matches the cluster's `platform`, Docker's disk has room, its clock agrees with this
+computer's, and the brick dir is not on the root file system (unless `gluster.brick_on_root_fs`
+accepts it: a check that needs the node, so it is here and not in the cluster file's validation).
+Prints one table; fails naming each node that is not ready and why.
 """
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass, field
 
@@ -33,7 +36,7 @@ ARCH = {
 }
 PLATFORM_FOR_DOCKER_ARCH = {"arm": "linux/arm/v7", "arm64": "linux/arm64", "amd64": "linux/amd64"}
 
-# One round trip collects every fact but the clock. POSIX sh; read-only.
+# One round trip collects every fact but the clock (with `brick_fs_probe`). POSIX sh; read-only.
 _FACTS = r"""
 printf 'machine=%s\n' "$(uname -m)"
 root=
@@ -53,6 +56,14 @@ df -Pk "$d" | awk -v d="$d" 'NR==2 {print "disk_free_kb=" $4; print "disk_path="
 """
 
 
+def brick_fs_probe(c: Cluster) -> str:
+    """Prints `brick_fs=MOUNT`: the mount point of the file system that holds (or will hold:
+    its nearest existing parent) the brick dir."""
+    b = shlex.quote(str(c.gluster.brick_dir))
+    return (f"b={b}; while [ ! -e \"$b\" ]; do b=$(dirname \"$b\"); done; "
+            "df -P \"$b\" | awk 'NR==2 {print \"brick_fs=\" $6}'\n")
+
+
 @dataclass
 class Facts:
     """What preflight learned about one node (None: could not be found out)."""
@@ -68,6 +79,7 @@ class Facts:
     engine_id: str | None = None
     disk_free: int | None = None
     disk_path: str | None = None
+    brick_fs: str | None = None  # mount point of the file system holding the brick dir
     clock_skew: float | None = None
     clock_error: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -90,16 +102,18 @@ def parse_facts(facts: Facts, stdout: str) -> Facts:
     if values.get("disk_free_kb", "").isdigit():
         facts.disk_free = int(values["disk_free_kb"]) * 1024
     facts.disk_path = values.get("disk_path") or None
+    facts.brick_fs = values.get("brick_fs") or None
     return facts
 
 
 def gather(r: Remote) -> dict[str, Facts]:
     """Facts of every node, in parallel. Never raises for a node's problem: it is recorded."""
+    script = _FACTS + brick_fs_probe(r.cluster)
 
     def one(n):  # noqa: ANN001, ANN202 - a Node
         f = Facts(n.name, n.address)
         try:
-            res = r.run(n, "preflight: facts", _FACTS, check=False, timeout=COMMAND_TIMEOUT)
+            res = r.run(n, "preflight: facts", script, check=False, timeout=COMMAND_TIMEOUT)
         except RemoteError as e:
             failure = e.failures[0]
             f.ssh_error = f"{failure.kind}: {failure.detail}"
@@ -142,6 +156,12 @@ def judge(c: Cluster, facts: dict[str, Facts]) -> dict[str, Facts]:
             f.problems.append(f"disk: only {_size(f.disk_free)} free in {f.disk_path}, "
                               f"{_size(MIN_DISK_FREE)} needed for the images: free some space "
                               "(docker system prune) or use a bigger SD card/SSD")
+        if f.brick_fs == "/" and not c.gluster.brick_on_root_fs:
+            f.problems.append(
+                f"brick: {c.gluster.brick_dir} is on the root file system (on a Pi: the SD "
+                "card, which the volume's writes wear out and can fill up): mount a disk of "
+                "its own there (e.g. a USB SSD), choose another gluster.brick_dir, or accept "
+                "it with gluster.brick_on_root_fs: true in the cluster file")
         if f.clock_skew is None:
             f.problems.append("clock: could not read the node's clock (date +%s.%N)")
         elif abs(f.clock_skew) - f.clock_error > MAX_CLOCK_SKEW:

@@ -9,6 +9,12 @@
   opening each), the node's key file, and **host keys checked** against `cluster.ssh.known_hosts`
   (Fabric's AutoAddPolicy is replaced: an unknown or changed key is an error with instructions).
 - Every command runs under `/bin/sh -c`, as root: through `sudo -n` when the login user is not root.
+- Every command has a deadline: `timeout` seconds (default `COMMAND_TIMEOUT`, 60 s; the long
+  steps pass their own). A node that freezes (stopped processes, a hung FUSE mount, a wedged
+  dockerd) fails the step within the deadline plus `ssh.connect_timeout` (opening the channel)
+  and 1 s, with a TIMEOUT failure naming the node, the step and the command. Connections send
+  SSH keepalives (`tasks.connection.keep_alive`): a node that vanished breaks its connection
+  within KEEPALIVE_INTERVAL + DEAD_AFTER s (65 s), also during a long command.
 - Failures are `RemoteError`s holding one `Failure` per node (node, address, step, command, exit
   code, stderr tail, and a hint of what to do next); `str()` is the message for the user.
   `on_all`/`run_all` run every node in parallel, let each finish, and raise one `RemoteError`
@@ -23,6 +29,7 @@ Opening one connection (host keys, key file, timeouts) and explaining why one fa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import re
@@ -30,7 +37,7 @@ import selectors
 import shlex
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -38,6 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tasks.config import Cluster, Node
 from tasks.connection import (  # noqa: F401  (the exceptions are re-exported for callers)
+    COMMAND_TIMEOUT,
     KeyFileProblem,
     UnknownHostKey,
     _RejectUnknown,
@@ -136,16 +144,18 @@ class Remote:
     # -- commands --------------------------------------------------------------------------------
 
     def run(self, node: Node | str, step: str, cmd: str, *, check: bool = True,
-            stdin: str | None = None, timeout: float | None = None, secret: bool = False,
+            stdin: str | None = None, timeout: float = COMMAND_TIMEOUT, secret: bool = False,
             sudo: bool = True, hint: str | None = None) -> Result:
         """Run `cmd` with /bin/sh on `node` (as root, via `sudo -n` unless the user is root).
 
         `step` is a short label for errors ("gluster: create volume"). With `check`, a non-zero
         exit raises `RemoteError`; connection problems always do. `stdin` is sent to the command
-        (secrets, payloads; `put` for files). `timeout` (seconds) ends the wait for the command
-        (the remote process may go on); None waits as long as it runs. `secret` hides the
-        command text in errors. `sudo=False` runs as the login user. `hint` is shown when the
-        command fails.
+        (secrets, payloads; `put` for files). `timeout`: the command's deadline in seconds
+        (default COMMAND_TIMEOUT, 60 s): after it the wait ends with a TIMEOUT `RemoteError`
+        naming node, step and command (the channel is closed; the remote process may go on), at
+        most `timeout` + `ssh.connect_timeout` + 1 s after the call. `secret` hides the command
+        text in errors. `sudo=False` runs as the login user. `hint` is shown when the command
+        fails.
         """
         n = self._node(node)
         shown = HIDDEN if secret else cmd
@@ -154,11 +164,7 @@ class Remote:
         try:
             res = self._exec(conn, self._wrap(n, cmd, sudo), stdin, timeout)
         except _CommandTimeout:
-            raise RemoteError([self._failure(
-                n, step, Kind.TIMEOUT, f"no result within {timeout:g} s", command=shown,
-                hint=hint or "the node may be overloaded or the command stuck; run it by hand "
-                "on the node to see what it waits for",
-            )]) from None
+            raise RemoteError([self._timeout_failure(n, step, shown, timeout, hint)]) from None
         except Exception as e:  # connection lost in the middle, channel refused...
             self._forget(n)
             raise RemoteError([self._from_exception(n, step, shown, e)]) from e
@@ -167,7 +173,7 @@ class Remote:
         return res
 
     def run_all(self, step: str, cmd: str, nodes: Iterable[Node | str] | None = None, *,
-                check: bool = True, stdin: str | None = None, timeout: float | None = None,
+                check: bool = True, stdin: str | None = None, timeout: float = COMMAND_TIMEOUT,
                 secret: bool = False, sudo: bool = True) -> dict[str, Result]:
         """`run` on every node (default: all) in parallel; one `RemoteError` for all failures."""
         return self.on_all(step, lambda n: self.run(n, step, cmd, check=check, stdin=stdin,
@@ -209,26 +215,31 @@ class Remote:
         """
         n = self._node(node)
         conn = self._connection(n, step, None)
+        expired = threading.Event()
         try:
             chan = conn.transport.open_session(timeout=self.cluster.ssh.connect_timeout)
             try:
-                chan.settimeout(timeout)
-                chan.exec_command(self._wrap(n, "echo ready; read x; date +%s.%N", sudo=False))
-                out = b""
-                while b"ready\n" not in out:
-                    data = chan.recv(256)
-                    if not data:
-                        raise _ssh().SSHException("the shell ended before the clock was read")
-                    out += data
-                t0 = time.time()
-                chan.sendall(b"\n")
-                out = b""
-                while data := chan.recv(256):
-                    out += data
-                t1 = time.time()
+                with _deadline(chan, timeout) as expired:
+                    chan.settimeout(timeout)
+                    chan.exec_command(self._wrap(n, "echo ready; read x; date +%s.%N", sudo=False))
+                    out = b""
+                    while b"ready\n" not in out:
+                        data = chan.recv(256)
+                        if not data:
+                            raise _ssh().SSHException("the shell ended before the clock was read")
+                        out += data
+                    t0 = time.time()
+                    chan.sendall(b"\n")
+                    out = b""
+                    while data := chan.recv(256):
+                        out += data
+                    t1 = time.time()
             finally:
                 chan.close()
         except Exception as e:
+            if expired.is_set():
+                raise RemoteError([self._timeout_failure(n, step, "date +%s.%N", timeout,
+                                                         None)]) from None
             self._forget(n)
             raise RemoteError([self._from_exception(n, step, "date +%s.%N", e)]) from e
         m = re.match(rb"\s*(\d+)(\.\d+)?", out)
@@ -250,8 +261,10 @@ class Remote:
         (with `dryrun`: whether anything would; nothing is changed).
 
         Compares sha256, mode and owner on the node first and touches nothing when they match.
-        Otherwise uploads to a private temp file (mktemp, 0600) and moves it into place as root
-        (parent directories created), so readers never see a half-written file.
+        Otherwise uploads to a private temp file of the login user (mktemp: a new name, 0600),
+        copies it as root into a second new file beside `remote_path` (mktemp again: no name a
+        local user could create or link beforehand) and renames that into place (parent
+        directories created), so readers never see a half-written file.
         """
         n = self._node(node)
         content = data.encode() if isinstance(data, str) else data
@@ -275,12 +288,13 @@ class Remote:
         except RemoteError:
             self.run(n, step, f"rm -f -- {shlex.quote(tmp)}", check=False, sudo=False)
             raise
-        new = shlex.quote(path + ".haswarm-new")
+        parent = str(PurePosixPath(path).parent)
+        cleanup = shlex.quote(f'rm -f -- {shlex.quote(tmp)} "$new"')
         self.run(n, step,
-                 f"trap 'rm -f -- {shlex.quote(tmp)}' EXIT; set -e; "
-                 f"mkdir -p -- {shlex.quote(str(PurePosixPath(path).parent))}; "
-                 f"cp -- {shlex.quote(tmp)} {new}; chmod {mode:o} -- {new}; "
-                 + chown.format(f=new) + f"mv -f -- {new} {q}")
+                 f"new=; trap {cleanup} EXIT; set -e; mkdir -p -- {shlex.quote(parent)}; "
+                 f"new=$(mktemp -- {shlex.quote(parent + '/.haswarm-new.XXXXXXXXXX')}); "
+                 f'cp -- {shlex.quote(tmp)} "$new"; chmod {mode:o} -- "$new"; '
+                 + chown.format(f='"$new"') + f'mv -f -- "$new" {q}')
         return True
 
     def read(self, node: Node | str, path: str | PurePosixPath,
@@ -350,48 +364,27 @@ class Remote:
         return f"sh -c {shlex.quote(cmd)}"
 
     def _exec(self, conn: Connection, command: str, stdin: str | None,
-              timeout: float | None) -> Result:
+              timeout: float) -> Result:
         """Run `command` on a new session channel: stdin sent whole (then EOF), stdout and
-        stderr collected until the command exits. Raises _CommandTimeout after `timeout`.
+        stderr collected until the command exits. Raises _CommandTimeout after `timeout` s: a
+        watchdog closes the channel then, which also ends a wait paramiko would not end by
+        itself (its `exec_command` waits for the node's answer without a limit).
 
         (Not Fabric's `run`: invoke feeds stdin at ~100 KB/s and fails when a command exits
         without reading it.)
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         chan = conn.transport.open_session(timeout=self.cluster.ssh.connect_timeout)
         try:
-            chan.exec_command(command)
-            if stdin:
-                threading.Thread(target=_feed, args=(chan, stdin.encode()), daemon=True,
-                                 name="remote-stdin").start()
-            else:
-                chan.shutdown_write()
-            out, err = bytearray(), bytearray()
-            with selectors.DefaultSelector() as sel:
-                sel.register(chan, selectors.EVENT_READ)  # readable: stdout, stderr or EOF
-                while True:
-                    while chan.recv_ready():
-                        out += chan.recv(65536)
-                    while chan.recv_stderr_ready():
-                        err += chan.recv_stderr(65536)
-                    if chan.eof_received or chan.closed:
-                        if not (chan.recv_ready() or chan.recv_stderr_ready()):
-                            break
-                        continue
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise _CommandTimeout()
-                    sel.select(timeout=1.0 if left is None else min(left, 1.0))
-            # The exit status follows EOF (a command may also close its output and go on).
-            while not chan.status_event.wait(1.0):
-                if deadline is not None and time.monotonic() > deadline:
-                    raise _CommandTimeout()
-                if not conn.transport.is_active():
-                    break
-            if not chan.exit_status_ready() and not conn.transport.is_active():
-                raise EOFError("the connection closed before the command ended")
-            return Result(out.decode(errors="replace"), err.decode(errors="replace"),
-                          chan.recv_exit_status())
+            with _deadline(chan, timeout) as expired:
+                try:
+                    res = _collect(conn, chan, command, stdin)
+                except _ssh().SSHException:  # "Channel closed." when the watchdog closed it
+                    if expired.is_set():
+                        raise _CommandTimeout() from None
+                    raise
+            if expired.is_set():
+                raise _CommandTimeout()
+            return res
         finally:
             chan.close()
 
@@ -457,6 +450,16 @@ class Remote:
                        command=None if command is None else redact(command, self._secrets),
                        exit_code=exit_code, stderr=redact(stderr, self._secrets))
 
+    def _timeout_failure(self, n: Node, step: str, shown: str, timeout: float,
+                         hint: str | None) -> Failure:
+        """The Failure of a command that passed its deadline (a frozen or overloaded node)."""
+        return self._failure(
+            n, step, Kind.TIMEOUT, f"no result within {timeout:g} s (the command's deadline)",
+            command=shown,
+            hint=(hint + "; " if hint else "") + "the node may be frozen or overloaded, or the "
+            "command stuck: check that the node answers (ssh, `uptime`), run the command by "
+            "hand there to see what it waits for, then run the task again")
+
     def _command_failure(self, n: Node, step: str, shown: str, res: Result,
                          secrets: Iterable[str], hint: str | None) -> Failure:
         user = self.cluster.ssh_for(n).user
@@ -487,6 +490,59 @@ class Remote:
 
 class _CommandTimeout(Exception):
     pass
+
+
+def _collect(conn: Connection, chan: paramiko.Channel, command: str,
+             stdin: str | None) -> Result:
+    """Start `command` on the open channel `chan`, send `stdin` (then EOF), collect stdout and
+    stderr until it exits (or the channel is closed: see `_deadline`)."""
+    chan.exec_command(command)
+    if stdin:
+        threading.Thread(target=_feed, args=(chan, stdin.encode()), daemon=True,
+                         name="remote-stdin").start()
+    else:
+        chan.shutdown_write()
+    out, err = bytearray(), bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(chan, selectors.EVENT_READ)  # readable: stdout, stderr or EOF
+        while True:
+            while chan.recv_ready():
+                out += chan.recv(65536)
+            while chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+            if chan.eof_received or chan.closed:
+                if not (chan.recv_ready() or chan.recv_stderr_ready()):
+                    break
+                continue
+            sel.select(timeout=1.0)
+    # The exit status follows EOF (a command may also close its output and go on).
+    while not chan.status_event.wait(1.0):
+        if not conn.transport.is_active():
+            break
+    if not chan.exit_status_ready() and not conn.transport.is_active():
+        raise EOFError("the connection closed before the command ended")
+    return Result(out.decode(errors="replace"), err.decode(errors="replace"),
+                  chan.recv_exit_status())
+
+
+@contextlib.contextmanager
+def _deadline(chan: paramiko.Channel, timeout: float) -> Iterator[threading.Event]:
+    """A watchdog that closes `chan` after `timeout` s (a command's deadline) unless the block
+    ends first; yields the event it sets when it did. Closing the channel also ends paramiko's
+    own waits, which have no limit (`exec_command` waits for the node's answer forever)."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        chan.close()
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
 
 
 def _feed(chan: paramiko.Channel, data: bytes) -> None:

@@ -43,6 +43,10 @@ HA_LOCK_READY = "/tmp/haswarm-lock.ready"  # in the container: written once the 
 MQTT_LOCK_FILE = "/mosquitto/data/.haswarm/mosquitto.lock"
 # Mosquitto 2.x password hashes: PBKDF2-SHA512, 101 iterations, 12-byte salt ($7$ format).
 _MQTT_ITERATIONS = 101
+# The healthcheck's mosquitto_sub options (login and password): a Docker secret mounted as
+# /run/secrets/mosquitto_sub, which mosquitto_sub reads with XDG_CONFIG_HOME=/run/secrets, so
+# the password is on no command line (`ps` shows every argv on the node).
+HEALTHCHECK_OPTIONS = "mosquitto/healthcheck-options"
 
 
 def build_dir(c: Cluster) -> Path:
@@ -64,6 +68,7 @@ def volume_paths(c: Cluster) -> dict[str, str]:
 def config_sources(c: Cluster) -> dict[str, Path]:
     b = build_dir(c)
     return {"mosquitto_conf": b / "mosquitto" / "mosquitto.conf",
+            "mosquitto_acl": b / "mosquitto" / "acl",
             "galera_cnf": b / "galera.cnf",
             "ha_entrypoint": b / "homeassistant" / "haswarm-entrypoint.sh",
             "ha_lock": b / "homeassistant" / "haswarm-lock.py",
@@ -73,6 +78,7 @@ def config_sources(c: Cluster) -> dict[str, Path]:
 def secret_sources(c: Cluster) -> dict[str, Path]:
     out = {name: secrets.path(c, name) for name in secrets.names(c)}
     out["mosquitto_passwd"] = build_dir(c) / "mosquitto" / "passwd"
+    out["mqtt_healthcheck_options"] = build_dir(c) / HEALTHCHECK_OPTIONS
     return out
 
 
@@ -102,6 +108,38 @@ def mosquitto_password_line(user: str, password: str) -> str:
     dk = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _MQTT_ITERATIONS)
     return (f"{user}:$7${_MQTT_ITERATIONS}${base64.b64encode(salt).decode()}"
             f"${base64.b64encode(dk).decode()}")
+
+
+# Discovery configs a device user may publish: read-only entities (HA shows them; nothing in
+# HA acts on them), never switches, locks, covers... whose commands HA would send somewhere.
+DEVICE_DISCOVERY = ("sensor", "binary_sensor")
+
+
+def mqtt_acl(c: Cluster) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Mosquitto's ACL: [(user, [(access, topic pattern), ...]), ...]; a topic not listed for a
+    user is denied to it.
+
+    - `homeassistant`: everything (it is the hub: states, commands, discovery).
+    - every other user of `mqtt.users` (devices, e.g. `sensors`): its own tree `USER/#` (set
+      the devices' topic prefix to it, e.g. ESPHome `topic_prefix: sensors/kitchen`), the
+      discovery configs of sensors and binary sensors (`homeassistant/sensor/...`,
+      `homeassistant/binary_sensor/...`, with or without a node id) and HA's status topic
+      (`homeassistant/status`, to announce again when HA restarts). Nothing else: no
+      switch, light or lock discovery, no other user's topics, no `$SYS`.
+    - the stack's healthcheck user: reading `$SYS/broker/uptime` only.
+    """
+    acl: list[tuple[str, list[tuple[str, str]]]] = []
+    for user in c.mqtt.users:
+        if user == "homeassistant":
+            acl.append((user, [("readwrite", "#")]))
+            continue
+        rules = [("readwrite", f"{user}/#")]
+        rules += [("write", f"homeassistant/{component}/{levels}config")
+                  for component in DEVICE_DISCOVERY for levels in ("+/", "+/+/")]
+        rules.append(("read", "homeassistant/status"))
+        acl.append((user, rules))
+    acl.append((secrets.HEALTHCHECK_MQTT_USER, [("read", "$SYS/broker/uptime")]))
+    return acl
 
 
 # Seconds without reaching a majority of the nodes after which HA's lock keeper takes its node
@@ -169,7 +207,6 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
         "lock_settle": lock_settle(c),
         "db_name": DB_NAME,
         "db_user": DB_USER,
-        "healthcheck_user": secrets.HEALTHCHECK_MQTT_USER,
         "paths": volume_paths(c),
     }
 
@@ -204,6 +241,7 @@ def outputs(c: Cluster) -> list[Output]:
     outs = [
         Output("mosquitto/mosquitto.conf", "mosquitto.conf.j2",
                {"autosave_interval": c.mqtt.autosave_interval}),
+        Output("mosquitto/acl", "mosquitto-acl.j2", {"acl": mqtt_acl(c)}),
         Output("galera.cnf", "galera.cnf.j2",
                {"buffer_pool": c.galera.buffer_pool, "gcache": c.galera.gcache,
                 "sst_method": c.galera.sst_method}),
@@ -238,6 +276,13 @@ def outputs(c: Cluster) -> list[Output]:
         reads=[secrets.path(c, f"mqtt_{u}") for u in users],
         late_context=lambda: {"lines": [mosquitto_password_line(u, secrets.read(c, f"mqtt_{u}"))
                                         for u in users]},
+        mode=0o600,
+    ))
+    hc = secrets.HEALTHCHECK_MQTT_USER
+    outs.append(Output(
+        HEALTHCHECK_OPTIONS, "mosquitto-client-options.j2", {"user": hc},
+        reads=[secrets.path(c, f"mqtt_{hc}")],
+        late_context=lambda: {"password": secrets.read(c, f"mqtt_{hc}")},
         mode=0o600,
     ))
     objects_inputs = [*config_sources(c).values(), *secret_sources(c).values()]

@@ -3,6 +3,12 @@
 One file per secret under `<secrets_dir>/<cluster name>/`. Nothing in the repository holds a
 password; nothing in `doit clean` (purge included) removes these files, because the data they
 protect (database volumes, bricks) may outlive the stack.
+
+A secret is made once. Its fingerprint is recorded beside it (`FINGERPRINTS`, one line "NAME
+FINGERPRINT"; a fingerprint reveals nothing), and a secret that was made before is never made
+again: when its file is missing or holds another value, `ensure` refuses, because what uses it
+keeps the old value (MariaDB its users' passwords, Mosquitto's clients theirs), and a new one
+would lock them out. Restore the file from a backup instead.
 """
 
 from __future__ import annotations
@@ -14,12 +20,20 @@ from pathlib import Path
 
 from doit.exceptions import TaskFailed
 
-from tasks.config import PROJECT_ROOT, Cluster
+from tasks.config import (  # noqa: F401  (HEALTHCHECK_MQTT_USER: callers read it here)
+    HEALTHCHECK_MQTT_USER,
+    PROJECT_ROOT,
+    Cluster,
+)
 
 # 32 random bytes -> 43 URL-safe characters (256 bits): safe inside a URL, YAML and a shell word.
 _BYTES = 32
-# Mosquitto user the stack's healthcheck logs in as (not one of the user's MQTT users).
-HEALTHCHECK_MQTT_USER = "haswarm-healthcheck"
+# The record of every secret made so far, in the secrets' directory.
+FINGERPRINTS = ".fingerprints"
+
+
+class SecretLost(ValueError):
+    """A secret that was in use is missing or changed; str() says which, why, what to do."""
 
 
 def mqtt_users(c: Cluster) -> list[str]:
@@ -62,25 +76,89 @@ def digest(c: Cluster, name: str) -> str:
     return hashlib.sha256(b"haswarm:" + read(c, name).encode()).hexdigest()[:10]
 
 
+def recorded(c: Cluster) -> dict[str, str]:
+    """The fingerprints of the secrets made so far: {name: fingerprint} ({} before the first)."""
+    try:
+        lines = (directory(c) / FINGERPRINTS).read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    return dict(line.split(None, 1) for line in lines if line.strip() and " " in line.strip())
+
+
+def _record(c: Cluster, fingerprints: dict[str, str]) -> None:
+    """Write the record (0600, atomically)."""
+    path = directory(c) / FINGERPRINTS
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{name} {fp}\n" for name, fp in sorted(fingerprints.items())))
+    os.replace(tmp, path)
+
+
+def _used_by(name: str) -> str:
+    if name.startswith("mqtt_"):
+        return (f"Mosquitto's user {name.removeprefix('mqtt_')!r} and every client that logs in "
+                "as it (Home Assistant's MQTT integration, sensors) keep the old password")
+    return "the database keeps its users' old passwords on its volumes on every node"
+
+
+def _lost(c: Cluster, name: str, how: str) -> str:
+    """The message for a secret in use whose file is missing or changed (`how`)."""
+    where = directory(c)
+    return (f"{name}: {where / name} {how}, but this cluster has used it (its fingerprint is "
+            f"in {where / FINGERPRINTS}): {_used_by(name)}, so a new value would lock them "
+            f"out.\n  what to do: restore {where / name} from a backup of {where}. To change "
+            "a password, change it where it is used as well (a `doit rotate-secrets` will do "
+            "both; it does not exist yet). Only if what it protects is gone for good (a fresh "
+            f"cluster after `doit purge=yes clean`): delete the line '{name} ...' from "
+            f"{where / FINGERPRINTS}, and a new {name} is made.")
+
+
 def ensure(c: Cluster) -> list[str]:
-    """Create the missing secrets; tighten modes of existing ones. Returns names created."""
+    """Create the missing secrets; tighten modes of existing ones; record every fingerprint.
+    Returns the names created. Raises SecretLost, changing nothing, when a secret recorded as
+    made is missing or holds another value (see the module's docstring)."""
     d = directory(c)
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
-    created = []
+    fingerprints = recorded(c)
+    problems, missing = [], []
     for name in names(c):
         p = d / name
-        if p.exists():
-            if p.stat().st_mode & 0o077:
-                os.chmod(p, 0o600)
-            if not p.read_text().strip():
-                raise ValueError(f"{p} is empty: delete it to have a new secret generated")
+        if not p.exists():
+            if name in fingerprints:
+                problems.append(_lost(c, name, "is missing"))
+            missing.append(name)
             continue
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if p.stat().st_mode & 0o077:
+            os.chmod(p, 0o600)
+        if not p.read_text().strip():
+            problems.append(_lost(c, name, "is empty") if name in fingerprints else
+                            f"{name}: {p} is empty and was never used: delete it, and a new "
+                            "one is made")
+            continue
+        fp = digest(c, name)
+        if fingerprints.setdefault(name, fp) != fp:  # setdefault: made before records existed
+            problems.append(_lost(c, name, "holds another value than the one made for it"))
+    if problems:
+        raise SecretLost("\n".join(problems))
+    for name in missing:
+        fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(_random.token_urlsafe(_BYTES) + "\n")
-        created.append(name)
-    return created
+        fingerprints[name] = digest(c, name)
+    _record(c, fingerprints)
+    return missing
+
+
+def as_recorded(c: Cluster) -> bool:
+    """Every secret exists and is the one recorded (else `ensure` has something to do or to
+    refuse)."""
+    fingerprints = recorded(c)
+    try:
+        return all(fingerprints.get(n) == digest(c, n) for n in names(c))
+    except OSError:
+        return False
 
 
 def task_secrets():
@@ -102,6 +180,6 @@ def task_secrets():
     return {
         "actions": [generate],
         "targets": [str(path(c, n)) for n in names(c)],
-        "uptodate": [lambda: all(path(c, n).exists() for n in names(c))],
+        "uptodate": [lambda: as_recorded(c)],
         "verbosity": 2,
     }

@@ -16,8 +16,8 @@ of the tasks that should run (made from the current template or not) on a manage
 on every node (the containers, their health, and so which node runs what). Configs and secrets
 are created through the Docker API (content in the request body: never on a command line, never
 in a file on the node), as the `Op`s (tasks/ops.py) of a pure `plan_objects` from the names that
-exist; the stack file (names only, no secret) is uploaded to a root-only temporary file for
-`docker stack deploy`.
+exist; the stack file (names only, no secret) reaches `docker stack deploy` on its stdin, never
+as a file on the node.
 
 A deploy is recorded in the swarm itself: a config `NAME_deployed-stack_<fingerprint>` holding
 the stack file. A re-run whose stack file is the deployed one (and whose services still have the
@@ -29,7 +29,6 @@ running stack and waiting for it to converge (`observe`, `wait_for`) in tasks/st
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 import time
 from collections.abc import Iterable, Mapping
@@ -50,6 +49,8 @@ STEP_STACK = "stack"
 HASWARM_LABEL = "io.haswarm.stack"
 DB_VOLUME = "db-data"
 REMOVE_TIMEOUT = 180.0  # stack rm: the db's stop grace period is 60 s
+DEPLOY_TIMEOUT = 300.0  # seconds `docker stack deploy` may take (the command's deadline)
+VOLUME_REMOVE_TIMEOUT = 300.0  # `docker volume rm` of a database volume (purge) on an SD card
 OBJECT_KINDS = ("config", "secret")
 # Removed before the rest of the stack: clients of the database stop while it still answers.
 STOP_FIRST = ("homeassistant",)
@@ -117,16 +118,13 @@ def _create_op(manager: str, kind: str, name: str, source: Path, labels: dict[st
 
 
 def deploy(r: Remote, c: Cluster, manager: str, stack_file: Path) -> None:
-    """`docker stack deploy --prune` of `stack_file` on `manager` (uploaded to a root-only
-    temporary file, removed afterwards; it names the objects but holds no secret)."""
+    """`docker stack deploy --prune` of `stack_file` on `manager`. The file goes through the
+    command's stdin (`-c -`): it is never written on the node, so no local user there can
+    put another in its place (it names the objects but holds no secret)."""
     progress(manager, f"stack: docker stack deploy {stack_file.name} {c.name}")
-    text = stack_file.read_text()
-    remote = f"/tmp/.haswarm-{c.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yml"
-    r.put(manager, "stack: upload stack file", text, remote, mode=0o600)
-    q = shlex.quote(remote)
     r.run(manager, "stack: deploy",
-          f"trap 'rm -f -- {q}' EXIT; docker stack deploy --resolve-image never --prune "
-          f"-c {q} {shlex.quote(c.name)}", timeout=300,
+          f"docker stack deploy --resolve-image never --prune -c - {shlex.quote(c.name)}",
+          stdin=stack_file.read_text(), timeout=DEPLOY_TIMEOUT,
           hint=f"check the stack file with `docker stack config -c {stack_file}`; the images "
                "must be on every node (doit preload-images)")
 
@@ -223,7 +221,8 @@ def remove(c: Cluster, r: Remote, dryrun: bool = False, purge: bool = False,
                          f"{', '.join(holders)} (purge)")
         else:
             r.run_all("stack: remove database volume",
-                      f"docker volume rm {shlex.quote(volume)}", holders)
+                      f"docker volume rm {shlex.quote(volume)}", holders,
+                      timeout=VOLUME_REMOVE_TIMEOUT)
             notes.append(f"removed the database volume {volume} on {', '.join(holders)}")
     elif holders:
         notes.append(f"kept the database volume {volume} on {', '.join(holders)} (user "

@@ -46,6 +46,7 @@ DEMOTION_TIMEOUT = 30.0
 
 INFO_CMD = "docker info --format '{{json .Swarm}}'"
 LEAVE_CMD = "timeout 60 docker swarm leave --force"
+LEAVE_DEADLINE = 75.0  # seconds: LEAVE_CMD's own limit and a margin
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,9 +321,10 @@ def leave_plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, st
         ops += [_demote_op(via, name, facts[name].node_id) for name in others]
         leave += others
     hint = "run `docker swarm leave --force` on the node by hand"
-    ops += [Op("leave", LEAVE_CMD, node=name, hint=hint)
+    ops += [Op("leave", LEAVE_CMD, node=name, hint=hint, timeout=LEAVE_DEADLINE)
             for name in sorted(leave, key=c.names.index)]
-    ops += [Op("leave (last manager: the swarm ends)", LEAVE_CMD, node=via, hint=hint)
+    ops += [Op("leave (last manager: the swarm ends)", LEAVE_CMD, node=via, hint=hint,
+               timeout=LEAVE_DEADLINE)
             for via, *_ in groups.values()]
     return ops, skipped
 

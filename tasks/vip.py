@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
+from tasks.config_rules import vip_problems
 from tasks.errors import HaswarmError
 from tasks.ops import Op, StepError, apply_ops, on_nodes, say
 from tasks.remote import key_values
@@ -100,14 +101,14 @@ def node_ip(node: Node) -> str:
 
 
 def validate(c: Cluster, ips: dict[str, str]) -> None:
-    """The VIP must not be a node's own address and must fit the nodes' network."""
+    """The VIP must not be a node's own address and must fit the nodes' network (the cluster
+    file's check again, now with host names resolved: `ips`)."""
     vip = c.vip.address
     if vip is None:
         return
-    for name, ip in ips.items():
-        if ip == vip:
-            raise VIPError(f"vip.address {vip} is {name}'s own address: choose a free address "
-                           "in the same network (outside your router's DHCP range)")
+    problems = vip_problems(vip, c.vip.prefix_length, ips)
+    if problems:
+        raise VIPError("vip.address " + "; ".join(problems))
 
 
 def context(c: Cluster, node: Node, ips: dict[str, str]) -> dict[str, Any]:

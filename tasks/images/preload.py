@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from tasks.remote import Remote
 
 STEP = "preload-images"  # how its lines start: "pi1: preload-images: nothing to do"
+REMOVE_TIMEOUT = 300.0  # seconds for `docker image rm` of the stack's images on one node
 
 # ---------------------------------------------------------------------------------------------
 # Preload: facts, plan, stream
@@ -467,7 +468,8 @@ def clean_preload(nodes: list[str] | None, step_name: str,
                "echo \"removed $ref\"; else echo \"kept $ref (a container uses it)\"; fi; done")
     try:
         with Remote(c) as r:
-            out = r.run_all("images: remove preloaded", cmd, nodes)
+            # removing images of hundreds of MB from an SD card takes a while
+            out = r.run_all("images: remove preloaded", cmd, nodes, timeout=REMOVE_TIMEOUT)
     except RemoteError as e:
         return TaskFailed(str(e))
     for node, res in out.items():

@@ -241,7 +241,7 @@ def test_put_is_idempotent_and_read(cluster: Cluster, tmp_path: Path) -> None:
         assert target.read_bytes() == big
         assert r.put("pi2", "put", big, target) is False
     leftovers = [p for p in Path("/tmp").glob(".haswarm-put.*")]
-    assert not leftovers and not list(target.parent.glob("*.haswarm-new"))
+    assert not leftovers and not list(target.parent.glob(".haswarm-new.*"))
 
 
 @needs_sshd

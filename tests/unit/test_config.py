@@ -226,11 +226,14 @@ def test_portainer_enabled_needs_its_images(tmp_path):
 
 
 @pytest.mark.parametrize("path, value, expect", [
-    (("gluster", "mount_point"), "mnt/haswarm", "gluster.mount_point: 'mnt/haswarm' must be"),
-    (("gluster", "brick_dir"), "/", "gluster.brick_dir: '/' must be"),
+    (("gluster", "mount_point"), "mnt/haswarm",
+     "gluster.mount_point: 'mnt/haswarm' is not an absolute path"),
+    (("gluster", "brick_dir"), "/", "gluster.brick_dir: '/' is a directory shared with"),
     (("galera", "buffer_pool"), "64MB", "galera.buffer_pool: '64MB' is not a size"),
     (("swarm", "publish_mode"), "mesh", "swarm.publish_mode: "),
     (("mqtt", "users"), ["sensors"], "mqtt.users: the user 'homeassistant' is required"),
+    (("mqtt", "users"), ["homeassistant", "haswarm-healthcheck"],
+     "mqtt.users: 'haswarm-healthcheck' is reserved"),
     (("homeassistant", "port"), 70000, "homeassistant.port: "),
     (("homeassistant", "time_zone"), "Europe Berlin", "homeassistant.time_zone: "),
 ])
@@ -303,3 +306,150 @@ def test_standby_follows_the_publish_mode_and_needs_host_mode(tmp_path):
     assert load_cluster(write(tmp_path, d)).mqtt_standby is True
     d["mqtt"] = {"standby": False}
     assert load_cluster(write(tmp_path, d)).mqtt_standby is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths on the nodes: brick dir and mount point
+
+
+@pytest.mark.parametrize("field", ["brick_dir", "mount_point"])
+@pytest.mark.parametrize("bad, expect", [
+    ("/srv/gluster haswarm", "is not an absolute path of letters, digits"),
+    ("/srv/\"haswarm\"", "is not an absolute path of letters, digits"),
+    ("/srv/it's", "is not an absolute path of letters, digits"),
+    ("/srv/a\nb", "is not an absolute path of letters, digits"),
+    ("/srv/x/../../etc", "must not contain '..'"),
+    ("/etc", "'/etc' is a directory of the operating system"),
+    ("/etc/haswarm", "'/etc/haswarm' is inside /etc, a directory of the operating system"),
+    ("/usr/local/haswarm", "is inside /usr"),
+    ("/lib64/x", "is inside /lib64"),
+    ("/tmp/haswarm", "is inside /tmp"),
+    ("/var/lib/docker/volumes/x", "is inside /var/lib/docker"),
+    ("/srv", "'/srv' is a directory shared with the operating system"),
+    ("/var", "'/var' is a directory shared with the operating system"),
+    ("/home", "e.g. /home/haswarm"),
+    ("/var/lib", "'/var/lib' is a directory shared"),
+])
+def test_node_paths_are_safe_and_not_the_systems(tmp_path, field, bad, expect):
+    d = base()
+    d["gluster"][field] = bad
+    msg = error_of(tmp_path, d)
+    assert f"gluster.{field}: " in msg and expect in msg, msg
+
+
+@pytest.mark.parametrize("good", ["/srv/gluster/haswarm", "/mnt/usb-ssd/brick_1",
+                                  "/home/pi/haswarm", "/var/lib/haswarm", "/data/gluster.b"])
+def test_good_node_paths(tmp_path, good):
+    d = base()
+    d["gluster"]["brick_dir"] = good
+    d["gluster"]["mount_point"] = "/mnt/haswarm-volume"
+    assert str(load_cluster(write(tmp_path, d)).gluster.brick_dir) == good
+
+
+@pytest.mark.parametrize("brick, mount", [("/srv/haswarm", "/srv/haswarm"),
+                                          ("/srv/haswarm", "/srv/haswarm/mnt"),
+                                          ("/mnt/haswarm/brick", "/mnt/haswarm")])
+def test_brick_and_mount_point_apart(tmp_path, brick, mount):
+    d = base()
+    d["gluster"].update(brick_dir=brick, mount_point=mount)
+    msg = error_of(tmp_path, d)
+    assert f"gluster.mount_point: '{mount}' and gluster.brick_dir '{brick}' overlap" in msg
+
+
+def test_brick_and_mount_point_side_by_side_are_fine(tmp_path):
+    d = base()
+    d["gluster"].update(brick_dir="/srv/haswarm-brick", mount_point="/srv/haswarm")
+    assert load_cluster(write(tmp_path, d)).gluster.brick_on_root_fs is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules across fields: ports, addresses, free-text commands
+
+
+@pytest.mark.parametrize("section, port, expect", [
+    ("mqtt", 8123, "mqtt.port: port 8123 is also homeassistant.port: two services cannot"),
+    ("mqtt", 22, "mqtt.port: port 22 is used by SSH on the nodes"),
+    ("homeassistant", 2222, "homeassistant.port: port 2222 is used by SSH"),  # pi3's own
+    ("mqtt", 24007, "mqtt.port: port 24007 is used by glusterd"),
+    ("homeassistant", 2377, "swarm's control plane"),
+    ("mqtt", 50000, "mqtt.port: port 50000 is in the range glusterd gives its bricks"),
+])
+def test_published_port_clashes(tmp_path, section, port, expect):
+    d = base()
+    d[section]["port"] = port
+    assert expect in error_of(tmp_path, d)
+
+
+def test_portainer_on_the_brokers_port(tmp_path):
+    d = base()
+    d["portainer"].update(enabled=True, port=1883)
+    assert "portainer.port: port 1883 is also mqtt.port" in error_of(tmp_path, d)
+    d["portainer"]["enabled"] = False
+    load_cluster(write(tmp_path, d))  # a disabled Portainer publishes nothing
+
+
+@pytest.mark.parametrize("address, prefix, expect", [
+    ("192.168.1.22", 24, "vip.address: 192.168.1.22 is pi2's own address"),
+    ("10.0.0.5", 24, "vip.address: 10.0.0.5 is not in the nodes' network: pi1 is at "
+                     "192.168.1.21, outside 10.0.0.0/24"),
+    ("192.168.2.250", 24, "outside 192.168.2.0/24"),
+    ("192.168.1.255", 24, "vip.address: 192.168.1.255 is the broadcast address of "
+                          "192.168.1.0/24"),
+    ("192.168.1.0", 24, "is the network address"),
+])
+def test_vip_outside_the_nodes_network_or_on_a_node(tmp_path, address, prefix, expect):
+    d = base()
+    d["vip"].update(address=address, prefix_length=prefix)
+    assert expect in error_of(tmp_path, d)
+
+
+def test_vip_in_a_wider_network_and_host_names_are_fine(tmp_path):
+    d = base()
+    d["vip"].update(address="192.168.2.250", prefix_length=16)
+    assert load_cluster(write(tmp_path, d)).vip.address == "192.168.2.250"
+    d["vip"]["prefix_length"] = 24
+    for node in d["nodes"]:
+        node["address"] = f"{node['name']}-host.lan"  # checked by `doit vip`, once resolved
+    load_cluster(write(tmp_path, d))
+
+
+def test_same_ip_spelled_twice(tmp_path):
+    d = base()
+    d["nodes"][0]["address"], d["nodes"][2]["address"] = "fe80::1", "FE80:0::1"
+    assert "nodes[2].address: duplicate address 'FE80:0::1' (also nodes[0])" in \
+        error_of(tmp_path, d)
+
+
+@pytest.mark.parametrize("address", ["pi1", "pi1.local", "PI1.lan"])
+def test_node_listed_by_name_and_by_address(tmp_path, address):
+    d = base()
+    d["nodes"].append({"name": "pi4", "address": address})
+    msg = error_of(tmp_path, d)
+    assert f"nodes[3].address: {address!r} names the node 'pi1' (nodes[0], at " \
+           "192.168.1.21): the same node listed twice" in msg
+
+
+def test_a_node_by_its_own_host_name_is_fine(tmp_path):
+    d = base()
+    d["nodes"][0]["address"] = "pi1.local"
+    assert load_cluster(write(tmp_path, d)).nodes[0].address == "pi1.local"
+
+
+@pytest.mark.parametrize("command, expect", [
+    ("systemctl restart avahi-daemon\nrm -rf /", "holds a newline or another control"),
+    ("systemctl restart avahi-daemon\trm", "holds a newline or another control"),
+    ("date +%s > /tmp/x", "holds '%', which cron turns into a newline"),
+    ("   ", "is empty"),
+])
+def test_restart_command_is_one_cron_safe_line(tmp_path, command, expect):
+    d = base()
+    d["mdns"]["restart_command"] = command
+    msg = error_of(tmp_path, d)
+    assert "mdns.restart_command: " in msg and expect in msg
+
+
+@pytest.mark.parametrize("user", ["pi user", "pi\n", "Root", "$(id)"])
+def test_ssh_user_is_a_login_name(tmp_path, user):
+    d = base()
+    d["ssh"]["user"] = user
+    assert "ssh.user: " in (msg := error_of(tmp_path, d)) and "valid login name" in msg

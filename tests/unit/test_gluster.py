@@ -7,6 +7,7 @@ after `gluster` setup; the rest are small hand-made variations of it.
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 from pathlib import Path
 
@@ -147,14 +148,41 @@ def test_plan_volume_two_nodes_is_replica_2(c: Cluster) -> None:
     assert " replica 2 " in create and "10.77.0.13" not in create
 
 
+def with_option(xml: str, name: str, value: str) -> str:
+    """`gluster volume info` XML with one more option, as gluster lists one it was given."""
+    count = int(re.search(r"<optCount>(\d+)</optCount>", xml)[1])  # type: ignore[index]
+    return (xml.replace(f"<optCount>{count}<", f"<optCount>{count + 1}<")
+            .replace("<options>", f"<options>\n          <option>\n            <name>{name}"
+                     f"</name>\n            <value>{value}</value>\n          </option>", 1))
+
+
+# The recorded volume (set up before auth.allow existed) with the option setup now sets.
+CONVERGED = with_option(VOLUME_INFO, "auth.allow", "10.77.0.11,10.77.0.12,10.77.0.13")
+
+
 def test_plan_volume_converged_does_nothing(c: Cluster) -> None:
-    assert gluster_plans.plan_volume(c, gluster_facts.parse_volume_info(VOLUME_INFO)) == []
+    assert gluster_plans.plan_volume(c, gluster_facts.parse_volume_info(CONVERGED)) == []
+
+
+def test_plan_volume_allows_only_the_nodes(c: Cluster) -> None:
+    # a volume of an older haswarm (the recording): open to any host on the LAN
+    assert "auth.allow" not in gluster_facts.parse_volume_info(VOLUME_INFO).options
+    (op,) = gluster_plans.plan_volume(c, gluster_facts.parse_volume_info(VOLUME_INFO))
+    assert op.what == "set auth.allow=10.77.0.11,10.77.0.12,10.77.0.13"
+    assert op.cmd == ("gluster --mode=script volume set haswarm auth.allow "
+                      "10.77.0.11,10.77.0.12,10.77.0.13")
+    # someone widened it by hand (or a node was replaced): set back to the cluster's nodes
+    wide = with_option(VOLUME_INFO, "auth.allow", "*")
+    assert cmds(gluster_plans.plan_volume(c, gluster_facts.parse_volume_info(wide))) == [op.cmd]
+    moved = c.model_copy(update={"nodes": [*c.nodes[:2], c.nodes[2].model_copy(
+        update={"address": "pi3.lan"})]})
+    assert gluster_plans.allowed_clients(moved) == "10.77.0.11,10.77.0.12,pi3.lan"
 
 
 def test_plan_volume_changed_option_and_stopped(c: Cluster) -> None:
     slower = c.model_copy(update={"gluster": c.gluster.model_copy(update={"ping_timeout": 10})})
     vol = gluster_facts.parse_volume_info(
-        VOLUME_INFO.replace("<statusStr>Started", "<statusStr>Stopped"))
+        CONVERGED.replace("<statusStr>Started", "<statusStr>Stopped"))
     assert cmds(gluster_plans.plan_volume(slower, vol)) == [
         "gluster --mode=script volume set haswarm network.ping-timeout 10 server.keepalive-time 8 "
         "server.tcp-user-timeout 12",

@@ -6,10 +6,12 @@ A fake connection stands in for Fabric's; tests/lab/test_remote.py covers real S
 from __future__ import annotations
 
 import errno
+import shlex
 import socket
 import subprocess
 import threading
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -415,9 +417,51 @@ def test_put_uploads_new_content_via_temp(cluster: Cluster) -> None:
     assert not mktemp.startswith("sudo"), "the temp file belongs to the login user"
     install = _unwrap(r.log[-1][1])
     assert "mkdir -p -- '/etc/my dir'" in install
-    assert "chmod 600 -- '/etc/my dir/x.conf.haswarm-new'" in install
-    assert install.endswith("mv -f -- '/etc/my dir/x.conf.haswarm-new' '/etc/my dir/x.conf'")
+    assert "new=$(mktemp -- '/etc/my dir/.haswarm-new.XXXXXXXXXX')" in install
+    assert 'chmod 600 -- "$new"' in install
+    assert install.endswith("mv -f -- \"$new\" '/etc/my dir/x.conf'")
     assert "rm -f -- /tmp/.haswarm-put.abc" in install
+    assert "x.conf.haswarm-new" not in install, "no fixed name beside the file"
+
+
+class LocalRemote(FakeRemote):
+    """A FakeRemote whose "node" is this machine: commands run here with sh, uploads are
+    written here (so put's real shell is exercised, as the current user)."""
+
+    def __init__(self, cluster: Cluster):
+        def run_here(node: str, cmd: str, stdin: str) -> tuple[str, str, int]:
+            res = subprocess.run(["sh", "-c", _unwrap(cmd)], input=stdin, capture_output=True,
+                                 text=True, timeout=10)
+            return res.stdout, res.stderr, res.returncode
+
+        super().__init__(cluster, run_here)
+
+    def _wrap(self, n, cmd, sudo):  # noqa: ANN001, ANN202 - no sudo here
+        return f"sh -c {shlex.quote(cmd)}"
+
+    def _upload(self, n, step, content, tmp):  # noqa: ANN001, ANN202
+        Path(tmp).write_bytes(content)
+
+
+def test_put_cannot_be_hijacked_by_a_file_planted_beside_the_target(cluster: Cluster,
+                                                                    tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    target = tmp_path / "dir" / "stack.yml"
+    target.parent.mkdir()
+    planted = ["stack.yml.haswarm-new", ".haswarm-new", "stack.yml.tmp"]
+    for name in planted:
+        (target.parent / name).symlink_to(victim)  # what a local user could have prepared
+    before = set(Path("/tmp").glob(".haswarm-put.*"))
+    r = LocalRemote(cluster)
+    assert r.put("pi1", "stack", "services: {}\n", str(target), mode=0o600) is True
+    assert target.read_text() == "services: {}\n" and not target.is_symlink()
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert victim.read_text() == "precious\n", "nothing was written through a planted link"
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([*planted, "stack.yml"]), \
+        "the temporary file beside it is gone"
+    assert set(Path("/tmp").glob(".haswarm-put.*")) == before, "the upload's temp file is gone"
+    assert r.put("pi1", "stack", "services: {}\n", str(target), mode=0o600) is False
 
 
 def test_put_changed_content(cluster: Cluster) -> None:
@@ -457,3 +501,136 @@ def test_progress(capsys: pytest.CaptureFixture[str], cluster: Cluster) -> None:
     progress(cluster.nodes[1], "loading image 3/5")
     progress("pi3", "done")
     assert capsys.readouterr().out == "pi2: loading image 3/5\npi3: done\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Deadlines and keepalive, against an SSH server in this process (paramiko, over TCP loopback)
+
+
+class _Node(paramiko.ServerInterface):
+    """An SSH server standing for a node: `mode` "frozen" never answers a command request (its
+    SSH server hangs), "hung" starts the command and never ends it, "ok" prints and exits 0."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.thaw = threading.Event()
+        self.global_requests: list[str] = []
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "none"
+
+    def check_auth_none(self, username: str) -> int:
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        return paramiko.OPEN_SUCCEEDED
+
+    def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        if self.mode == "frozen":
+            self.thaw.wait(30)
+        elif self.mode == "ok":
+            def answer() -> None:
+                channel.sendall(b"hello\n")
+                channel.send_exit_status(0)
+                channel.close()
+            threading.Timer(0.05, answer).start()
+        return True
+
+    def check_global_request(self, kind: str, msg: paramiko.Message) -> bool:
+        self.global_requests.append(kind)
+        return False
+
+
+@pytest.fixture
+def ssh_node():
+    """A function mode -> (client Transport, the server's _Node); everything closed after."""
+    opened: list[tuple[paramiko.Transport, paramiko.Transport, _Node]] = []
+
+    def start(mode: str) -> tuple[paramiko.Transport, _Node]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        client_sock = socket.create_connection(listener.getsockname())
+        server_sock, _ = listener.accept()
+        listener.close()
+        node = _Node(mode)
+        server = paramiko.Transport(server_sock)
+        server.add_server_key(paramiko.RSAKey.generate(1024))
+        server.start_server(event=threading.Event(), server=node)  # does not wait
+        client = paramiko.Transport(client_sock)
+        client.start_client(timeout=5)
+        client.auth_none("root")
+        opened.append((client, server, node))
+        return client, node
+
+    yield start
+    for client, server, node in opened:
+        node.thaw.set()
+        client.close()
+        server.close()
+
+
+def _remote_on(cluster: Cluster, transport: paramiko.Transport) -> Remote:
+    r = Remote(cluster)
+    conn = types.SimpleNamespace(transport=transport, is_connected=True, close=lambda: None)
+    r._conns = {n.name: conn for n in cluster.nodes}  # type: ignore[assignment]
+    return r
+
+
+@pytest.mark.parametrize("mode", ["frozen", "hung"])
+def test_a_frozen_node_fails_the_step_at_the_deadline(cluster: Cluster, ssh_node, mode) -> None:
+    client, _ = ssh_node(mode)
+    r = _remote_on(cluster, client)
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError) as ei:
+        r.run("pi2", "gluster: create volume", "gluster volume create haswarm", timeout=0.5)
+    took = time.monotonic() - t0
+    assert 0.5 <= took < 1.5, f"the deadline is 0.5 s; failed after {took:.2f} s"
+    (f,) = ei.value.failures
+    assert (f.node, f.step, f.kind) == ("pi2", "gluster: create volume", Kind.TIMEOUT)
+    assert f.command == "gluster volume create haswarm"
+    assert "no result within 0.5 s" in f.detail and "frozen" in f.hint
+    text = str(ei.value)
+    assert "pi2 (10.77.0.12) failed at 'gluster: create volume'" in text
+
+
+def test_a_command_within_its_deadline_is_not_cut(cluster: Cluster, ssh_node) -> None:
+    client, _ = ssh_node("ok")
+    r = _remote_on(cluster, client)
+    assert r.run("pi1", "x", "echo hello", timeout=2) == Result("hello\n", "", 0)
+    time.sleep(2.2)  # the watchdog of that command would have fired by now
+    assert client.is_active()
+    assert r.run("pi1", "x", "echo hello") == Result("hello\n", "", 0)
+
+
+def test_every_command_has_a_default_deadline() -> None:
+    import inspect
+
+    for fn in (Remote.run, Remote.run_all):
+        assert inspect.signature(fn).parameters["timeout"].default == remote.COMMAND_TIMEOUT
+    assert remote.COMMAND_TIMEOUT == 60
+    from tasks.ops import Op
+
+    assert Op("x", "true").timeout == remote.COMMAND_TIMEOUT
+
+
+def test_keepalive_packets_and_a_tcp_user_timeout(ssh_node) -> None:
+    from tasks.connection import keep_alive
+
+    client, node = ssh_node("ok")
+    keep_alive(client, interval=0.2, dead_after=3)
+    assert client.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 3000
+    deadline = time.monotonic() + 3
+    while not node.global_requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "keepalive@lag.net" in node.global_requests
+
+
+def test_clock_read_of_a_frozen_node_has_a_deadline(cluster: Cluster, ssh_node) -> None:
+    client, _ = ssh_node("frozen")
+    r = _remote_on(cluster, client)
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError) as ei:
+        r.clock_offset("pi3", "preflight: clock", timeout=0.5)
+    assert time.monotonic() - t0 < 1.5
+    (f,) = ei.value.failures
+    assert (f.node, f.step, f.kind, f.command) == ("pi3", "preflight: clock", Kind.TIMEOUT,
+                                                   "date +%s.%N")

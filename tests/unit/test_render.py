@@ -6,8 +6,10 @@ import base64
 import hashlib
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -108,9 +110,16 @@ def test_no_secret_value_in_any_rendered_file_but_the_hashed_one(rendered):
     c, texts = rendered
     values = [secrets.read(c, n) for n in secrets.names(c)]
     for target, text in texts.items():
+        if target == render.HEALTHCHECK_OPTIONS:  # a Docker secret's source, like secrets/
+            continue
         for v in values:
             assert v not in text, f"a secret is in {target}"
-    assert (render.build_dir(c) / "mosquitto/passwd").stat().st_mode & 0o777 == 0o600
+    for private in ("mosquitto/passwd", render.HEALTHCHECK_OPTIONS):
+        assert (render.build_dir(c) / private).stat().st_mode & 0o777 == 0o600
+    hc = secrets.HEALTHCHECK_MQTT_USER
+    options = [line for line in texts[render.HEALTHCHECK_OPTIONS].splitlines()
+               if not line.startswith("#")]
+    assert options == [f"-u {hc}", f"-P {secrets.read(c, f'mqtt_{hc}')}"]
 
 
 def test_stack_shape(rendered):
@@ -155,6 +164,68 @@ def test_mosquitto_conf(rendered):
     assert "listener 1883 0.0.0.0" in conf and "allow_anonymous false" in conf
     assert f"autosave_interval {c.mqtt.autosave_interval}\n" in conf
     assert "persistence_location /mosquitto/data/" in conf
+    assert "\nacl_file /mosquitto/config/acl\n" in conf
+    mosquitto = stack(c)["services"]["mosquitto"]
+    assert {"source": "mosquitto_acl", "target": "/mosquitto/config/acl", "mode": 0o444} in \
+        mosquitto["configs"]
+
+
+def acl_allows(acl: str, user: str, access: str, topic: str) -> bool:
+    """Whether Mosquitto's ACL file `acl` lets `user` `access` ("read"/"write") `topic`: the
+    rules under `user USER` lines, topic filters matched as MQTT does (paho's matcher: `#` does
+    not match `$SYS/...`)."""
+    from paho.mqtt.client import topic_matches_sub
+
+    current = None
+    for line in acl.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "user":
+            current = words[1]
+        elif words[0] == "topic" and current == user:
+            rule_access, pattern = (words[1], words[2]) if len(words) == 3 else ("readwrite",
+                                                                              words[1])
+            if access in rule_access and topic_matches_sub(pattern, topic):
+                return True
+    return False
+
+
+def test_mosquitto_acl_gives_each_user_its_own_topics(tmp_path):
+    c = load_cluster(cluster_in(tmp_path, mqtt__users=["homeassistant", "sensors", "garage"]))
+    acl = render_all(c)["mosquitto/acl"]
+
+    def may(user: str, access: str, topic: str) -> bool:
+        return acl_allows(acl, user, access, topic)
+
+    # Home Assistant: everything
+    for topic in ("homeassistant/switch/garage/door/config", "sensors/kitchen/relay/command",
+                  "zigbee2mqtt/bridge/request"):
+        assert may("homeassistant", "write", topic) and may("homeassistant", "read", topic)
+    # a device user: its own tree, sensor discovery, HA's status
+    assert may("sensors", "write", "sensors/kitchen/sensor/temperature/state")
+    assert may("sensors", "read", "sensors/kitchen/switch/relay/command")
+    for topic in ("homeassistant/sensor/kitchen/temperature/config",
+                  "homeassistant/sensor/temperature/config",
+                  "homeassistant/binary_sensor/hall/motion/config"):
+        assert may("sensors", "write", topic), topic
+    assert may("sensors", "read", "homeassistant/status")
+    # ... and nothing else: the attack of issue 14 (a switch announced by a sensor login)
+    for topic in ("homeassistant/switch/kitchen/relay/config",
+                  "homeassistant/light/hall/config", "homeassistant/lock/front/door/config",
+                  "homeassistant/sensor/kitchen/temperature/state", "homeassistant/status",
+                  "garage/door/cover/command", "$SYS/broker/uptime", "zigbee2mqtt/x/set"):
+        assert not may("sensors", "write", topic), topic
+    assert not may("sensors", "read", "garage/door/state")
+    assert not may("garage", "write", "sensors/kitchen/sensor/temperature/state")
+    # the healthcheck: the broker's uptime, read only
+    assert may(secrets.HEALTHCHECK_MQTT_USER, "read", "$SYS/broker/uptime")
+    assert not may(secrets.HEALTHCHECK_MQTT_USER, "write", "$SYS/broker/uptime")
+    assert not may(secrets.HEALTHCHECK_MQTT_USER, "read", "homeassistant/status")
+    # no rules for anyone unnamed (anonymous logins are refused anyway)
+    assert acl.split("\nuser ")[0].count("\ntopic") == 0
+    users = [line.split()[1] for line in acl.splitlines() if line.startswith("user ")]
+    assert users == ["homeassistant", "sensors", "garage", secrets.HEALTHCHECK_MQTT_USER]
 
 
 def test_node_files(rendered):
@@ -230,3 +301,132 @@ def test_the_lock_keeper_fences_before_the_bricks_release_its_lock(rendered):
         assert mq["HASWARM_NODES"] == env["HASWARM_NODES"]
     assert env["HASWARM_NODES"].split() == [n.address for n in c.nodes]
     assert env["HASWARM_ISOLATED_AFTER"] == str(render.ISOLATED_AFTER)
+
+
+def test_a_secret_in_use_is_never_made_again(tmp_path):
+    c = load_cluster(cluster_in(tmp_path))
+    secrets.ensure(c)
+    record = secrets.directory(c) / secrets.FINGERPRINTS
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert set(secrets.recorded(c)) == set(secrets.names(c)) and secrets.as_recorded(c)
+    values = {n: secrets.read(c, n) for n in secrets.names(c)}
+    assert not any(v in record.read_text() for v in values.values()), "no secret in the record"
+
+    secrets.path(c, "db_password").unlink()  # "delete it to have a new one made": no more
+    assert not secrets.as_recorded(c)
+    with pytest.raises(secrets.SecretLost) as e:
+        secrets.ensure(c)
+    msg = str(e.value)
+    assert msg.startswith(f"db_password: {secrets.path(c, 'db_password')} is missing, but this "
+                          "cluster has used it")
+    assert "the database keeps its users' old passwords" in msg
+    assert "restore" in msg and "rotate-secrets" in msg
+    assert not secrets.path(c, "db_password").exists(), "nothing was made"
+
+    secrets.path(c, "db_password").write_text(values["db_password"] + "\n")  # from a backup
+    secrets.path(c, "mqtt_homeassistant").write_text("another\n")
+    with pytest.raises(secrets.SecretLost, match="mqtt_homeassistant: .* holds another value.*"
+                                                  "Mosquitto's user 'homeassistant'"):
+        secrets.ensure(c)
+    secrets.path(c, "mqtt_homeassistant").write_text(values["mqtt_homeassistant"] + "\n")
+    assert secrets.ensure(c) == [] and secrets.as_recorded(c)
+
+
+def test_a_new_user_gets_a_secret_and_the_way_out_for_a_fresh_start(tmp_path):
+    c = load_cluster(cluster_in(tmp_path))
+    secrets.ensure(c)
+    more = c.model_copy(update={"mqtt": c.mqtt.model_copy(
+        update={"users": [*c.mqtt.users, "garage"]})})
+    assert secrets.ensure(more) == ["mqtt_garage"], "a secret never made before is made"
+    # the data is gone for good: delete the record's line, and a new one is made
+    old = secrets.read(c, "db_root_password")
+    secrets.path(c, "db_root_password").unlink()
+    record = secrets.directory(c) / secrets.FINGERPRINTS
+    record.write_text("".join(line + "\n" for line in record.read_text().splitlines()
+                              if not line.startswith("db_root_password ")))
+    assert secrets.ensure(c) == ["db_root_password"] and secrets.read(c, "db_root_password") != old
+
+
+def test_secrets_made_before_the_record_existed_are_adopted(tmp_path):
+    c = load_cluster(cluster_in(tmp_path))
+    secrets.ensure(c)
+    (secrets.directory(c) / secrets.FINGERPRINTS).unlink()  # as an older haswarm left them
+    assert secrets.ensure(c) == [] and secrets.as_recorded(c)
+    secrets.path(c, "galera_sst_password").unlink()
+    with pytest.raises(secrets.SecretLost, match="galera_sst_password: .* is missing"):
+        secrets.ensure(c)
+
+
+def test_the_secrets_task_fails_naming_the_lost_secret(tmp_path, monkeypatch):
+    c = load_cluster(cluster_in(tmp_path))
+    secrets.ensure(c)
+    secrets.path(c, "db_password").unlink()
+    monkeypatch.setattr("tasks.config.current", lambda: c)
+    task = secrets.task_secrets()
+    assert task["uptodate"][0]() is False
+    failed = task["actions"][0]()
+    assert failed is not None and "secrets: db_password: " in str(failed)
+
+
+def _fake_broker() -> tuple[socket.socket, dict[str, str]]:
+    """A listening socket on 127.0.0.1 that answers one MQTT CONNECT with CONNACK 5 (not
+    authorized) and records the login it carried: {'user': ..., 'password': ...}."""
+    server = socket.create_server(("127.0.0.1", 0))
+    seen: dict[str, str] = {}
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = conn.recv(4096)
+            i, length, shift = 1, 0, 0
+            while True:  # remaining length (varint)
+                length |= (data[i] & 0x7F) << shift
+                shift += 7
+                i += 1
+                if not data[i - 1] & 0x80:
+                    break
+
+            def string(at: int) -> tuple[str, int]:
+                n = int.from_bytes(data[at:at + 2], "big")
+                return data[at + 2:at + 2 + n].decode(), at + 2 + n
+
+            _, at = string(i)  # protocol name
+            flags = data[at + 1]
+            _, at = string(at + 4)  # client id
+            if flags & 0x80:
+                seen["user"], at = string(at)
+            if flags & 0x40:
+                seen["password"], at = string(at)
+            conn.sendall(bytes([0x20, 2, 0, 5]))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, seen
+
+
+@pytest.mark.skipif(not shutil.which("mosquitto_sub"), reason="needs mosquitto-clients")
+def test_mosquitto_healthcheck_logs_in_with_no_secret_in_argv(tmp_path):
+    """The stack's healthcheck command, run here against a stand-in broker: mosquitto_sub takes
+    the login from the options file (the Docker secret), and the command line holds none."""
+    c = load_cluster(cluster_in(tmp_path))
+    render_all(c)
+    hc = secrets.HEALTHCHECK_MQTT_USER
+    password = secrets.read(c, f"mqtt_{hc}")
+    mq = stack(c)["services"]["mosquitto"]
+    assert {"source": "mqtt_healthcheck_options", "target": "mosquitto_sub", "uid": "1883",
+            "gid": "1883", "mode": 0o400} in mq["secrets"]
+    kind, command = mq["healthcheck"]["test"]
+    assert kind == "CMD-SHELL" and password not in command and " -P " not in command
+    run_secrets = tmp_path / "run-secrets"
+    run_secrets.mkdir()
+    (run_secrets / "mosquitto_sub").write_bytes(
+        (render.build_dir(c) / render.HEALTHCHECK_OPTIONS).read_bytes())
+    ready = tmp_path / "lock.ready"
+    ready.touch()
+    server, seen = _fake_broker()
+    port = server.getsockname()[1]
+    here = (command.replace("$$", "$").replace("/run/secrets", str(run_secrets))
+            .replace(render.HA_LOCK_READY, str(ready)).replace("-p 1883", f"-p {port}"))
+    res = subprocess.run(["sh", "-c", here], capture_output=True, text=True, timeout=20)
+    server.close()
+    assert res.returncode != 0, "CONNACK 5: not authorized, so unhealthy"
+    assert seen == {"user": hc, "password": password}

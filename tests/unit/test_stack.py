@@ -744,3 +744,26 @@ def test_steady_problems_add_galera_to_the_swarm_view():
     assert probs[-2:] == ["db: 1 of 3 Synced", "galera: wsrep_cluster_size [0, 2], want 3"]
     assert galera.steady_problems(stack_facts.StackState({}, [], []), [], {}, 3) == [
         "db: 0 of 3 Synced"]
+
+
+def test_deploy_sends_the_stack_file_on_stdin_never_as_a_file(c, tmp_path):
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def run(self, node, step, cmd, **kw):  # noqa: ANN001, ANN003, ANN201
+            self.calls.append((node, step, cmd, kw))
+            return Result("", "", 0)
+
+        def put(self, *a, **kw):  # noqa: ANN002, ANN003, ANN201
+            raise AssertionError("deploy must not write the stack file on the node")
+
+    stack_file = tmp_path / "stack.yml"
+    stack_file.write_text("services: {}\n")
+    r = Recorder()
+    stack.deploy(r, c, "pi1", stack_file)  # type: ignore[arg-type]
+    ((node, step, cmd, kw),) = r.calls
+    assert (node, step) == ("pi1", "stack: deploy")
+    assert cmd == "docker stack deploy --resolve-image never --prune -c - haswarm"
+    assert kw["stdin"] == "services: {}\n" and kw["timeout"] == stack.DEPLOY_TIMEOUT
+    assert "/tmp" not in cmd

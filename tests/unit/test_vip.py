@@ -288,3 +288,11 @@ def test_unicast_adverts_only_from_the_peers(cv):
     assert "check_unicast_src" in conf
     peers = conf.split("unicast_peer {", 1)[1].split("}", 1)[0].split()
     assert peers == ["10.77.0.12", "10.77.0.13"]
+
+
+def test_validate_with_resolved_addresses(cv):
+    vip.validate(cv, IPS)
+    with pytest.raises(vip.VIPError, match="10.77.0.100 is pi2's own address"):
+        vip.validate(cv, {**IPS, "pi2": "10.77.0.100"})
+    with pytest.raises(vip.VIPError, match="pi3 is at 10.78.0.13, outside 10.77.0.0/24"):
+        vip.validate(cv, {**IPS, "pi3": "10.78.0.13"})
