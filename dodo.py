@@ -29,6 +29,7 @@ from lab.tasks import (  # noqa: E402
 from tasks import images  # noqa: E402
 from tasks.avahi import task_avahi  # noqa: E402
 from tasks.drill import drill_task  # noqa: E402
+from tasks.firewall import task_firewall  # noqa: E402
 from tasks.galera import stack_task  # noqa: E402
 from tasks.gluster import task_gluster  # noqa: E402
 from tasks.guard import task_leader_guard  # noqa: E402
@@ -52,7 +53,7 @@ DOIT_CONFIG = {
 
 __all__ = [
     "task_base_image", "task_buildx", "task_images", "task_preload_images",
-    "task_avahi", "task_gluster", "task_ha_files", "task_preflight", "task_render",
+    "task_avahi", "task_firewall", "task_gluster", "task_ha_files", "task_preflight", "task_render",
     "task_secrets", "task_setup", "task_swarm", "task_stack_objects", "task_stack",
     "task_vip", "task_leader_guard", "task_status", "task_drill", "task_plan",
     "task_lab_engine", "task_lab_up", "task_lab_down", "task_lab_kill", "task_lab_cut",
@@ -106,8 +107,8 @@ def _lab_faults(c):
 
 
 # `doit setup`, in order; `doit plan` runs the remote steps of the same list dry.
-SETUP = [*LAB_UP, "preflight", "secrets", "render", "images", "preload-images", "gluster",
-         "ha-files", "avahi", "swarm", "leader-guard", "stack-objects", "stack", "vip"]
+SETUP = [*LAB_UP, "preflight", "firewall", "secrets", "render", "images", "preload-images",
+         "gluster", "ha-files", "avahi", "swarm", "leader-guard", "stack-objects", "stack", "vip"]
 
 
 def task_setup():

@@ -311,6 +311,12 @@ class Portainer(_Strict):
     port: int = Field(9000, ge=1, le=65535)
 
 
+class Firewall(_Strict):
+    """The nodes' firewall (tasks/firewall.py)."""
+
+    enabled: bool = Field(True, description="swarm, Gluster and VXLAN ports only for the nodes")
+
+
 class VIP(_Strict):
     """A keepalived (VRRP) virtual IPv4 address that follows Mosquitto (tasks/vip.py)."""
 
@@ -358,6 +364,7 @@ class Cluster(_Strict):
     galera: Galera = Field(default_factory=Galera)
     portainer: Portainer = Field(default_factory=Portainer)
     vip: VIP = Field(default_factory=VIP)
+    firewall: Firewall = Field(default_factory=Firewall)
     build_dir: Path = Field(Path("build"), description="rendered files (relative to project root)")
     secrets_dir: Path = Field(Path("secrets"), description="generated secrets (relative to root)")
     lab: bool = Field(False, description="this cluster is the local lab (see lab/driver.py)")
