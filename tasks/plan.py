@@ -14,7 +14,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from tasks import avahi, galera, gluster, guard, homeassistant, stack, swarm, vip
+from tasks import avahi, firewall, galera, gluster, guard, homeassistant, stack, swarm, vip
 from tasks.config import Cluster, current
 from tasks.errors import HaswarmError
 from tasks.images.preload import setup_preload
@@ -30,6 +30,8 @@ REMOTE_STEPS: dict[str, list[tuple[str, Callable[..., Any]]]] = {
                 ("gluster:volume", gluster.setup_volume),
                 ("gluster:mount", gluster.setup_mount),
                 ("gluster:dirs", gluster.setup_dirs)],
+    "firewall": [("firewall:script", firewall.setup_script),
+                 ("firewall:rules", firewall.setup_rules)],
     "ha-files": [("ha-files", homeassistant.setup_files)],
     "avahi": [("avahi:hostname", avahi.setup_hostname), ("avahi:cron", avahi.setup_cron)],
     "swarm": [("swarm", swarm.setup)],
