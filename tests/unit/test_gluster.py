@@ -536,6 +536,7 @@ def test_every_step_has_a_dry_run() -> None:
     from tasks import plan
 
     steps = plan.steps(dodo.SETUP)  # every task of setup is known to `doit plan`
-    assert [name for name, _ in steps][:3] == ["firewall:script", "firewall:rules", "preload-images"]
+    assert [name for name, _ in steps][:3] == ["firewall:script", "firewall:rules",
+                                               "preload-images"]
     for name, fn in steps:
         assert "dryrun" in inspect.signature(fn).parameters, name
