@@ -37,11 +37,11 @@ class Stranger:
         run(["unshare", f"--net={self.pin}", "true"])
         mac = self.lab._mac(2, self.address)
         run(["ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0",
-             "address", mac, "netns", str(self.pin)])
+             "address", mac, "netns", self.name])
         run(["ip", "link", "set", self.veth, "master", self.lab.bridge, "up"])
         for argv in (["addr", "add", f"{self.address}/24", "dev", "eth0"],
                      ["link", "set", "lo", "up"], ["link", "set", "eth0", "up"]):
-            run(["ip", "-n", str(self.pin), *argv])
+            run(["ip", "-n", self.name, *argv])
         return self
 
     def down(self) -> None:

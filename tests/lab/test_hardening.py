@@ -6,6 +6,7 @@ because the service was down)."""
 from __future__ import annotations
 
 import shlex
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -18,7 +19,9 @@ from .test_stack import broker
 
 pytestmark = pytest.mark.lab
 
-GALERA_AND_DOCKER_PORTS = (3306, 4444, 4567, 4568, 2375, 2376)
+# Galera and the Docker API (never published), swarm management and gossip, glusterd (behind the
+# firewall).
+CLOSED_PORTS = (3306, 4444, 4567, 4568, 2375, 2376, 2377, 7946, 24007, 24008)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +44,12 @@ def test_stranger_cannot_mount_the_volume(stranger, cluster, tools):
     assert got.returncode != 0, f"the stranger mounted {volume}:\n{got.stdout}"
     assert "homeassistant" not in got.stdout
     # The nodes themselves still use it.
-    listing = tools.sh(node.name, f"ls {shlex.quote(cluster.gluster.mount_point)}")
+    listing = tools.sh(node.name, f"ls {shlex.quote(str(cluster.gluster.mount_point))}")
     assert "homeassistant" in listing.split()
 
 
-@pytest.mark.parametrize("port", GALERA_AND_DOCKER_PORTS)
-def test_stranger_reaches_no_galera_or_docker_port(stranger, cluster, port):
+@pytest.mark.parametrize("port", CLOSED_PORTS)
+def test_stranger_reaches_no_internal_port(stranger, cluster, port):
     for n in cluster.nodes:
         got = stranger.run(f"nc -z -w 2 {n.address} {port}")
         assert got.returncode != 0, f"the stranger connected to {n.name}:{port}"
@@ -101,3 +104,37 @@ def line_scrubbed(line: str, values: list[str]) -> str:
     for v in values:
         line = line.replace(v, "<secret>")
     return line
+
+
+def test_a_sensor_publishes_only_its_own_topics(cluster):
+    """The ACL: the `sensors` user may announce a sensor, not a switch (a switch's discovery
+    config would give it a command topic into Home Assistant)."""
+    import paho.mqtt.client as mqtt
+
+    address, port = broker(cluster), cluster.mqtt.port
+    got: list[str] = []
+
+    def client(user: str) -> mqtt.Client:
+        cl = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"acl-{user}")
+        cl.username_pw_set(user, secrets.read(cluster, f"mqtt_{user}"))
+        cl.connect(address, port, keepalive=10)
+        cl.loop_start()
+        return cl
+
+    ha = client("homeassistant")
+    ha.on_message = lambda cl, ud, msg: got.append(msg.topic)
+    ha.subscribe("homeassistant/+/haswarm_acl_test/#", qos=1)
+    sensor = client("sensors")
+    try:
+        time.sleep(1)
+        for kind in ("switch", "sensor"):
+            topic = f"homeassistant/{kind}/haswarm_acl_test/config"
+            sensor.publish(topic, "{}", qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for cl in (ha, sensor):
+            cl.loop_stop()
+            cl.disconnect()
+    assert got == ["homeassistant/sensor/haswarm_acl_test/config"], got
