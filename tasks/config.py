@@ -239,12 +239,34 @@ class HomeAssistant(_Strict):
     # died. Default: on with publish_mode host (the routing mesh would also send requests to
     # the waiting ones).
     standby: bool | None = None
+    # `doit setup` completes HA's onboarding through HA's HTTP API (tasks/onboard.py): the owner
+    # account (generated password), a long-lived token for haswarm's checks, the MQTT
+    # integration. false: onboarding and the MQTT integration are left to the user.
+    onboard: bool = True
+    owner: str = Field("owner", description="login name of the owner account onboarding creates")
+    language: str = Field("en", description="language of the owner (HA names default areas in it)")
+    token_file: Path | None = Field(
+        None, description="a long-lived access token of an HA admin (relative to the cluster "
+                          "file); default: the one onboarding stores in the secrets directory")
 
     @field_validator("time_zone")
     @classmethod
     def _tz(cls, v: str) -> str:
         return _matching(v, r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*",
                          "a time zone name such as Europe/Berlin")
+
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, v: str) -> str:
+        # Home Assistant folds user names to lower case and strips them (auth provider
+        # `homeassistant`): accept only names it keeps as they are.
+        return _matching(v, r"[a-z0-9][a-z0-9_.-]{0,63}",
+                         "a login name (lower-case letters, digits, '_', '.', '-')")
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, v: str) -> str:
+        return _matching(v, r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", "a language code such as en or de")
 
 
 class MQTT(_Strict):
@@ -501,7 +523,7 @@ def load_cluster(path: Path | str) -> Cluster:
 
 
 def _resolve_paths(c: Cluster, base: Path) -> Cluster:
-    """Make SSH key and known_hosts paths absolute (relative to the cluster file)."""
+    """Make SSH key, known_hosts and HA token paths absolute (relative to the cluster file)."""
 
     def fix(p: Path | None) -> Path | None:
         if p is None:
@@ -512,7 +534,8 @@ def _resolve_paths(c: Cluster, base: Path) -> Cluster:
     ssh = c.ssh.model_copy(update={"key": fix(c.ssh.key), "known_hosts": fix(c.ssh.known_hosts)})
     nodes = [n.model_copy(update={"ssh": n.ssh.model_copy(update={"key": fix(n.ssh.key)})})
              if n.ssh and n.ssh.key else n for n in c.nodes]
-    return c.model_copy(update={"ssh": ssh, "nodes": nodes})
+    ha = c.homeassistant.model_copy(update={"token_file": fix(c.homeassistant.token_file)})
+    return c.model_copy(update={"ssh": ssh, "nodes": nodes, "homeassistant": ha})
 
 
 def yaml_path(loc: tuple[Any, ...]) -> str:

@@ -172,7 +172,7 @@ def test_node_files(rendered):
 def test_secrets_are_generated_once_0600_and_strong(tmp_path):
     c = load_cluster(cluster_in(tmp_path))
     made = secrets.ensure(c)
-    assert set(made) == set(secrets.names(c))
+    assert set(made) == set(secrets.generated(c))
     before = {n: secrets.read(c, n) for n in made}
     assert secrets.ensure(c) == []
     assert {n: secrets.read(c, n) for n in made} == before
