@@ -234,39 +234,17 @@ class Swarm(_Strict):
 class HomeAssistant(_Strict):
     time_zone: str = "UTC"
     port: int = Field(8123, ge=1, le=65535)
-    # A waiting Home Assistant container on every node; the one holding the volume's lock runs
-    # HA. Its failover then needs no scheduling by swarm, whose leader may be the node that
-    # died. Default: on with publish_mode host (the routing mesh would also send requests to
-    # the waiting ones).
+    # A waiting HA container on every node; the volume lock's holder runs HA: a failover needs no
+    # swarm scheduling. Default: on with publish_mode host (ingress would reach waiting ones too).
     standby: bool | None = None
-    # `doit setup` completes HA's onboarding through HA's HTTP API (tasks/onboard.py): the owner
-    # account (generated password), a long-lived token for haswarm's checks, the MQTT
-    # integration. false: onboarding and the MQTT integration are left to the user.
-    onboard: bool = True
-    owner: str = Field("owner", description="login name of the owner account onboarding creates")
-    language: str = Field("en", description="language of the owner (HA names default areas in it)")
-    token_file: Path | None = Field(
-        None, description="a long-lived access token of an HA admin (relative to the cluster "
-                          "file); default: the one onboarding stores in the secrets directory")
+    onboard: bool = True  # `doit setup` onboards HA and adds MQTT (tasks/onboard.py); false: you
+    token_file: Path | None = None  # an HA admin's long-lived token; default: ha-onboard's own
 
     @field_validator("time_zone")
     @classmethod
     def _tz(cls, v: str) -> str:
         return _matching(v, r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*",
                          "a time zone name such as Europe/Berlin")
-
-    @field_validator("owner")
-    @classmethod
-    def _owner(cls, v: str) -> str:
-        # Home Assistant folds user names to lower case and strips them (auth provider
-        # `homeassistant`): accept only names it keeps as they are.
-        return _matching(v, r"[a-z0-9][a-z0-9_.-]{0,63}",
-                         "a login name (lower-case letters, digits, '_', '.', '-')")
-
-    @field_validator("language")
-    @classmethod
-    def _language(cls, v: str) -> str:
-        return _matching(v, r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", "a language code such as en or de")
 
 
 class MQTT(_Strict):
@@ -523,7 +501,7 @@ def load_cluster(path: Path | str) -> Cluster:
 
 
 def _resolve_paths(c: Cluster, base: Path) -> Cluster:
-    """Make SSH key, known_hosts and HA token paths absolute (relative to the cluster file)."""
+    """Make SSH key and known_hosts paths absolute (relative to the cluster file)."""
 
     def fix(p: Path | None) -> Path | None:
         if p is None:
@@ -534,8 +512,7 @@ def _resolve_paths(c: Cluster, base: Path) -> Cluster:
     ssh = c.ssh.model_copy(update={"key": fix(c.ssh.key), "known_hosts": fix(c.ssh.known_hosts)})
     nodes = [n.model_copy(update={"ssh": n.ssh.model_copy(update={"key": fix(n.ssh.key)})})
              if n.ssh and n.ssh.key else n for n in c.nodes]
-    ha = c.homeassistant.model_copy(update={"token_file": fix(c.homeassistant.token_file)})
-    return c.model_copy(update={"ssh": ssh, "nodes": nodes, "homeassistant": ha})
+    return c.model_copy(update={"ssh": ssh, "nodes": nodes})
 
 
 def yaml_path(loc: tuple[Any, ...]) -> str:

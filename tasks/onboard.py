@@ -56,7 +56,8 @@ STEP = "ha-onboard"
 # Onboarding's steps in HA's order (onboarding/const.py STEPS, unchanged 2021-2026).
 USER, CORE_CONFIG, ANALYTICS, INTEGRATION = "user", "core_config", "analytics", "integration"
 STEPS = (USER, CORE_CONFIG, ANALYTICS, INTEGRATION)
-MQTT_ACTION = "mqtt"
+# The plan's other actions: the owner account with haswarm's token, the MQTT integration.
+OWNER, MQTT_ACTION = "owner", "mqtt"
 # Home Assistant reaches the broker inside the stack, on the overlay network: the service name
 # (swarm's DNS gives the running tasks) and the container's port, not the published one. A
 # waiting broker (standby) has no listener, so a connection there is refused at once and the
@@ -64,6 +65,8 @@ MQTT_ACTION = "mqtt"
 MQTT_BROKER = "mosquitto"
 MQTT_BROKER_PORT = 1883
 MQTT_USER = "homeassistant"
+OWNER_LOGIN = "owner"  # the owner's login and display name; its password is generated
+LANGUAGE = "en"  # the owner's language: HA names the default areas in it
 TOKEN_NAME = "haswarm"  # the long-lived token's name in the owner's profile (unique per user)
 TOKEN_DAYS = 3650
 HTTP_TIMEOUT = 60.0  # core_config sets up a few integrations before it answers (2024.1)
@@ -128,9 +131,6 @@ class Plan:
 
     actions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-OWNER = "owner"
 
 
 def plan(facts: Facts, manual: str) -> Plan:
@@ -384,13 +384,12 @@ class _Session:
 def _ops(c: Cluster, api: HomeAssistantAPI, actions: list[str], session: _Session,
          replaced: bool) -> list[Op]:
     """The plan's actions as Ops (each a call made when applied), with what each says."""
-    ha = c.homeassistant
     where = secrets.token_path(c)
 
     def owner() -> None:
         password = secrets.read(c, secrets.HA_OWNER_PASSWORD)
         api.hide(password)
-        session.access = api.create_owner(ha.owner, ha.owner, password, ha.language)
+        session.access = api.create_owner(OWNER_LOGIN, OWNER_LOGIN, password, LANGUAGE)
         session.token = api.long_lived_token(session.access)
         secrets.write_private(where, session.token)
 
@@ -404,7 +403,7 @@ def _ops(c: Cluster, api: HomeAssistantAPI, actions: list[str], session: _Sessio
         say(api.node, f"{STEP}: {api.add_mqtt(token, secrets.read(c, f'mqtt_{MQTT_USER}'))}")
 
     described: dict[str, tuple[str, Callable[[], None]]] = {
-        OWNER: (f"create the owner account {ha.owner!r} (password in "
+        OWNER: (f"create the owner account {OWNER_LOGIN!r} (password in "
                 f"{secrets.path(c, secrets.HA_OWNER_PASSWORD)}) and a long-lived token for "
                 f"haswarm ({where}" + (", replacing a token of an earlier Home Assistant)"
                                        if replaced else ")"), owner),

@@ -52,8 +52,11 @@ def generated(c: Cluster) -> list[str]:
 
 def token_path(c: Cluster) -> Path:
     """Home Assistant's long-lived access token: `homeassistant.token_file` when set (the
-    user's), else the one onboarding stores beside the other secrets."""
-    return c.homeassistant.token_file or path(c, HA_TOKEN)
+    user's; relative to the project root, as `secrets_dir`), else the one onboarding stores
+    beside the other secrets."""
+    if c.homeassistant.token_file is None:
+        return path(c, HA_TOKEN)
+    return (PROJECT_ROOT / c.homeassistant.token_file.expanduser()).resolve()
 
 
 def ha_token(c: Cluster) -> str | None:

@@ -8,7 +8,9 @@ mDNS name its Avahi holds. Then, from one node that answers: the swarm's view of
 (`docker node inspect`: Ready/Down, availability, manager reachability), the volume's bricks
 (`gluster volume status --xml`) and the entries each brick still has to heal (`gluster volume
 heal VOL info summary --xml`), the services' replica counts. From this computer: does Home
-Assistant answer HTTP, does Mosquitto answer MQTT (CONNACK), on which node (and on the VIP).
+Assistant answer HTTP, does Mosquitto answer MQTT (CONNACK), on which node (and on the VIP);
+and, with haswarm's Home Assistant token (tasks/onboard.py), the state of HA's MQTT integration
+("loaded": it runs and keeps its broker connection).
 
 Unreachable nodes appear as such, with what the others say about them. `problems()` lists every
 deviation from a healthy, converged cluster (the drill waits for it to be empty); the task prints
@@ -99,6 +101,9 @@ class ClusterStatus:
     updating: dict[str, str] = field(default_factory=dict)  # short name -> update state
     gluster_known: bool = False  # volume status / heal info answered
     vip_mqtt: int | None = None  # CONNACK return code through the VIP (None: no answer)
+    # Home Assistant's MQTT integration (its config entry's state, "loaded" when it runs;
+    # "absent", "token refused"); None: not asked (HA answers nowhere) or no token here.
+    ha_mqtt: str | None = None
     seconds: float = 0.0
 
     def node(self, name: str) -> NodeStatus:
@@ -215,6 +220,9 @@ class ClusterStatus:
             out.append(f"db-seed runs on {', '.join(seeds)} (a bootstrap did not finish)")
         if not self.ha_answers():
             out.append(f"Home Assistant answers HTTP on no node (port {c.homeassistant.port})")
+        if self.ha_mqtt not in (None, "loaded", "token refused"):
+            out.append(f"Home Assistant's MQTT integration is {self.ha_mqtt}, want loaded"
+                       + (" (`doit ha-onboard` adds it)" if self.ha_mqtt == "absent" else ""))
         if not self.mqtt_answers():
             out.append(f"Mosquitto answers MQTT on no node (port {c.mqtt.port})")
         if c.vip.address:
@@ -345,6 +353,7 @@ def _index_fallback(status: ClusterStatus) -> None:
 
 def gather(c: Cluster, r: Remote | None = None) -> ClusterStatus:
     """Read the whole status (SSH to every node at once, HTTP/MQTT probes from here)."""
+    from tasks.onboard import mqtt_state
     from tasks.remote import Remote
     from tasks.stack_observe import http_answer
 
@@ -374,6 +383,8 @@ def gather(c: Cluster, r: Remote | None = None) -> ClusterStatus:
                 st.http = http[st.name].result()
                 st.mqtt = mqtt[st.name].result()
             status.vip_mqtt = vip.result() if vip is not None else None
+        if answers := status.ha_answers():
+            status.ha_mqtt = mqtt_state(c, answers[0], status.node(answers[0]).address)
     finally:
         if own:
             remote.close()
@@ -487,6 +498,12 @@ def summary(st: ClusterStatus) -> list[str]:
                + (", ".join(f"HTTP {by[x].http} at {by[x].address}:{c.homeassistant.port}"
                             for x in ha) if ha else "nowhere")
                + (f" (replicas {st.services[HA]})" if HA in st.services else ""))
+    if st.ha_answers():
+        from tasks.secrets import token_path
+
+        out.append("Home Assistant's MQTT integration: " + (
+            st.ha_mqtt if st.ha_mqtt is not None
+            else f"unknown (no Home Assistant token in {token_path(c)})"))
     mq = st.mqtt_answers()
     standby = st.mqtt_standbys()
     out.append(f"Mosquitto: runs on {', '.join(st.mqtt_nodes()) or 'no node'}"
