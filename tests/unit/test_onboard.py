@@ -42,6 +42,8 @@ class FakeHA:
         self.entry_data: dict[str, dict[str, Any]] = {}
         self.flows: set[str] = set()
         self.broker_ok = True
+        self.core_config_status = 200  # 500: an integration it sets up failed (2024.1)
+        self.websocket_ok = True
         self.calls: list[str] = []  # "METHOD /path"
         self.lock = threading.Lock()
 
@@ -116,7 +118,7 @@ def handler_for(ha: FakeHA) -> type[BaseHTTPRequestHandler]:
                 return self.reply(200, {})
             if path == "/api/onboarding":
                 return self.reply(200, [{"step": s, "done": s in ha.done} for s in STEPS])
-            if path == "/api/websocket":
+            if path == "/api/websocket" and ha.websocket_ok:
                 return self.websocket()
             if path == "/api/config/config_entries/entry":
                 if not self.token():
@@ -168,6 +170,8 @@ def handler_for(ha: FakeHA) -> type[BaseHTTPRequestHandler]:
                 if step == "integration" and set(data) != {"client_id", "redirect_uri"}:
                     return self.reply(400, {"message": "Message format incorrect"})
                 ha.done.append(step)  # marked done before the checks below, as HA does
+                if step == "core_config" and ha.core_config_status != 200:
+                    return self.reply(ha.core_config_status, {"message": "Internal Server Error"})
                 if step != "integration":
                     return self.reply(200, {})
                 client = urllib.parse.urlparse(data["client_id"])
@@ -320,7 +324,7 @@ def test_home_assistant_onboarded_by_hand_is_left_alone_with_how_to(ha, tmp_path
     out = capsys.readouterr().out
     assert ha.changes() == []
     assert ha.entries == [] and not secrets.token_path(c).exists()
-    assert "onboarded without haswarm" in out and "left as it is" in out
+    assert "haswarm has no token for it" in out and "left as it is" in out
     assert "Add integration > MQTT; broker mosquitto, port 1883, user homeassistant" in out
     assert str(secrets.path(c, "mqtt_homeassistant")) in out
     assert str(secrets.token_path(c)) in out
@@ -363,6 +367,27 @@ def test_a_broker_home_assistant_cannot_use_fails_naming_node_and_what_to_do(ha,
     ha.broker_ok = True
     onboard.setup(c, None)  # the owner exists and the token is ours: only MQTT is left
     assert len(ha.entries) == 1
+
+
+def test_a_step_that_failed_after_it_was_marked_done_counts_as_done(ha, tmp_path, capsys):
+    ha.core_config_status = 500
+    c = cluster(tmp_path, ha.port)
+    onboard.setup(c, None)
+    assert ha.done == STEPS and len(ha.entries) == 1
+
+
+def test_no_token_after_the_owner_was_made_says_how_to_go_on(ha, tmp_path, capsys):
+    ha.websocket_ok = False
+    c = cluster(tmp_path, ha.port)
+    with pytest.raises(HAError) as e:
+        onboard.setup(c, None)
+    assert "ha-onboard on pi1: websocket" in e.value.message
+    assert f"save it in {secrets.token_path(c)}" in e.value.hint
+    assert str(secrets.path(c, secrets.HA_OWNER_PASSWORD)) in e.value.hint
+    assert not shown_secrets(c, str(e.value), ha)
+    capsys.readouterr()
+    onboard.setup(c, None)  # a re-run: onboarded, no token of ours: left alone, says how
+    assert "haswarm has no token for it" in capsys.readouterr().out
 
 
 def test_dry_run_and_onboard_false_change_nothing(ha, tmp_path, capsys):
