@@ -309,11 +309,10 @@ class HomeAssistantAPI:
                                              http_no_proxy=[self.address])
         except (OSError, websocket.WebSocketException) as e:
             raise self.fail(what, f"cannot connect ({e})", "run `doit status`") from None
-        try:
+        try:  # HA: auth_required; we: auth; HA: auth_ok (websocket_api/auth.py)
+            json.loads(ws.recv())
             ws.send(json.dumps({"type": "auth", "access_token": access_token}))
-            while (msg := json.loads(ws.recv())).get("type") == "auth_required":
-                pass
-            if msg.get("type") != "auth_ok":
+            if (msg := json.loads(ws.recv())).get("type") != "auth_ok":
                 raise self.fail(what, f"authentication refused ({msg.get('type')})",
                                 "report this with the Home Assistant version")
             ws.send(json.dumps({"id": 1, "type": "auth/long_lived_access_token",
@@ -415,6 +414,7 @@ def _ops(c: Cluster, api: HomeAssistantAPI, actions: list[str], session: _Sessio
     def mqtt() -> None:
         token = session.token or ""
         if api.entries(token):
+            say(api.node, f"{STEP}: MQTT integration present already")
             return
         say(api.node, f"{STEP}: {api.add_mqtt(token, secrets.read(c, f'mqtt_{MQTT_USER}'))}")
 
@@ -463,7 +463,9 @@ def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
         raise api.fail("onboarding", f"steps still not done: {', '.join(left)}",
                        "finish onboarding in Home Assistant's UI")
     states = [e.state for e in api.entries(session.token or "")]
-    say(node, f"{STEP}: onboarding done; MQTT integration {'/'.join(states) or 'absent'}")
+    say(node, f"{STEP}: onboarding done; MQTT integration {'/'.join(states) or 'absent'}"
+        + ("" if states == ["loaded"] else " (want loaded: see Home Assistant's log, Settings > "
+           "System > Logs, and `doit status`)"))
     return {"via": node.name, "onboarded": True, "mqtt": states}
 
 
