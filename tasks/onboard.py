@@ -36,11 +36,15 @@ Where HA is reached: from this computer, at the node where it answers HTTP on
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -182,7 +186,7 @@ class HomeAssistantAPI:
     def __init__(self, node: str, address: str, port: int, timeout: float = HTTP_TIMEOUT,
                  hidden: list[str] | None = None) -> None:
         self.node, self.address, self.port, self.timeout = node, address, port, timeout
-        self.base = f"http://{address}:{port}"
+        self.base = f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
         self.hidden = [h for h in hidden or [] if h]
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -294,35 +298,37 @@ class HomeAssistantAPI:
                         "not done", _TOKEN_HINT if status == 401 else
                         f"finish onboarding in Home Assistant's UI, or run `doit {STEP}` again")
 
-    def long_lived_token(self, access_token: str, name: str = TOKEN_NAME,
-                         days: int = TOKEN_DAYS) -> str:
-        """A long-lived access token of the signed-in user, over the websocket API."""
+    @contextlib.contextmanager
+    def websocket(self, token: str, what: str) -> Iterator[Any]:
+        """An authenticated connection to HA's websocket API (a websocket-client WebSocket):
+        HA sends auth_required, we send auth, HA answers auth_ok (websocket_api/auth.py)."""
+        websocket = _websocket_client()
+        host = f"[{self.address}]" if ":" in self.address else self.address
         try:
-            import websocket  # websocket-client
-        except ImportError:
-            raise HAError("haswarm needs websocket-client on this computer",
-                          "pip install 'websocket-client>=1.6' (or run ./install.sh)") from None
-        url = f"ws://{self.address}:{self.port}/api/websocket"
-        what = "websocket auth/long_lived_access_token"
-        try:
-            ws = websocket.create_connection(url, timeout=self.timeout,
-                                             http_no_proxy=[self.address])
+            ws = websocket.create_connection(f"ws://{host}:{self.port}/api/websocket",
+                                             timeout=self.timeout, http_no_proxy=[self.address])
         except (OSError, websocket.WebSocketException) as e:
             raise self.fail(what, f"cannot connect ({e})", "run `doit status`") from None
-        try:  # HA: auth_required; we: auth; HA: auth_ok (websocket_api/auth.py)
+        try:
             json.loads(ws.recv())
-            ws.send(json.dumps({"type": "auth", "access_token": access_token}))
+            ws.send(json.dumps({"type": "auth", "access_token": token}))
             if (msg := json.loads(ws.recv())).get("type") != "auth_ok":
                 raise self.fail(what, f"authentication refused ({msg.get('type')})",
-                                "report this with the Home Assistant version")
-            ws.send(json.dumps({"id": 1, "type": "auth/long_lived_access_token",
-                                "client_name": name, "lifespan": days}))
-            while (msg := json.loads(ws.recv())).get("id") != 1:
-                pass
+                                _TOKEN_HINT)
+            yield ws
         except (OSError, ValueError, websocket.WebSocketException) as e:
             raise self.fail(what, f"the connection failed ({e})", "run `doit status`") from None
         finally:
             ws.close()
+
+    def long_lived_token(self, access_token: str, name: str = TOKEN_NAME,
+                         days: int = TOKEN_DAYS) -> str:
+        """A long-lived access token of the signed-in user, over the websocket API."""
+        what = "websocket auth/long_lived_access_token"
+        with self.websocket(access_token, what) as ws:
+            ws.send(json.dumps({"id": 1, "type": "auth/long_lived_access_token",
+                                "client_name": name, "lifespan": days}))
+            msg = _result(ws, 1)
         if not msg.get("success") or not isinstance(msg.get("result"), str):
             error = (msg.get("error") or {}).get("message", msg)
             raise self.fail(what, f"refused: {error}",
@@ -330,6 +336,29 @@ class HomeAssistantAPI:
                             "owner's profile (Security) and run the task again")
         self.hide(msg["result"])
         return msg["result"]
+
+    def mqtt_delivery(self, token: str, publish: Callable[[str, str], None],
+                      timeout: float = 3.0) -> float | None:
+        """Seconds until a message that `publish(topic, payload)` sends to the broker reaches
+        Home Assistant's MQTT client (websocket `mqtt/subscribe`, for admins); None when none
+        did within `timeout`. Published again every 0.3 s: HA subscribes a moment later."""
+        websocket = _websocket_client()
+        topic = f"haswarm/status/{uuid.uuid4().hex[:12]}"
+        with self.websocket(token, "websocket mqtt/subscribe") as ws:
+            ws.send(json.dumps({"id": 1, "type": "mqtt/subscribe", "topic": topic}))
+            if not _result(ws, 1).get("success"):
+                raise self.fail("websocket mqtt/subscribe", "refused", _TOKEN_HINT)
+            ws.settimeout(0.3)
+            started = time.monotonic()
+            while time.monotonic() - started < timeout:
+                publish(topic, "haswarm status")
+                try:
+                    msg = json.loads(ws.recv())
+                except websocket.WebSocketTimeoutException:
+                    continue
+                if msg.get("type") == "event" and (msg.get("event") or {}).get("topic") == topic:
+                    return time.monotonic() - started
+        return None
 
     def add_mqtt(self, token: str, password: str) -> str:
         """Configure the MQTT integration through the config flow; returns what happened."""
@@ -367,6 +396,24 @@ class HomeAssistantAPI:
 
 _TOKEN_HINT = ("the token may be revoked or not an administrator's: put a long-lived access "
                "token of an HA administrator in the token file (see `homeassistant.token_file`)")
+
+
+def _websocket_client() -> Any:
+    """The websocket-client module (imported when needed: `doit list` stays fast)."""
+    try:
+        import websocket
+    except ImportError:
+        raise HAError("haswarm needs websocket-client on this computer",
+                      "pip install 'websocket-client>=1.6' (or run ./install.sh)") from None
+    return websocket
+
+
+def _result(ws: Any, msg_id: int) -> dict[str, Any]:
+    """The websocket API's `result` message for command `msg_id` (events before it skipped)."""
+    while not ((msg := json.loads(ws.recv())).get("id") == msg_id
+               and msg.get("type") == "result"):
+        pass
+    return msg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,6 +548,34 @@ def mqtt_state(c: Cluster, node: str, address: str, timeout: float = 3.0) -> str
     if entries is None:
         return None
     return "/".join(e.state for e in entries) or "absent"
+
+
+def mqtt_delivery(c: Cluster, node: str, address: str, broker: str,
+                  timeout: float = 3.0) -> float | None:
+    """Seconds a message published to the broker at `broker` (as the stack's healthcheck user)
+    took to reach Home Assistant at `address`: proof that HA's MQTT client is connected (an
+    entry "loaded" is not: HA keeps it loaded and reconnects). math.inf: none arrived within
+    `timeout`; None: it could not be tried (no token, no broker login, no websocket)."""
+    from tasks.mqtt_probe import mqtt_connack, mqtt_publish
+
+    token = secrets.ha_token(c)
+    user = secrets.HEALTHCHECK_MQTT_USER
+    try:
+        password = secrets.read(c, f"mqtt_{user}")
+    except OSError:
+        return None
+    if not token or mqtt_connack(broker, c.mqtt.port, 1.5, user, password) != 0:
+        return None
+
+    def publish(topic: str, payload: str) -> None:
+        mqtt_publish(broker, c.mqtt.port, user, password, topic, payload, timeout=1.0)
+
+    try:
+        api = HomeAssistantAPI(node, address, c.homeassistant.port, timeout=timeout)
+        seconds = api.mqtt_delivery(token, publish, timeout)
+    except HAError:
+        return None
+    return math.inf if seconds is None else seconds
 
 
 def task_ha_onboard() -> dict[str, Any]:

@@ -22,6 +22,7 @@ the table are pure too; all are unit-tested with recorded output.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -104,6 +105,9 @@ class ClusterStatus:
     # Home Assistant's MQTT integration (its config entry's state, "loaded" when it runs;
     # "absent", "token refused"); None: not asked (HA answers nowhere) or no token here.
     ha_mqtt: str | None = None
+    # Seconds a message sent to the broker took to reach HA (math.inf: none within the probe's
+    # 3 s); None: not tried (the entry is not loaded, no broker answers, no token).
+    ha_mqtt_delivery: float | None = None
     seconds: float = 0.0
 
     def node(self, name: str) -> NodeStatus:
@@ -353,7 +357,7 @@ def _index_fallback(status: ClusterStatus) -> None:
 
 def gather(c: Cluster, r: Remote | None = None) -> ClusterStatus:
     """Read the whole status (SSH to every node at once, HTTP/MQTT probes from here)."""
-    from tasks.onboard import mqtt_state
+    from tasks.onboard import mqtt_delivery, mqtt_state
     from tasks.remote import Remote
     from tasks.stack_observe import http_answer
 
@@ -384,7 +388,12 @@ def gather(c: Cluster, r: Remote | None = None) -> ClusterStatus:
                 st.mqtt = mqtt[st.name].result()
             status.vip_mqtt = vip.result() if vip is not None else None
         if answers := status.ha_answers():
-            status.ha_mqtt = mqtt_state(c, answers[0], status.node(answers[0]).address)
+            ha = status.node(answers[0])
+            status.ha_mqtt = mqtt_state(c, ha.name, ha.address)
+            brokers = ([c.vip.address] if status.vip_mqtt is not None else []) + [
+                status.node(n).address for n in status.mqtt_answers()]
+            if status.ha_mqtt == "loaded" and brokers and brokers[0]:
+                status.ha_mqtt_delivery = mqtt_delivery(c, ha.name, ha.address, brokers[0])
     finally:
         if own:
             remote.close()
@@ -486,6 +495,22 @@ def table(st: ClusterStatus) -> str:
     return "\n".join(lines)
 
 
+def _ha_mqtt_line(st: ClusterStatus) -> str:
+    """Home Assistant's MQTT integration: its entry's state, and whether a message sent to the
+    broker reached HA."""
+    from tasks.secrets import token_path
+
+    if st.ha_mqtt is None:
+        return ("Home Assistant's MQTT integration: unknown (no Home Assistant token in "
+                f"{token_path(st.cluster)})")
+    line = f"Home Assistant's MQTT integration: {st.ha_mqtt}"
+    if st.ha_mqtt_delivery == math.inf:
+        line += "; a message sent to the broker did NOT reach it within 3 s"
+    elif st.ha_mqtt_delivery is not None:
+        line += f"; a message sent to the broker reached it in {st.ha_mqtt_delivery:.1f} s"
+    return line
+
+
 def summary(st: ClusterStatus) -> list[str]:
     """A few lines: where Home Assistant and Mosquitto answer, VIP, mDNS, Gluster, Galera."""
     c = st.cluster
@@ -499,11 +524,7 @@ def summary(st: ClusterStatus) -> list[str]:
                             for x in ha) if ha else "nowhere")
                + (f" (replicas {st.services[HA]})" if HA in st.services else ""))
     if st.ha_answers():
-        from tasks.secrets import token_path
-
-        out.append("Home Assistant's MQTT integration: " + (
-            st.ha_mqtt if st.ha_mqtt is not None
-            else f"unknown (no Home Assistant token in {token_path(c)})"))
+        out.append(_ha_mqtt_line(st))
     mq = st.mqtt_answers()
     standby = st.mqtt_standbys()
     out.append(f"Mosquitto: runs on {', '.join(st.mqtt_nodes()) or 'no node'}"

@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import secrets as random
+import socket
 import struct
 import threading
 import urllib.parse
@@ -44,12 +46,22 @@ class FakeHA:
         self.broker_ok = True
         self.core_config_status = 200  # 500: an integration it sets up failed (2024.1)
         self.websocket_ok = True
+        self.mqtt_connected = True  # HA's MQTT client gets what the broker sends
+        self.subscribers: dict[str, tuple[Any, int]] = {}  # topic -> (websocket out, id)
         self.calls: list[str] = []  # "METHOD /path"
         self.lock = threading.Lock()
 
     def changes(self) -> list[str]:
         """Every call that was not a read."""
         return [c for c in self.calls if not c.startswith("GET ")]
+
+    def deliver(self, topic: str, payload: str) -> None:
+        """The broker sends HA a message: subscribers over the websocket API get an event."""
+        with self.lock:
+            if self.mqtt_connected and topic in self.subscribers:
+                out, msg_id = self.subscribers[topic]
+                _send_frame(out, {"id": msg_id, "type": "event", "event": {
+                    "topic": topic, "payload": payload, "qos": 0, "retain": False}})
 
     def onboarded_by_hand(self) -> str:
         """Onboarding done in the browser; returns an admin's long-lived token (the user's)."""
@@ -239,7 +251,11 @@ def handler_for(ha: FakeHA) -> type[BaseHTTPRequestHandler]:
                 with ha.lock:
                     ha.calls.append(f"WS {msg.get('type')}")
                     name, days = msg.get("client_name"), msg.get("lifespan")
-                    if msg.get("type") != "auth/long_lived_access_token" \
+                    if msg.get("type") == "mqtt/subscribe":
+                        ha.subscribers[msg["topic"]] = (self.wfile, msg["id"])
+                        reply = {"id": msg["id"], "type": "result", "success": True,
+                                 "result": None}
+                    elif msg.get("type") != "auth/long_lived_access_token" \
                             or not isinstance(name, str) or not isinstance(days, int):
                         reply = {"id": msg.get("id"), "type": "result", "success": False,
                                  "error": {"code": "invalid_format", "message": "bad"}}
@@ -251,9 +267,51 @@ def handler_for(ha: FakeHA) -> type[BaseHTTPRequestHandler]:
                         ha.llat[name] = random.token_hex(24)
                         reply = {"id": msg["id"], "type": "result", "success": True,
                                  "result": ha.llat[name]}
-                _send_frame(self.wfile, reply)
+                    _send_frame(self.wfile, reply)
 
     return Handler
+
+
+class FakeBroker:
+    """Just enough of an MQTT 3.1.1 broker: CONNACK 0 for `password`, PUBLISH handed to
+    `on_publish` (the broker's subscriber, Home Assistant)."""
+
+    def __init__(self, password: str, on_publish) -> None:
+        self.password, self.on_publish = password, on_publish
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                packets = self.packets(conn)
+                connect = next(packets, None)
+                ok = connect is not None and self.password.encode() in connect[1]
+                conn.sendall(bytes([0x20, 2, 0, 0 if ok else 5]))
+                for kind, body in packets if ok else ():
+                    if kind == 3:
+                        n = int.from_bytes(body[:2], "big")
+                        self.on_publish(body[2:2 + n].decode(), body[2 + n:].decode())
+
+    @staticmethod
+    def packets(conn):
+        while head := conn.recv(1):
+            length, shift = 0, 0
+            while True:
+                byte = conn.recv(1)[0]
+                length += (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+            body = b""
+            while len(body) < length:
+                body += conn.recv(length - len(body))
+            yield head[0] >> 4, body
 
 
 @pytest.fixture
@@ -439,6 +497,27 @@ def test_status_shows_the_mqtt_integration(ha, tmp_path):
     assert not any("MQTT integration" in p for p in st.problems())
     st.ha_mqtt = None
     assert any("unknown (no Home Assistant token" in line for line in status.summary(st))
+
+
+def test_status_proves_a_message_from_the_broker_reaches_home_assistant(ha, tmp_path):
+    c = cluster(tmp_path, ha.port)
+    onboard.setup(c, None)
+    broker = FakeBroker(secrets.read(c, f"mqtt_{secrets.HEALTHCHECK_MQTT_USER}"), ha.deliver)
+    c = c.model_copy(update={"mqtt": c.mqtt.model_copy(update={"port": broker.port})})
+    seconds = onboard.mqtt_delivery(c, "pi1", "127.0.0.1", "127.0.0.1")
+    assert seconds is not None and seconds < 1
+    ha.mqtt_connected = False  # the entry stays "loaded", HA's client is cut from the broker
+    assert onboard.mqtt_delivery(c, "pi1", "127.0.0.1", "127.0.0.1", timeout=1) == math.inf
+    assert status_state(c, ha) == "loaded"
+    broker.password = "another"  # no broker login: cannot tell
+    assert onboard.mqtt_delivery(c, "pi1", "127.0.0.1", "127.0.0.1", timeout=1) is None
+
+    node = status.NodeStatus("pi1", "127.0.0.1", reachable=True, http=200)
+    st = status.ClusterStatus(cluster=c, nodes=[node], ha_mqtt="loaded", ha_mqtt_delivery=0.25)
+    assert ("Home Assistant's MQTT integration: loaded; a message sent to the broker reached it "
+            "in 0.2 s") in status.summary(st)
+    st.ha_mqtt_delivery = math.inf
+    assert any("did NOT reach it within 3 s" in line for line in status.summary(st))
 
 
 # ---------------------------------------------------------------------------------------------
