@@ -42,7 +42,8 @@ def test_onboard_again_does_nothing(cluster, deployed):
 
 def test_status_shows_the_mqtt_integration_loaded(cluster, deployed):
     run = doit("status")
-    assert "Home Assistant's MQTT integration: loaded" in run.output, run.output[-3000:]
+    assert ("Home Assistant's MQTT integration: loaded; a message sent to the broker reached "
+            "it in") in run.output, run.output[-3000:]
 
 
 def test_a_sensor_published_over_mqtt_appears_in_home_assistant(cluster, deployed):
