@@ -32,6 +32,9 @@ mqtt/config_flow.py (step `broker`: broker, port, username, password; `single_in
 
 Where HA is reached: from this computer, at the node where it answers HTTP on
 `homeassistant.port` (`stack_observe.probe_http`, as `doit stack` and `doit status` do).
+
+For `doit status`: `mqtt_state` (the MQTT entry's state) and `mqtt_delivery` (does a message
+sent to the broker reach HA: websocket `mqtt/subscribe`, the same in both releases).
 """
 
 from __future__ import annotations
@@ -241,8 +244,9 @@ class HomeAssistantAPI:
         if status not in ok:
             message = data.get("message") if isinstance(data, dict) else data
             raise self.fail(f"{method} {path}", f"HTTP {status} {str(message or '')[:300]}",
-                            hint or f"read Home Assistant's log (`docker service logs "
-                                    f"<stack>_homeassistant`) and run `doit {STEP}` again")
+                            hint or "read Home Assistant's log (`docker service logs "
+                                    "NAME_homeassistant` on a manager, NAME the cluster's name) "
+                                    f"and run `doit {STEP}` again")
         return data
 
     # -- the calls haswarm makes ------------------------------------------------------------
