@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tasks import onboard, secrets, stack_observe
+from tasks import ha_api, secrets, stack_observe
 from tasks.mqtt_client import MQTTSession
 from tests.lab.conftest import doit
 
@@ -18,16 +18,16 @@ pytestmark = pytest.mark.lab
 SENSOR = "haswarm_lab_temperature"  # unique_id and object id of the test's sensor
 
 
-def ha(cluster) -> onboard.HomeAssistantAPI:
+def ha(cluster) -> ha_api.HomeAssistantAPI:
     """Home Assistant's API where it answers."""
     name, _ = stack_observe.probe_http(cluster, cluster.homeassistant.port, 120)
     node = cluster.node(name)
-    return onboard.HomeAssistantAPI(node.name, node.address, cluster.homeassistant.port)
+    return ha_api.HomeAssistantAPI(node.name, node.address, cluster.homeassistant.port)
 
 
 def test_setup_onboarded_home_assistant_and_added_mqtt(cluster, deployed):
     api = ha(cluster)
-    assert api.onboarding() == dict.fromkeys(onboard.STEPS, True)
+    assert api.onboarding() == dict.fromkeys(ha_api.STEPS, True)
     token = secrets.ha_token(cluster)
     assert token, f"no token in {secrets.token_path(cluster)}"
     assert secrets.token_path(cluster).stat().st_mode & 0o777 == 0o600

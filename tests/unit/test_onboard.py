@@ -25,7 +25,8 @@ import pytest
 
 from tasks import onboard, render, secrets, status
 from tasks.config import LAB_CLUSTER_FILE, Cluster, Node, load_cluster
-from tasks.onboard import Entry, Facts, HAError, parse_entries, parse_onboarding, plan
+from tasks.ha_api import Entry, HAError, parse_entries, parse_onboarding
+from tasks.onboard import Facts, plan
 
 STEPS = ["user", "core_config", "analytics", "integration"]
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455
