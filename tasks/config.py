@@ -237,7 +237,7 @@ class HomeAssistant(_Strict):
     # A waiting HA container on every node; the volume lock's holder runs HA: a failover needs no
     # swarm scheduling. Default: on with publish_mode host (ingress would reach waiting ones too).
     standby: bool | None = None
-    onboard: bool = True  # `doit setup` onboards HA and adds MQTT (tasks/onboard.py); false: you
+    onboard: bool = True  # setup onboards HA, adds MQTT (tasks/onboard.py); false: left to you
     token_file: Path | None = None  # an HA admin's long-lived token; default: ha-onboard's own
 
     @field_validator("time_zone")

@@ -10,7 +10,8 @@ mDNS name its Avahi holds. Then, from one node that answers: the swarm's view of
 heal VOL info summary --xml`), the services' replica counts. From this computer: does Home
 Assistant answer HTTP, does Mosquitto answer MQTT (CONNACK), on which node (and on the VIP);
 and, with haswarm's Home Assistant token (tasks/onboard.py), the state of HA's MQTT integration
-("loaded": it runs and keeps its broker connection).
+and whether a message sent to the broker reaches HA (an entry "loaded" alone is no proof: HA
+keeps it loaded while its client reconnects).
 
 Unreachable nodes appear as such, with what the others say about them. `problems()` lists every
 deviation from a healthy, converged cluster (the drill waits for it to be empty); the task prints
