@@ -399,7 +399,7 @@ def test_a_token_the_user_provides_adds_mqtt_to_a_hand_onboarded_ha(ha, tmp_path
     assert ha.users == {"alice": "hers"} and list(ha.llat) == ["alice's laptop"]
     assert "haswarm" not in ha.llat
     assert not shown_secrets(c, capsys.readouterr().out, ha)
-    assert status_state(c, ha) == "loaded"
+    assert status_state(c) == "loaded"
 
 
 def test_unfinished_onboarding_with_our_token_is_finished(ha, tmp_path):
@@ -474,21 +474,22 @@ def test_a_token_of_an_earlier_home_assistant_is_replaced(ha, tmp_path, capsys):
 # doit status
 
 
-def status_state(c: Cluster, ha: FakeHA) -> str | None:
+def status_state(c: Cluster) -> str | None:
+    """What `doit status` reads of HA's MQTT entry (HA on pi1, 127.0.0.1)."""
     return onboard.mqtt_state(c, "pi1", "127.0.0.1")
 
 
 def test_status_shows_the_mqtt_integration(ha, tmp_path):
     c = cluster(tmp_path, ha.port)
-    assert status_state(c, ha) is None  # no token here
+    assert status_state(c) is None  # no token here
     onboard.setup(c, None)
-    assert status_state(c, ha) == "loaded"
+    assert status_state(c) == "loaded"
     ha.entries[0]["state"] = "setup_retry"
-    assert status_state(c, ha) == "setup_retry"
+    assert status_state(c) == "setup_retry"
     ha.entries.clear()
-    assert status_state(c, ha) == "absent"
+    assert status_state(c) == "absent"
     secrets.write_private(secrets.token_path(c), "revoked")
-    assert status_state(c, ha) == "token refused"
+    assert status_state(c) == "token refused"
 
     node = status.NodeStatus("pi1", "127.0.0.1", reachable=True, http=200)
     st = status.ClusterStatus(cluster=c, nodes=[node], ha_mqtt="absent")
@@ -509,7 +510,7 @@ def test_status_proves_a_message_from_the_broker_reaches_home_assistant(ha, tmp_
     assert seconds is not None and seconds < 1
     ha.mqtt_connected = False  # the entry stays "loaded", HA's client is cut from the broker
     assert onboard.mqtt_delivery(c, "pi1", "127.0.0.1", "127.0.0.1", timeout=1) == math.inf
-    assert status_state(c, ha) == "loaded"
+    assert status_state(c) == "loaded"
     broker.password = "another"  # no broker login: cannot tell
     assert onboard.mqtt_delivery(c, "pi1", "127.0.0.1", "127.0.0.1", timeout=1) is None
 
