@@ -34,6 +34,7 @@ from tasks.galera import stack_task  # noqa: E402
 from tasks.gluster import task_gluster  # noqa: E402
 from tasks.guard import task_leader_guard  # noqa: E402
 from tasks.homeassistant import task_ha_files  # noqa: E402
+from tasks.onboard import task_ha_onboard  # noqa: E402
 from tasks.plan import plan_task  # noqa: E402
 from tasks.preflight import task_preflight  # noqa: E402
 from tasks.render import task_render  # noqa: E402
@@ -53,8 +54,9 @@ DOIT_CONFIG = {
 
 __all__ = [
     "task_base_image", "task_buildx", "task_images", "task_preload_images",
-    "task_avahi", "task_firewall", "task_gluster", "task_ha_files", "task_preflight", "task_render",
-    "task_secrets", "task_setup", "task_swarm", "task_stack_objects", "task_stack",
+    "task_avahi", "task_firewall", "task_gluster", "task_ha_files", "task_ha_onboard",
+    "task_preflight", "task_render", "task_secrets", "task_setup", "task_swarm",
+    "task_stack_objects", "task_stack",
     "task_vip", "task_leader_guard", "task_status", "task_drill", "task_plan",
     "task_lab_engine", "task_lab_up", "task_lab_down", "task_lab_kill", "task_lab_cut",
     "task_lab_heal", "task_lab_boot", "task_lab_status",
@@ -108,7 +110,8 @@ def _lab_faults(c):
 
 # `doit setup`, in order; `doit plan` runs the remote steps of the same list dry.
 SETUP = [*LAB_UP, "preflight", "firewall", "secrets", "render", "images", "preload-images",
-         "gluster", "ha-files", "avahi", "swarm", "leader-guard", "stack-objects", "stack", "vip"]
+         "gluster", "ha-files", "avahi", "swarm", "leader-guard", "stack-objects", "stack", "vip",
+         "ha-onboard"]
 
 
 def task_setup():

@@ -234,11 +234,11 @@ class Swarm(_Strict):
 class HomeAssistant(_Strict):
     time_zone: str = "UTC"
     port: int = Field(8123, ge=1, le=65535)
-    # A waiting Home Assistant container on every node; the one holding the volume's lock runs
-    # HA. Its failover then needs no scheduling by swarm, whose leader may be the node that
-    # died. Default: on with publish_mode host (the routing mesh would also send requests to
-    # the waiting ones).
+    # A waiting HA container on every node; the volume lock's holder runs HA: a failover needs no
+    # swarm scheduling. Default: on with publish_mode host (ingress would reach waiting ones too).
     standby: bool | None = None
+    onboard: bool = True  # setup onboards HA, adds MQTT (tasks/onboard.py); false: left to you
+    token_file: Path | None = None  # an HA admin's long-lived token; default: ha-onboard's own
 
     @field_validator("time_zone")
     @classmethod

@@ -14,7 +14,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from tasks import avahi, firewall, galera, gluster, guard, homeassistant, stack, swarm, vip
+from tasks import avahi, firewall, galera, gluster, guard, homeassistant, onboard, stack, swarm, vip
 from tasks.config import Cluster, current
 from tasks.errors import HaswarmError
 from tasks.images.preload import setup_preload
@@ -39,6 +39,7 @@ REMOTE_STEPS: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "stack-objects": [("stack-objects", stack.setup_objects)],
     "stack": [("stack", galera.converge)],
     "vip": [("vip", vip.setup)],
+    "ha-onboard": [("ha-onboard", onboard.setup)],  # Home Assistant's API, not SSH
 }
 CONTROLLER_TASKS = ("lab-up", "preflight", "secrets", "render", "images")
 

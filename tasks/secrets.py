@@ -41,10 +41,56 @@ def mqtt_users(c: Cluster) -> list[str]:
     return [*c.mqtt.users, HEALTHCHECK_MQTT_USER]
 
 
+# Home Assistant's owner account (created by onboarding, tasks/onboard.py) and the long-lived
+# access token haswarm keeps for its own checks. Both stay on this computer: no node, no Docker
+# secret. The token is written by onboarding, not generated here.
+HA_OWNER_PASSWORD = "ha_owner_password"
+HA_TOKEN = "ha_token"
+
+
 def names(c: Cluster) -> list[str]:
-    """Every secret the cluster needs, by file name."""
+    """Every secret the stack uses (each becomes a Docker secret), by file name."""
     return ["db_root_password", "db_password", "galera_sst_password",
             *(f"mqtt_{u}" for u in mqtt_users(c))]
+
+
+def controller_names(c: Cluster) -> list[str]:
+    """Generated secrets only this computer uses (never sent to a node)."""
+    return [HA_OWNER_PASSWORD] if c.homeassistant.onboard else []
+
+
+def generated(c: Cluster) -> list[str]:
+    """Every secret `ensure` generates: the stack's and this computer's."""
+    return [*names(c), *controller_names(c)]
+
+
+def token_path(c: Cluster) -> Path:
+    """Home Assistant's long-lived access token: `homeassistant.token_file` when set (the
+    user's; relative to the project root, as `secrets_dir`), else the one onboarding stores
+    beside the other secrets."""
+    if c.homeassistant.token_file is None:
+        return path(c, HA_TOKEN)
+    return (PROJECT_ROOT / c.homeassistant.token_file.expanduser()).resolve()
+
+
+def ha_token(c: Cluster) -> str | None:
+    """The long-lived access token for Home Assistant, None when there is none (yet)."""
+    try:
+        return token_path(c).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def write_private(p: Path, value: str) -> None:
+    """Write `value` to `p` with mode 0600 from the start (a new file moved into place, so a
+    reader never sees half of it and no other user ever could)."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.new")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    os.replace(tmp, p)
 
 
 def directory(c: Cluster) -> Path:
@@ -63,12 +109,13 @@ def read(c: Cluster, name: str) -> str:
 def secret_values(c: Cluster) -> list[str]:
     """Every generated secret value (to scrub from anything shown)."""
     out = []
-    for name in names(c):
+    for name in generated(c):
         try:
             out.append(read(c, name))
         except OSError:
             pass
-    return out
+    token = ha_token(c)
+    return out + ([token] if token else [])
 
 
 def digest(c: Cluster, name: str) -> str:
@@ -96,6 +143,8 @@ def _record(c: Cluster, fingerprints: dict[str, str]) -> None:
 
 
 def _used_by(name: str) -> str:
+    if name == HA_OWNER_PASSWORD:
+        return "Home Assistant's owner account keeps the old password"
     if name.startswith("mqtt_"):
         return (f"Mosquitto's user {name.removeprefix('mqtt_')!r} and every client that logs in "
                 "as it (Home Assistant's MQTT integration, sensors) keep the old password")
@@ -123,7 +172,7 @@ def ensure(c: Cluster) -> list[str]:
     os.chmod(d, 0o700)
     fingerprints = recorded(c)
     problems, missing = [], []
-    for name in names(c):
+    for name in generated(c):
         p = d / name
         if not p.exists():
             if name in fingerprints:
@@ -156,7 +205,7 @@ def as_recorded(c: Cluster) -> bool:
     refuse)."""
     fingerprints = recorded(c)
     try:
-        return all(fingerprints.get(n) == digest(c, n) for n in names(c))
+        return all(fingerprints.get(n) == digest(c, n) for n in generated(c))
     except OSError:
         return False
 
@@ -174,12 +223,12 @@ def task_secrets():
             return TaskFailed(f"secrets: {e}")
         where = directory(c)
         print(f"secrets: generated {', '.join(made)} in {where}" if made
-              else f"secrets: all {len(names(c))} present in {where}")
+              else f"secrets: all {len(generated(c))} present in {where}")
         return None
 
     return {
         "actions": [generate],
-        "targets": [str(path(c, n)) for n in names(c)],
+        "targets": [str(path(c, n)) for n in generated(c)],
         "uptodate": [lambda: as_recorded(c)],
         "verbosity": 2,
     }

@@ -8,7 +8,10 @@ mDNS name its Avahi holds. Then, from one node that answers: the swarm's view of
 (`docker node inspect`: Ready/Down, availability, manager reachability), the volume's bricks
 (`gluster volume status --xml`) and the entries each brick still has to heal (`gluster volume
 heal VOL info summary --xml`), the services' replica counts. From this computer: does Home
-Assistant answer HTTP, does Mosquitto answer MQTT (CONNACK), on which node (and on the VIP).
+Assistant answer HTTP, does Mosquitto answer MQTT (CONNACK), on which node (and on the VIP);
+and, with haswarm's Home Assistant token (tasks/onboard.py), the state of HA's MQTT integration
+and whether a message sent to the broker reaches HA (an entry "loaded" alone is no proof: HA
+keeps it loaded while its client reconnects).
 
 Unreachable nodes appear as such, with what the others say about them. `problems()` lists every
 deviation from a healthy, converged cluster (the drill waits for it to be empty); the task prints
@@ -20,6 +23,7 @@ the table are pure too; all are unit-tested with recorded output.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -86,6 +90,12 @@ class ClusterStatus:
     updating: dict[str, str] = field(default_factory=dict)  # short name -> update state
     gluster_known: bool = False  # volume status / heal info answered
     vip_mqtt: int | None = None  # CONNACK return code through the VIP (None: no answer)
+    # Home Assistant's MQTT integration (its config entry's state, "loaded" when it runs;
+    # "absent", "token refused"); None: not asked (HA answers nowhere) or no token here.
+    ha_mqtt: str | None = None
+    # Seconds a message sent to the broker took to reach HA (math.inf: none within the probe's
+    # 3 s); None: not tried (the entry is not loaded, no broker answers, no token).
+    ha_mqtt_delivery: float | None = None
     seconds: float = 0.0
 
     def node(self, name: str) -> NodeStatus:
@@ -202,6 +212,9 @@ class ClusterStatus:
             out.append(f"db-seed runs on {', '.join(seeds)} (a bootstrap did not finish)")
         if not self.ha_answers():
             out.append(f"Home Assistant answers HTTP on no node (port {c.homeassistant.port})")
+        if self.ha_mqtt not in (None, "loaded", "token refused"):
+            out.append(f"Home Assistant's MQTT integration is {self.ha_mqtt}, want loaded"
+                       + (" (`doit ha-onboard` adds it)" if self.ha_mqtt == "absent" else ""))
         if not self.mqtt_answers():
             out.append(f"Mosquitto answers MQTT on no node (port {c.mqtt.port})")
         if c.vip.address:
@@ -342,6 +355,7 @@ def _index_fallback(status: ClusterStatus) -> None:
 
 def gather(c: Cluster, r: Remote | None = None) -> ClusterStatus:
     """Read the whole status (SSH to every node at once, HTTP/MQTT probes from here)."""
+    from tasks.onboard import mqtt_delivery, mqtt_state
     from tasks.remote import Remote
     from tasks.stack_observe import http_answer
 
@@ -371,6 +385,13 @@ def gather(c: Cluster, r: Remote | None = None) -> ClusterStatus:
                 st.http = http[st.name].result()
                 st.mqtt = mqtt[st.name].result()
             status.vip_mqtt = vip.result() if vip is not None else None
+        if answers := status.ha_answers():
+            ha = status.node(answers[0])
+            status.ha_mqtt = mqtt_state(c, ha.name, ha.address)
+            brokers = ([c.vip.address] if status.vip_mqtt is not None else []) + [
+                status.node(n).address for n in status.mqtt_answers()]
+            if status.ha_mqtt == "loaded" and brokers and brokers[0]:
+                status.ha_mqtt_delivery = mqtt_delivery(c, ha.name, ha.address, brokers[0])
     finally:
         if own:
             remote.close()
@@ -474,6 +495,22 @@ def table(st: ClusterStatus) -> str:
     return "\n".join(lines)
 
 
+def _ha_mqtt_line(st: ClusterStatus) -> str:
+    """Home Assistant's MQTT integration: its entry's state, and whether a message sent to the
+    broker reached HA."""
+    from tasks.secrets import token_path
+
+    if st.ha_mqtt is None:
+        return ("Home Assistant's MQTT integration: unknown (no Home Assistant token in "
+                f"{token_path(st.cluster)})")
+    line = f"Home Assistant's MQTT integration: {st.ha_mqtt}"
+    if st.ha_mqtt_delivery == math.inf:
+        line += "; a message sent to the broker did NOT reach it within 3 s"
+    elif st.ha_mqtt_delivery is not None:
+        line += f"; a message sent to the broker reached it in {st.ha_mqtt_delivery:.1f} s"
+    return line
+
+
 def summary(st: ClusterStatus) -> list[str]:
     """A few lines: where Home Assistant and Mosquitto answer, VIP, mDNS, Gluster, Galera."""
     c = st.cluster
@@ -486,6 +523,8 @@ def summary(st: ClusterStatus) -> list[str]:
                + (", ".join(f"HTTP {by[x].http} at {by[x].address}:{c.homeassistant.port}"
                             for x in ha) if ha else "nowhere")
                + (f" (replicas {st.services[HA]})" if HA in st.services else ""))
+    if st.ha_answers():
+        out.append(_ha_mqtt_line(st))
     mq = st.mqtt_answers()
     standby = st.mqtt_standbys()
     out.append(f"Mosquitto: runs on {', '.join(st.mqtt_nodes()) or 'no node'}"
