@@ -45,6 +45,7 @@ from tasks.errors import HaswarmError
 USER, CORE_CONFIG, ANALYTICS, INTEGRATION = "user", "core_config", "analytics", "integration"
 STEPS = (USER, CORE_CONFIG, ANALYTICS, INTEGRATION)
 HTTP_TIMEOUT = 60.0  # core_config sets up a few integrations before it answers (2024.1)
+STEP_TIMEOUT = 15.0  # an onboarding step: then GET /api/onboarding tells whether it is done
 
 
 class HAError(HaswarmError):
@@ -110,8 +111,10 @@ class HomeAssistantAPI:
                               f"{self.base})", self.hidden), redact(hint, self.hidden))
 
     def call(self, method: str, path: str, *, token: str | None = None, body: Any = None,
-             form: dict[str, str] | None = None) -> tuple[int, Any]:
-        """(HTTP status, decoded JSON body or None). Raises HAError when nothing answers."""
+             form: dict[str, str] | None = None,
+             timeout: float | None = None) -> tuple[int, Any]:
+        """(HTTP status, decoded JSON body or None). Raises HAError when nothing answers
+        within `timeout` (default: this API's)."""
         headers = {"Accept": "application/json"}
         data = None
         if form is not None:
@@ -124,7 +127,7 @@ class HomeAssistantAPI:
             headers["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
         try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
+            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
                 status, raw = int(resp.status), resp.read()
         except urllib.error.HTTPError as e:
             status, raw = int(e.code), e.read()
@@ -194,7 +197,14 @@ class HomeAssistantAPI:
         body = {"client_id": self.client_id, "redirect_uri": self.base + "/?auth_callback=1"} \
             if step == INTEGRATION else {}
         path = f"/api/onboarding/{step}"
-        status, data = self.call("POST", path, token=token, body=body)
+        try:
+            status, data = self.call("POST", path, token=token, body=body, timeout=STEP_TIMEOUT)
+        except HAError:
+            # No answer in time: 2024.1's core_config waits for integrations that look for
+            # the Internet. The step counts as done once HA has marked it.
+            if self.onboarding().get(step):
+                return
+            raise
         if status == 200 or self.onboarding().get(step):
             return
         message = data.get("message") if isinstance(data, dict) else data

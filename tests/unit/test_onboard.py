@@ -16,6 +16,7 @@ import secrets as random
 import socket
 import struct
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -46,6 +47,7 @@ class FakeHA:
         self.flows: set[str] = set()
         self.broker_ok = True
         self.core_config_status = 200  # 500: an integration it sets up failed (2024.1)
+        self.core_config_delay = 0.0  # s before it answers (2024.1 waits for integrations)
         self.websocket_ok = True
         self.mqtt_connected = True  # HA's MQTT client gets what the broker sends
         self.subscribers: dict[str, tuple[Any, int]] = {}  # topic -> (websocket out, id)
@@ -183,6 +185,8 @@ def handler_for(ha: FakeHA) -> type[BaseHTTPRequestHandler]:
                 if step == "integration" and set(data) != {"client_id", "redirect_uri"}:
                     return self.reply(400, {"message": "Message format incorrect"})
                 ha.done.append(step)  # marked done before the checks below, as HA does
+                if step == "core_config":
+                    time.sleep(ha.core_config_delay)
                 if step == "core_config" and ha.core_config_status != 200:
                     return self.reply(ha.core_config_status, {"message": "Internal Server Error"})
                 if step != "integration":
@@ -430,6 +434,16 @@ def test_a_broker_home_assistant_cannot_use_fails_naming_node_and_what_to_do(ha,
 
 def test_a_step_that_failed_after_it_was_marked_done_counts_as_done(ha, tmp_path, capsys):
     ha.core_config_status = 500
+    c = cluster(tmp_path, ha.port)
+    onboard.setup(c, None)
+    assert ha.done == STEPS and len(ha.entries) == 1
+
+
+def test_a_step_that_answers_late_counts_as_done_once_marked(ha, tmp_path, monkeypatch):
+    from tasks import ha_api
+
+    monkeypatch.setattr(ha_api, "STEP_TIMEOUT", 0.3)
+    ha.core_config_delay = 1.0
     c = cluster(tmp_path, ha.port)
     onboard.setup(c, None)
     assert ha.done == STEPS and len(ha.entries) == 1
