@@ -270,14 +270,15 @@ def mqtt_state(c: Cluster, node: str, address: str, timeout: float = 3.0) -> str
 
 def mqtt_delivery(c: Cluster, node: str, address: str, broker: str,
                   timeout: float = 3.0) -> float | None:
-    """Seconds a message published to the broker at `broker` (as the stack's healthcheck user)
-    took to reach Home Assistant at `address`: proof that HA's MQTT client is connected (an
+    """Seconds a message published to the broker at `broker` took to reach Home Assistant at
+    `address`: proof that HA's MQTT client is connected (an
     entry "loaded" is not: HA keeps it loaded and reconnects). math.inf: none arrived within
-    `timeout`; None: it could not be tried (no token, no broker login, no websocket)."""
+    `timeout`; None: it could not be tried (no token, no broker login, no websocket).
+    Published as the `homeassistant` user: the only one the ACL lets write anywhere."""
     from tasks.mqtt_probe import mqtt_connack, mqtt_publish
 
     token = secrets.ha_token(c)
-    user = secrets.HEALTHCHECK_MQTT_USER
+    user = MQTT_USER
     try:
         password = secrets.read(c, f"mqtt_{user}")
     except OSError:

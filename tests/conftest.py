@@ -85,7 +85,8 @@ def lab():
 # that tears a layer down (gluster purges, swarm re-forms) runs before the layers above it are
 # deployed, and the fault tests run last on the deployed cluster.
 LAB_ORDER = ["test_lab", "test_remote", "test_preflight", "test_preload", "test_gluster",
-             "test_avahi", "test_swarm", "test_stack", "test_hardening", "test_registry",
+             "test_avahi", "test_swarm", "test_stack", "test_onboard", "test_hardening",
+             "test_registry",
              "test_failover", "test_chaos", "test_outage", "test_cycle"]
 
 

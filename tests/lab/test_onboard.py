@@ -59,13 +59,13 @@ def test_a_sensor_published_over_mqtt_appears_in_home_assistant(cluster, deploye
     try:
         session.publish_retained(config_topic, json.dumps({
             "name": "haswarm lab temperature", "unique_id": SENSOR,
-            "state_topic": f"haswarm/lab/{SENSOR}", "device_class": "temperature",
+            "state_topic": f"sensors/lab/{SENSOR}", "device_class": "temperature",
             "state_class": "measurement", "unit_of_measurement": "°C"}))
         api, token = ha(cluster), secrets.ha_token(cluster) or ""
         state = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            session.publish_retained(f"haswarm/lab/{SENSOR}", "21.5")
+            session.publish_retained(f"sensors/lab/{SENSOR}", "21.5")
             status, data = api.call("GET", "/api/states/sensor.haswarm_lab_temperature",
                                     token=token)
             state = data.get("state") if status == 200 and isinstance(data, dict) else None
@@ -75,7 +75,7 @@ def test_a_sensor_published_over_mqtt_appears_in_home_assistant(cluster, deploye
         assert state == "21.5", f"Home Assistant shows {state!r}"
     finally:
         session.publish_retained(config_topic, "")  # removes the entity again
-        session.publish_retained(f"haswarm/lab/{SENSOR}", "")
+        session.publish_retained(f"sensors/lab/{SENSOR}", "")
         session.close()
 
 

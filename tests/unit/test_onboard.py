@@ -518,7 +518,7 @@ def test_status_shows_the_mqtt_integration(ha, tmp_path):
 def test_status_proves_a_message_from_the_broker_reaches_home_assistant(ha, tmp_path):
     c = cluster(tmp_path, ha.port)
     onboard.setup(c, None)
-    broker = FakeBroker(secrets.read(c, f"mqtt_{secrets.HEALTHCHECK_MQTT_USER}"), ha.deliver)
+    broker = FakeBroker(secrets.read(c, "mqtt_homeassistant"), ha.deliver)
     c = c.model_copy(update={"mqtt": c.mqtt.model_copy(update={"port": broker.port})})
     seconds = onboard.mqtt_delivery(c, "pi1", "127.0.0.1", "127.0.0.1")
     assert seconds is not None and seconds < 1
