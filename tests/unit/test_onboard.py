@@ -48,6 +48,7 @@ class FakeHA:
         self.broker_ok = True
         self.core_config_status = 200  # 500: an integration it sets up failed (2024.1)
         self.core_config_delay = 0.0  # s before it answers (2024.1 waits for integrations)
+        self.restarted = False  # started again since onboarding was done
         self.websocket_ok = True
         self.mqtt_connected = True  # HA's MQTT client gets what the broker sends
         self.subscribers: dict[str, tuple[Any, int]] = {}  # topic -> (websocket out, id)
@@ -132,6 +133,8 @@ def handler_for(ha: FakeHA) -> type[BaseHTTPRequestHandler]:
             if path in ("/", "/manifest.json"):
                 return self.reply(200, {})
             if path == "/api/onboarding":
+                if ha.restarted and set(ha.done) == set(STEPS):
+                    return self.reply(404, "404: Not Found")  # no onboarding views then
                 return self.reply(200, [{"step": s, "done": s in ha.done} for s in STEPS])
             if path == "/api/websocket" and ha.websocket_ok:
                 return self.websocket()
@@ -378,6 +381,11 @@ def test_first_run_onboards_and_adds_mqtt_then_a_rerun_does_nothing(ha, tmp_path
     assert ha.changes() == before  # nothing POSTed, no token made
     assert "pi1: ha-onboard: nothing to do" in again
     assert len(ha.entries) == 1 and list(ha.llat) == ["haswarm"]
+
+    ha.restarted = True  # an onboarded HA started again has no onboarding views: 404
+    onboard.setup(c, None)
+    assert "pi1: ha-onboard: nothing to do" in capsys.readouterr().out
+    assert ha.changes() == before
 
 
 def test_home_assistant_onboarded_by_hand_is_left_alone_with_how_to(ha, tmp_path, capsys):
