@@ -35,10 +35,10 @@ pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "lab" / "images"
-HA_TAG = "haswarm-lab/homeassistant:2024.1.6"
-HA_VERSION = "2024.1.6"
-MQ_TAG = "haswarm-lab/mosquitto:2.0.11"
-MQ_VERSION = "2.0.11"
+HA_TAG = "haswarm-lab/homeassistant:2026.2.3"
+HA_VERSION = "2026.2.3"
+MQ_TAG = "haswarm-lab/mosquitto:2.0.21"
+MQ_VERSION = "2.0.21"
 MARIADB_TAG = "haswarm-lab-test/mariadb:bookworm"
 RUN_ID = uuid.uuid4().hex[:8]
 PREFIX = f"hswlab-test-{RUN_ID}"
