@@ -404,9 +404,13 @@ def test_ha_answers_http_on_empty_config_and_onboards(ha_image, res, tmp_path):
     assert entries.get("google_translate") == "loaded", entries
     assert entries.get("shopping_list") == "loaded", entries
     assert not [d for d, s in entries.items() if s in ("setup_error", "migration_error")], entries
-    # default_config and every integration it depends on (go2rtc too: see the image's /init)
-    components = set(api(base, "/api/config", token=token)["components"])
-    assert {"default_config", "recorder", "http", "frontend", "go2rtc"} <= components, components
+    # default_config and every integration it depends on (go2rtc too: see the image's /init);
+    # default_config is set up last, in bootstrap's stage 2
+    wanted = {"default_config", "recorder", "http", "frontend", "go2rtc"}
+    deadline = time.monotonic() + 60
+    while not wanted <= (components := set(api(base, "/api/config", token=token)["components"])):
+        assert time.monotonic() < deadline, f"missing {wanted - components}\n{logs(name)[-5000:]}"
+        time.sleep(1)
     time.sleep(5)
     assert_no_missing_requirements(logs(name))
     rss_kb = int(pid1_status(name, ha_pid(name))["VmRSS"].split()[0])

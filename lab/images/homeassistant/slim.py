@@ -6,6 +6,8 @@
 - keep integration translations only for the languages in $KEEP_TRANSLATIONS (space separated,
   default "en"; "all" keeps every one): ~25,000 small files, 63 MB; Home Assistant falls back
   to English;
+- delete the frontend's JavaScript source maps (*.map, ~55 MB in 2,000 files): only a browser's
+  developer tools fetch them;
 - delete the uv binaries (~56 MB): homeassistant requires the uv distribution to install
   integrations' requirements, which it never does with `--skip-pip`; the distribution's metadata
   stays (pip check passes), and Home Assistant's list of installed packages (`python -m uv pip
@@ -58,6 +60,12 @@ def strip_debug_info() -> None:
         subprocess.run(["strip", "--strip-debug", str(f)], check=True)
 
 
+def drop_frontend_source_maps() -> None:
+    for f in (SITE / "hass_frontend").rglob("*.map"):
+        if f.is_file():
+            f.unlink()
+
+
 def drop_uv_binaries() -> None:
     for name in ("uv", "uvx"):
         (Path(sys.prefix) / "bin" / name).unlink(missing_ok=True)
@@ -86,6 +94,7 @@ def unloadable_integrations() -> list[str]:
 def main() -> None:
     delete_dev_files()
     strip_debug_info()
+    drop_frontend_source_maps()
     drop_uv_binaries()
     trim_translations()
     skip = unloadable_integrations()
