@@ -8,8 +8,8 @@ that process by its PID (and nothing else); `push()` tags a local image into the
 pushes it, returning the digest the registry gave it.
 
     with Registry() as reg:                      # 127.0.0.1:5077, or a free port when taken
-        digest = reg.push("haswarm-lab/mosquitto:2.0.11")
-        reg.ref("haswarm-lab/mosquitto:2.0.11")  # '127.0.0.1:5077/haswarm-lab/mosquitto:2.0.11'
+        digest = reg.push("haswarm-lab/mosquitto:2.0.21")
+        reg.ref("haswarm-lab/mosquitto:2.0.21")  # '127.0.0.1:5077/haswarm-lab/mosquitto:2.0.21'
 """
 
 from __future__ import annotations

@@ -35,6 +35,10 @@ DB_NAME = "homeassistant"
 DB_USER = "homeassistant"
 HA_PURGE_KEEP_DAYS = 10
 HA_DB_WAIT_SECONDS = 300
+# How long the entrypoint waits for Home Assistant's own run lock (/config/.ha_run.lock, HA
+# 2025.x+) once it holds ours: a predecessor's is normally released with ours, at most moments
+# later.
+HA_RUN_LOCK_WAIT_SECONDS = 60
 LEADER_GUARD_INTERVAL = 5  # seconds between two looks of the leader guard
 # Inside the HA container, on the shared volume: who holds it runs Home Assistant (one at most).
 HA_LOCK_FILE = "/config/.haswarm/homeassistant.lock"
@@ -253,6 +257,7 @@ def outputs(c: Cluster) -> list[Output]:
                {"time_zone": c.homeassistant.time_zone}),
         Output("homeassistant/haswarm-entrypoint.sh", "haswarm-entrypoint.sh.j2",
                {"db_wait_seconds": HA_DB_WAIT_SECONDS, "lock_file": HA_LOCK_FILE,
+                "run_lock_wait_seconds": HA_RUN_LOCK_WAIT_SECONDS,
                 "lock_ready": HA_LOCK_READY}, mode=0o755),
         Output("homeassistant/haswarm-lock.py", "haswarm-lock.py.j2", {}, mode=0o755),
         Output("mosquitto/haswarm-entrypoint.sh", "mosquitto-entrypoint.sh.j2",

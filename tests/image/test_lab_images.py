@@ -4,10 +4,12 @@ Builds each image once (its `prepare` first, when the context has one) through t
 build path, as `doit images` does (fixture `project_build`: FROM resolved to a local Debian base,
 bootstrapped when the engine lacks it; buildx or the legacy builder, HASWARM_BUILDER=buildx|legacy
 forces one), then runs real containers:
-Home Assistant on an empty config dir answers HTTP and finishes onboarding with --skip-pip, and
-records into a real MariaDB; Mosquitto refuses anonymous clients, accepts the user of a password
-file mounted like a Docker secret (uid 1883, mode 0400), and keeps a retained message over a
-restart and over a replacement container on the same data dir.
+Home Assistant on an empty config dir answers HTTP and finishes onboarding with --skip-pip
+(default_config set up whole), and records into a real MariaDB; Mosquitto refuses anonymous
+clients, accepts the user of a password file mounted like a Docker secret (uid 1883, mode 0400),
+and keeps a retained message over a restart and over a replacement container on the same data
+dir; Home Assistant's MQTT integration, set up through its config flow with a password, connects
+to the lab's Mosquitto and publishes through it.
 
 Every container and network made here is named `hswlab-test-<run id>-*` and removed at the end,
 also on failure. The helper image `haswarm-lab-test/mariadb:bookworm` (Debian's mariadb-server,
@@ -35,10 +37,10 @@ pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "lab" / "images"
-HA_TAG = "haswarm-lab/homeassistant:2024.1.6"
-HA_VERSION = "2024.1.6"
-MQ_TAG = "haswarm-lab/mosquitto:2.0.11"
-MQ_VERSION = "2.0.11"
+HA_TAG = "haswarm-lab/homeassistant:2026.2.3"
+HA_VERSION = "2026.2.3"
+MQ_TAG = "haswarm-lab/mosquitto:2.0.21"
+MQ_VERSION = "2.0.21"
 MARIADB_TAG = "haswarm-lab-test/mariadb:bookworm"
 RUN_ID = uuid.uuid4().hex[:8]
 PREFIX = f"hswlab-test-{RUN_ID}"
@@ -204,6 +206,38 @@ def api(base: str, path: str, data=None, token: str | None = None, form: bool = 
     return json.loads(raw) if raw else None
 
 
+def onboard(base: str) -> str:
+    """Finish Home Assistant's onboarding as the frontend does; return an access token."""
+    client = base + "/"
+    auth = api(
+        base,
+        "/api/onboarding/users",
+        {
+            "client_id": client,
+            "name": "Lab",
+            "username": "lab",
+            "password": "lab-password",
+            "language": "en",
+        },
+    )["auth_code"]
+    token = api(
+        base,
+        "/auth/token",
+        {
+            "grant_type": "authorization_code",
+            "code": auth,
+            "client_id": client,
+        },
+        form=True,
+    )["access_token"]
+    api(base, "/api/onboarding/core_config", {}, token)
+    api(base, "/api/onboarding/analytics", {}, token)
+    api(base, "/api/onboarding/integration", {"client_id": client, "redirect_uri": client}, token)
+    steps = api(base, "/api/onboarding", token=token)
+    assert all(step["done"] for step in steps), steps
+    return token
+
+
 def assert_no_missing_requirements(log: str) -> None:
     """With --skip-pip every loaded integration must find its requirements in the image."""
     bad = [
@@ -350,35 +384,11 @@ def test_ha_answers_http_on_empty_config_and_onboards(ha_image, res, tmp_path):
     assert (config / "configuration.yaml").exists()  # HA wrote its default config (default_config)
 
     # Finish onboarding as the frontend does: it sets up integrations of its own.
-    client = base + "/"
-    auth = api(
-        base,
-        "/api/onboarding/users",
-        {
-            "client_id": client,
-            "name": "Lab",
-            "username": "lab",
-            "password": "lab-password",
-            "language": "en",
-        },
-    )["auth_code"]
-    token = api(
-        base,
-        "/auth/token",
-        {
-            "grant_type": "authorization_code",
-            "code": auth,
-            "client_id": client,
-        },
-        form=True,
-    )["access_token"]
-    api(base, "/api/onboarding/core_config", {}, token)
-    api(base, "/api/onboarding/analytics", {}, token)
-    api(base, "/api/onboarding/integration", {"client_id": client, "redirect_uri": client}, token)
-    steps = api(base, "/api/onboarding", token=token)
-    assert all(step["done"] for step in steps), steps
+    token = onboard(base)
     assert api(base, "/api/", token=token) == {"message": "API running."}
 
+    # The integrations onboarding sets up appear a few seconds after its last step (HA 2026.2:
+    # their config flows run as tasks): wait for them, then for every entry to settle.
     deadline = time.monotonic() + 60
     while True:
         entries = {
@@ -386,13 +396,21 @@ def test_ha_answers_http_on_empty_config_and_onboards(ha_image, res, tmp_path):
             for e in api(base, "/api/config/config_entries/entry", token=token)
         }
         settling = [d for d, s in entries.items() if s in ("not_loaded", "setup_in_progress")]
-        if not settling or time.monotonic() > deadline:
+        expected = {"google_translate", "shopping_list"} <= entries.keys()
+        if (expected and not settling) or time.monotonic() > deadline:
             break
         time.sleep(1)
     # radio_browser has no internet here: setup_retry is fine, an import error is not
     assert entries.get("google_translate") == "loaded", entries
     assert entries.get("shopping_list") == "loaded", entries
     assert not [d for d, s in entries.items() if s in ("setup_error", "migration_error")], entries
+    # default_config and every integration it depends on (go2rtc too: see the image's /init);
+    # default_config is set up last, in bootstrap's stage 2
+    wanted = {"default_config", "recorder", "http", "frontend", "go2rtc"}
+    deadline = time.monotonic() + 60
+    while not wanted <= (components := set(api(base, "/api/config", token=token)["components"])):
+        assert time.monotonic() < deadline, f"missing {wanted - components}\n{logs(name)[-5000:]}"
+        time.sleep(1)
     time.sleep(5)
     assert_no_missing_requirements(logs(name))
     rss_kb = int(pid1_status(name, ha_pid(name))["VmRSS"].split()[0])
@@ -627,3 +645,95 @@ def test_mosquitto_auth_and_retained_message_persist(mq_image, res, tmp_path):
     assert read_retained(wait_broker(name)) == payload, logs(name)
     status = pid1_status(name)
     assert status["Uid"].split()[0] == "1883", status["Uid"]
+
+
+# --- Home Assistant's MQTT client on the lab's Mosquitto ----------------------------------------
+
+
+def mosquitto_passwd(mq_image: str, secrets: Path, user: str, password: str) -> Path:
+    """A password file made with the image's mosquitto_passwd, owned like a Docker secret
+    (uid 1883, mode 0400)."""
+    docker(
+        "run",
+        "--rm",
+        "-v",
+        f"{secrets}:/out",
+        mq_image,
+        "sh",
+        "-c",
+        f"mosquitto_passwd -b -c /out/mosquitto_passwd {user} {password}"
+        " && chown 1883:1883 /out/mosquitto_passwd && chmod 0400 /out/mosquitto_passwd",
+    )
+    return secrets / "mosquitto_passwd"
+
+
+def test_ha_mqtt_client_on_lab_mosquitto(ha_image, mq_image, res, tmp_path):
+    """As a user does after `doit setup`: the MQTT integration set up through its config flow
+    (the broker, user homeassistant and its password), connected, and publishing through HA."""
+    conf_dir, data_dir, secrets, config = (
+        tmp_path / d for d in ("mq-config", "mq-data", "secrets", "config"))
+    for d in (conf_dir, data_dir, secrets, config):
+        d.mkdir()
+    (conf_dir / "mosquitto.conf").write_text(MQ_CONF)
+    passwd = mosquitto_passwd(mq_image, secrets, "homeassistant", "ha-mqtt-secret")
+    net = res.network()
+    broker = res.run(
+        "mq-for-ha",
+        mq_image,
+        run_opts=(
+            "--network", net,
+            "-p", "127.0.0.1::1883",
+            "-v", f"{conf_dir}:/mosquitto/config:ro",
+            "-v", f"{data_dir}:/mosquitto/data",
+            "-v", f"{passwd}:/run/secrets/mosquitto_passwd:ro",
+        ),
+    )  # fmt: skip
+    port = wait_broker(broker)
+    name = res.run(
+        "ha-mqtt",
+        ha_image,
+        run_opts=("--network", net, "-p", "127.0.0.1::8123", "-v", f"{config}:/config"),
+    )
+    base = f"http://127.0.0.1:{host_port(name, 8123)}"
+    wait_http(base + "/", name, HA_HTTP_TIMEOUT)
+    token = onboard(base)
+
+    flow = api(base, "/api/config/config_entries/flow", {"handler": "mqtt"}, token)
+    # no Supervisor, no discovery: the first step is the broker form
+    assert flow.get("type") == "form", flow
+    t0 = time.monotonic()
+    result = api(
+        base,
+        f"/api/config/config_entries/flow/{flow['flow_id']}",
+        {"broker": broker, "port": 1883, "username": "homeassistant",
+         "password": "ha-mqtt-secret"},
+        token,
+    )
+    assert result.get("type") == "create_entry", result
+    deadline = time.monotonic() + 60
+    while True:
+        state = {e["domain"]: e["state"]
+                 for e in api(base, "/api/config/config_entries/entry", token=token)}.get("mqtt")
+        if state == "loaded" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert state == "loaded", f"mqtt entry {state}\n{logs(name)[-5000:]}"
+    FIGURES["HA MQTT config flow -> entry loaded"] = f"{time.monotonic() - t0:.1f} s"
+    assert "u'homeassistant'" in logs(broker), logs(broker)[-3000:]
+
+    # HA publishes (retained) through its client; a subscriber of our own reads it back
+    payload = f"from-ha-{RUN_ID}"
+    api(base, "/api/services/mqtt/publish",
+        {"topic": "haswarm/lab/from-ha", "payload": payload, "retain": True, "qos": 1}, token)
+    got: dict = {}
+    client, rc = mqtt_connect(port, "homeassistant", "ha-mqtt-secret")
+    assert rc is not None and not rc.is_failure, rc
+    client.on_message = lambda c, u, msg: got.setdefault("payload", msg.payload.decode())
+    client.subscribe("haswarm/lab/from-ha", qos=1)
+    deadline = time.monotonic() + 10
+    while "payload" not in got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.loop_stop()
+    client.disconnect()
+    assert got.get("payload") == payload, logs(name)[-5000:]
+    assert_no_missing_requirements(logs(name))

@@ -211,7 +211,12 @@ def test_home_assistant_newer_than_2025_11_on_armv7(tmp_path):
 
 def test_home_assistant_2025_11_on_armv7_and_newer_on_arm64_are_fine(tmp_path):
     d = base()
+    assert d["platform"] == "linux/arm64"
+    # the example's arm64 default is the current release, which has no arm/v7 image
+    assert load_cluster(write(tmp_path, d)).images.homeassistant.tag == "2026.11.0"
     d["platform"] = "linux/arm/v7"
+    assert "no 32-bit ARM images after 2025.11" in error_of(tmp_path, d)
+    d["images"]["homeassistant"]["image"] = "ghcr.io/home-assistant/home-assistant:2025.11.3"
     assert load_cluster(write(tmp_path, d)).platform == "linux/arm/v7"
     d["platform"] = "linux/arm64"
     d["images"]["homeassistant"]["image"] = "ghcr.io/home-assistant/home-assistant:2026.3.0"

@@ -214,7 +214,7 @@ BASE_L, HA_L, DB_L = sha(b"debian"), sha(b"ha"), sha(b"db")
 
 def wanted(tmp: Path = Path("/nonexistent")) -> list[Wanted]:
     return [
-        Wanted("homeassistant", "haswarm-lab/homeassistant:2024.1.6", sha(b"cfg-ha"),
+        Wanted("homeassistant", "haswarm-lab/homeassistant:2026.2.3", sha(b"cfg-ha"),
                "linux/amd64", (BASE_L, HA_L), tmp / "homeassistant.tar"),
         Wanted("mariadb", "haswarm/mariadb-galera:10.11-1", sha(b"cfg-db"), "linux/amd64",
                (BASE_L, DB_L), tmp / "mariadb.tar"),
@@ -278,7 +278,7 @@ def test_docker_hub_names_are_compared_normalized():
 # The Ops of a plan (what `doit plan` prints as "would ..."), from recorded node facts
 SIZES = {("homeassistant", 0): 30_000_000, ("homeassistant", 1): 400_000_000,
          ("mariadb", 0): 30_000_000, ("mariadb", 1): 120_000_000}
-HA_REF, DB_REF = "haswarm-lab/homeassistant:2024.1.6", "haswarm/mariadb-galera:10.11-1"
+HA_REF, DB_REF = "haswarm-lab/homeassistant:2026.2.3", "haswarm/mariadb-galera:10.11-1"
 HA_ID, DB_ID = sha(b"cfg-ha"), sha(b"cfg-db")
 
 OPS_CASES = {

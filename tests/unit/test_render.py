@@ -430,3 +430,49 @@ def test_mosquitto_healthcheck_logs_in_with_no_secret_in_argv(tmp_path):
     server.close()
     assert res.returncode != 0, "CONNACK 5: not authorized, so unhealthy"
     assert seen == {"user": hc, "password": password}
+
+
+def _run_lock_wait(texts: dict[str, str], lock: Path, wait: int) -> str:
+    """The entrypoint's wait for Home Assistant's own run lock, pointed at `lock`."""
+    script = texts["homeassistant/haswarm-entrypoint.sh"]
+    blocks = [b.split("\nPY\n", 1)[0] for b in script.split("<<'PY'\n")[1:]]
+    [block] = [b for b in blocks if "/config/.ha_run.lock" in b]
+    block = block.replace("/config/.ha_run.lock", str(lock))
+    return block.replace(f"+ {render.HA_RUN_LOCK_WAIT_SECONDS},", f"+ {wait},")
+
+
+def test_entrypoint_waits_for_home_assistants_own_run_lock(tmp_path):
+    """HA 2025.x+ exits 1 when /config/.ha_run.lock is flocked: the entrypoint waits for a
+    predecessor's to go (and gives up, naming the holder, after the deadline)."""
+    import fcntl
+    import time
+
+    c = load_cluster(cluster_in(tmp_path))
+    texts = render_all(c)
+    lock = tmp_path / ".ha_run.lock"
+    assert "/config/.ha_run.lock" in texts["homeassistant/haswarm-entrypoint.sh"]
+    # free: goes on at once, and leaves the file unlocked
+    proc = subprocess.run([sys.executable, "-c", _run_lock_wait(texts, lock, 5)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    # held by a predecessor that goes away after ~1 s
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write('{"pid": 4242, "ha_version": "2026.2.3"}')
+        held.flush()
+        t0 = time.monotonic()
+        waiter = subprocess.Popen([sys.executable, "-c", _run_lock_wait(texts, lock, 30)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert waiter.poll() is None  # still waiting
+    out, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 0, err
+    assert 1.0 <= time.monotonic() - t0 < 10
+    assert "waiting for Home Assistant's own run lock" in out and "4242" in out
+    # held for good: gives up after the deadline, naming the holder
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.run([sys.executable, "-c", _run_lock_wait(texts, lock, 1)],
+                              capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "still held" in proc.stderr and "4242" in proc.stderr and "swarm retries" in proc.stderr

@@ -374,7 +374,7 @@ STACK_PS = "\n".join([
     ps_line("t-db2", "haswarm_db.2", "pi1", "Running 2 minutes ago"),
     ps_line("t-db3", "haswarm_db.3", "pi3", "Preparing 1 second ago"),
     ps_line("t-ha", "haswarm_homeassistant.1", "pi1", "Running 9 seconds ago",
-            image="haswarm-lab/homeassistant:2024.1.6"),
+            image="haswarm-lab/homeassistant:2026.2.3"),
 ]) + "\n"
 
 SERVICE_PS_HISTORY = "\n".join([

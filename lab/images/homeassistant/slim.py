@@ -6,6 +6,12 @@
 - keep integration translations only for the languages in $KEEP_TRANSLATIONS (space separated,
   default "en"; "all" keeps every one): ~25,000 small files, 63 MB; Home Assistant falls back
   to English;
+- delete the frontend's JavaScript source maps (*.map, ~55 MB in 2,000 files): only a browser's
+  developer tools fetch them;
+- delete the uv binaries (~56 MB): homeassistant requires the uv distribution to install
+  integrations' requirements, which it never does with `--skip-pip`; the distribution's metadata
+  stays (pip check passes), and Home Assistant's list of installed packages (`python -m uv pip
+  list`, for diagnostics) comes back empty, as it does when the command fails;
 - byte-compile everything except the integrations that cannot load in this image anyway
   (a requirement of their manifest is not installed: `--skip-pip` never installs it). They
   would be compiled on first import; compiling all 1,224 integrations doubles the build.
@@ -20,6 +26,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -53,6 +60,17 @@ def strip_debug_info() -> None:
         subprocess.run(["strip", "--strip-debug", str(f)], check=True)
 
 
+def drop_frontend_source_maps() -> None:
+    for f in (SITE / "hass_frontend").rglob("*.map"):
+        if f.is_file():
+            f.unlink()
+
+
+def drop_uv_binaries() -> None:
+    for name in ("uv", "uvx"):
+        (Path(sys.prefix) / "bin" / name).unlink(missing_ok=True)
+
+
 def trim_translations() -> None:
     keep = os.environ.get("KEEP_TRANSLATIONS", "en").split()
     if "all" in keep:
@@ -76,6 +94,8 @@ def unloadable_integrations() -> list[str]:
 def main() -> None:
     delete_dev_files()
     strip_debug_info()
+    drop_frontend_source_maps()
+    drop_uv_binaries()
     trim_translations()
     skip = unloadable_integrations()
     total = len(list(COMPONENTS.glob("*/manifest.json")))

@@ -10,7 +10,7 @@ if [ "$(id -u)" = 0 ]; then
         [ -d "$dir" ] && chown -R mosquitto:mosquitto "$dir" 2>/dev/null || true
     done
 fi
-# Debian's mosquitto 2.0.11 block-buffers `log_dest stdout` when stdout is not a terminal (the
+# Debian's mosquitto (measured with 2.0.11) block-buffers `log_dest stdout` when stdout is not a terminal (the
 # lines reach `docker logs` only at exit): line-buffer it.
 case "$1" in
     mosquitto | */mosquitto) exec stdbuf -oL "$@" ;;
