@@ -555,6 +555,21 @@ def mqtt_connect(port: int, user: str | None = None, password: str | None = None
     return client, result.get("rc")
 
 
+def retained(port: int, user: str, password: str, topic: str) -> str | None:
+    """The retained message on `topic` (None when none arrives within 10 s)."""
+    got: dict = {}
+    client, rc = mqtt_connect(port, user, password)
+    assert rc is not None and not rc.is_failure, rc
+    client.on_message = lambda c, u, msg: got.setdefault("payload", msg.payload.decode())
+    client.subscribe(topic, qos=1)
+    deadline = time.monotonic() + 10
+    while "payload" not in got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.loop_stop()
+    client.disconnect()
+    return got.get("payload")
+
+
 def wait_broker(name: str, starts: int = 1, timeout: float = 20) -> int:
     """Wait for the `starts`-th "running" line of the container's broker; return its host port."""
     deadline = time.monotonic() + timeout
@@ -569,20 +584,8 @@ def test_mosquitto_auth_and_retained_message_persist(mq_image, res, tmp_path):
     for d in (conf_dir, data_dir, secrets):
         d.mkdir()
     (conf_dir / "mosquitto.conf").write_text(MQ_CONF)
-    # Password file made with the image's mosquitto_passwd, then owned like a Docker secret
-    # (uid 1883, mode 0400): the broker reads it after dropping to uid 1883.
-    docker(
-        "run",
-        "--rm",
-        "-v",
-        f"{secrets}:/out",
-        mq_image,
-        "sh",
-        "-c",
-        "mosquitto_passwd -b -c /out/mosquitto_passwd lab lab-secret"
-        " && chown 1883:1883 /out/mosquitto_passwd && chmod 0400 /out/mosquitto_passwd",
-    )
-    passwd = secrets / "mosquitto_passwd"
+    # the broker reads the password file after dropping to uid 1883
+    passwd = mosquitto_passwd(mq_image, secrets, "lab", "lab-secret")
     assert (passwd.stat().st_uid, passwd.stat().st_mode & 0o777) == (1883, 0o400)
     opts = (
         "-p",
@@ -623,17 +626,7 @@ def test_mosquitto_auth_and_retained_message_persist(mq_image, res, tmp_path):
     assert docker("exec", name, *hc, check=False).returncode != 0
 
     def read_retained(port: int) -> str | None:
-        got: dict = {}
-        client, rc = mqtt_connect(port, "lab", "lab-secret")
-        assert rc is not None and not rc.is_failure, rc
-        client.on_message = lambda c, u, msg: got.setdefault("payload", msg.payload.decode())
-        client.subscribe("haswarm/lab/retained", qos=1)
-        deadline = time.monotonic() + 10
-        while "payload" not in got and time.monotonic() < deadline:
-            time.sleep(0.05)
-        client.loop_stop()
-        client.disconnect()
-        return got.get("payload")
+        return retained(port, "lab", "lab-secret", "haswarm/lab/retained")
 
     docker("restart", "-t", "10", name)
     assert read_retained(wait_broker(name, starts=2)) == payload, logs(name)
@@ -725,15 +718,6 @@ def test_ha_mqtt_client_on_lab_mosquitto(ha_image, mq_image, res, tmp_path):
     payload = f"from-ha-{RUN_ID}"
     api(base, "/api/services/mqtt/publish",
         {"topic": "haswarm/lab/from-ha", "payload": payload, "retain": True, "qos": 1}, token)
-    got: dict = {}
-    client, rc = mqtt_connect(port, "homeassistant", "ha-mqtt-secret")
-    assert rc is not None and not rc.is_failure, rc
-    client.on_message = lambda c, u, msg: got.setdefault("payload", msg.payload.decode())
-    client.subscribe("haswarm/lab/from-ha", qos=1)
-    deadline = time.monotonic() + 10
-    while "payload" not in got and time.monotonic() < deadline:
-        time.sleep(0.05)
-    client.loop_stop()
-    client.disconnect()
-    assert got.get("payload") == payload, logs(name)[-5000:]
+    got = retained(port, "homeassistant", "ha-mqtt-secret", "haswarm/lab/from-ha")
+    assert got == payload, logs(name)[-5000:]
     assert_no_missing_requirements(logs(name))
