@@ -7,7 +7,7 @@ else the local lab (config/lab.yml).
 
 import sys
 
-from tasks.config import ConfigError, current, two_node_warning
+from tasks.config import ConfigError, current, purge_refused, two_node_warning
 
 try:
     CLUSTER = current()
@@ -15,6 +15,8 @@ except ConfigError as error:
     sys.exit(f"haswarm: invalid cluster file\n{error}")
 if warning := two_node_warning(CLUSTER):
     print(warning, file=sys.stderr)
+if refused := purge_refused(CLUSTER, sys.argv, input if sys.stdin.isatty() else None):
+    sys.exit(f"haswarm: {refused}")
 
 from lab.tasks import (  # noqa: E402
     task_lab_boot,

@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -565,3 +566,22 @@ def purge_requested() -> bool:
     from doit import get_var
 
     return str(get_var("purge", "")).lower() in {"1", "yes", "true"}
+
+
+def purge_refused(c: Cluster, argv: list[str], ask: Callable[[str], str] | None) -> str | None:
+    """Before a purge, the user confirms it by typing the stack's name (`ask`: input, None when
+    there is no terminal), or with `yes=1` (scripts). None: go on (no purge asked, confirmed,
+    or a dry run `-n`); else why nothing is done."""
+    from doit import get_var
+
+    if not purge_requested() or str(get_var("yes", "")).lower() in {"1", "yes", "true"} \
+            or "-n" in argv or "--dry-run" in argv:
+        return None
+    what = (f"purge=yes removes the user data of stack {c.name!r} (cluster file "
+            f"{cluster_file(get_var('config'))}): the Gluster bricks (Home Assistant's config, "
+            "Mosquitto's store), the database volumes and the saved and preloaded images")
+    if ask is None:
+        return f"{what}.\n  Nothing was done: add yes=1 to confirm (no terminal to ask on)."
+    if ask(f"{what}.\nType the stack's name ({c.name}) to go on: ").strip() == c.name:
+        return None
+    return "purge not confirmed: nothing was done"

@@ -51,7 +51,7 @@ def run_setup(lab, c: Cluster) -> Run:
 def run_clean(c: Cluster, purge: bool = False, dryrun: bool = False) -> Run:
     """`doit clean stack stack-objects swarm`: only this part's tasks, dependents first (the
     Gluster layer below stays: other modules' tests use it)."""
-    return doit(*(["purge=yes"] if purge else []), "clean", *(["-n"] if dryrun else []),
+    return doit(*(["purge=yes", "yes=1"] if purge else []), "clean", *(["-n"] if dryrun else []),
                 "stack", "stack-objects", "swarm")
 
 

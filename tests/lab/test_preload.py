@@ -181,7 +181,7 @@ def test_doit_preload_images_then_up_to_date_without_ssh(lab, cluster, small_man
     assert _stack_images_on(cluster, "pi3") == before  # a plain clean keeps them
     in_use = _images_in_use(cluster, "pi3")
     try:
-        assert not doit("clean", "preload-images:pi3", "purge=yes")
+        assert not doit("clean", "preload-images:pi3", "purge=yes", "yes=1")
         assert _stack_images_on(cluster, "pi3") == before & in_use
         assert not (tmp_path / "build" / "state" / "preload-images-pi3.json").exists()
     finally:  # put the real images back where the stack may need them

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from tasks.config import (
     ConfigError,
     cluster_file,
     load_cluster,
+    purge_refused,
     two_node_warning,
 )
 
@@ -458,3 +460,34 @@ def test_ssh_user_is_a_login_name(tmp_path, user):
     d = base()
     d["ssh"]["user"] = user
     assert "ssh.user: " in (msg := error_of(tmp_path, d)) and "valid login name" in msg
+
+
+@pytest.fixture
+def doit_vars(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """doit's command-line variables (NAME=VALUE), as this test sets them."""
+    import doit
+
+    values: dict[str, str] = {}
+    monkeypatch.setattr(doit, "get_var", lambda name, default=None: values.get(name, default))
+    return values
+
+
+def test_purge_asks_for_the_stack_name_first(doit_vars: dict[str, str]) -> None:
+    c = load_cluster(LAB_CLUSTER_FILE)
+    asked: list[str] = []
+
+    def answer(text: str) -> Callable[[str], str]:
+        return lambda prompt: asked.append(prompt) or text
+
+    assert purge_refused(c, ["doit", "clean"], None) is None  # no purge: nothing to ask
+    doit_vars["purge"] = "yes"
+    refused = purge_refused(c, ["doit", "clean"], None)  # no terminal
+    assert refused and "add yes=1" in refused and "Nothing was done" in refused
+    assert "stack 'haswarm'" in refused and str(LAB_CLUSTER_FILE) in refused
+    assert purge_refused(c, ["doit", "clean"], answer("haswarm")) is None
+    assert "Type the stack's name (haswarm)" in asked[-1]
+    assert purge_refused(c, ["doit", "clean"], answer("y")) == \
+        "purge not confirmed: nothing was done"
+    assert purge_refused(c, ["doit", "clean", "-n"], None) is None  # a dry run changes nothing
+    doit_vars["yes"] = "1"
+    assert purge_refused(c, ["doit", "clean"], None) is None
