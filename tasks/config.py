@@ -309,7 +309,7 @@ class Galera(_Strict):
 
 class Portainer(_Strict):
     enabled: bool = False
-    port: int = Field(9000, ge=1, le=65535)
+    port: int = Field(9443, ge=1, le=65535, description="published HTTPS port (no HTTP)")
 
 
 class Firewall(_Strict):

@@ -48,10 +48,16 @@ HA_OWNER_PASSWORD = "ha_owner_password"
 HA_TOKEN = "ha_token"
 
 
+# Portainer's admin account (with `portainer.enabled`): set from this file when Portainer first
+# starts, so no visitor can claim the admin account first.
+PORTAINER_ADMIN_PASSWORD = "portainer_admin_password"
+
+
 def names(c: Cluster) -> list[str]:
     """Every secret the stack uses (each becomes a Docker secret), by file name."""
     return ["db_root_password", "db_password", "galera_sst_password",
-            *(f"mqtt_{u}" for u in mqtt_users(c))]
+            *(f"mqtt_{u}" for u in mqtt_users(c)),
+            *([PORTAINER_ADMIN_PASSWORD] if c.portainer.enabled else [])]
 
 
 def controller_names(c: Cluster) -> list[str]:
@@ -145,6 +151,8 @@ def _record(c: Cluster, fingerprints: dict[str, str]) -> None:
 def _used_by(name: str) -> str:
     if name == HA_OWNER_PASSWORD:
         return "Home Assistant's owner account keeps the old password"
+    if name == PORTAINER_ADMIN_PASSWORD:
+        return "Portainer's admin account keeps the old password"
     if name.startswith("mqtt_"):
         return (f"Mosquitto's user {name.removeprefix('mqtt_')!r} and every client that logs in "
                 "as it (Home Assistant's MQTT integration, sensors) keep the old password")

@@ -476,3 +476,18 @@ def test_entrypoint_waits_for_home_assistants_own_run_lock(tmp_path):
                               capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert "still held" in proc.stderr and "4242" in proc.stderr and "swarm retries" in proc.stderr
+
+
+def test_portainer_is_https_only_with_a_generated_admin_password(tmp_path):
+    c = load_cluster(cluster_in(tmp_path, EXAMPLE, portainer__enabled=True))
+    render_all(c)
+    portainer = stack(c)["services"]["portainer"]
+    cmd = portainer["command"]
+    assert "--http-disabled" in cmd
+    assert cmd[cmd.index("--admin-password-file") + 1] == \
+        "/run/secrets/portainer_admin_password"
+    assert portainer["ports"][0]["target"] == 9443 and portainer["ports"][0]["published"] == 9443
+    assert [s["source"] for s in portainer["secrets"]] == [secrets.PORTAINER_ADMIN_PASSWORD]
+    assert secrets.path(c, secrets.PORTAINER_ADMIN_PASSWORD).stat().st_mode & 0o777 == 0o600
+    off = load_cluster(cluster_in(tmp_path))
+    assert secrets.PORTAINER_ADMIN_PASSWORD not in secrets.names(off)
