@@ -10,7 +10,10 @@ machine would have them.
 
 from __future__ import annotations
 
+import ipaddress
+import struct
 import subprocess
+import sys
 from pathlib import Path
 
 from lab.base import NETNS_DIR, LabBase
@@ -66,3 +69,39 @@ class Stranger:
     def __exit__(self, *exc: object) -> None:
         self.down()
 
+
+
+
+def vrrp_advert(router_id: int, priority: int, address: str) -> bytes:
+    """A VRRPv2 advertisement (RFC 3768) for one virtual address, no authentication."""
+    body = struct.pack("!BBBBBBH", 0x21, router_id, priority, 1, 0, 1, 0) \
+        + ipaddress.IPv4Address(address).packed + bytes(8)
+    total = sum(struct.unpack(f"!{len(body) // 2}H", body))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return body[:6] + struct.pack("!H", ~total & 0xFFFF) + body[8:]
+
+
+# Sends adverts from inside the stranger's namespace: Python run there with the packet on stdin.
+_SEND = """
+import socket, sys, time
+packet, peers, seconds = sys.stdin.buffer.read(), sys.argv[1].split(","), float(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 112)  # IP protocol 112: VRRP
+s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)   # VRRP wants TTL 255
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for peer in peers:
+        s.sendto(packet, (peer, 0))
+    time.sleep(0.5)
+"""
+
+
+def announce_vip(stranger: Stranger, router_id: int, address: str, peers: list[str],
+                 seconds: float) -> subprocess.CompletedProcess:
+    """Claim `address` from the stranger: VRRP adverts with the highest priority (255, the
+    address owner's) to every peer, every 0.5 s for `seconds`. The address itself is never
+    configured on the stranger (no ARP), so only the nodes' reaction is tested."""
+    return subprocess.run(["nsenter", f"--net={stranger.pin}", sys.executable, "-c", _SEND,
+                           ",".join(peers), str(seconds)],
+                          input=vrrp_advert(router_id, 255, address), capture_output=True,
+                          timeout=seconds + 30)

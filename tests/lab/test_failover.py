@@ -84,6 +84,34 @@ def test_vip_setup_again_changes_nothing(cv, capsys):
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_a_stranger_announcing_the_vip_does_not_take_it(lab, cv):
+    """A LAN host sends VRRP adverts with the owner's priority (255) for the VIP to every node
+    for 8 s: keepalived drops them (not from a peer), so the node holding the VIP keeps it all
+    along and sensors keep reaching Mosquitto through it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lab.stranger import Stranger, announce_vip
+    from tasks.mqtt_client import MQTT_USER, mqtt_accepts, mqtt_password
+
+    def holders() -> list[str]:
+        return [n for n in lab.names if f" {cv.vip.address}/" in lab.exec(
+            n, "ip -o -4 addr show", check=False).stdout]
+
+    before = holders()
+    assert len(before) == 1
+    with Stranger(lab) as s, ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(announce_vip, s, cv.vip.router_id, cv.vip.address,
+                              [n.address for n in cv.nodes], 8)
+        looks = []
+        while not sending.done():
+            looks.append(holders())
+            time.sleep(0.5)
+        assert sending.result().returncode == 0, sending.result().stderr
+    assert len(looks) > 5 and all(look == before for look in looks), \
+        f"the VIP held by {before} moved: {looks}"
+    assert mqtt_accepts(cv.vip.address, cv.mqtt.port, MQTT_USER, mqtt_password(cv))
+
+
 # Seconds of continuous probing after the cluster converged again (the drill's default is 120;
 # bench/availability.py runs the full matrix with it).
 AFTER = 45.0

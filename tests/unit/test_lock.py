@@ -275,10 +275,9 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def test_the_ha_keeper_held_up_does_not_take_its_stall_for_a_cut(tmp_path):
-    """A keeper stopped for 4 s (a starved CPU, a stalled SD card: its probes stopped too) finds
-    every probe stale when it runs again; that is no proof of a cut, so it must not fence. (2 s
-    to count as cut off: a busy test machine may need more than 1 s to run the probes again.)"""
+def held_up_keeper(tmp_path: Path, seconds: float) -> str:
+    """An HA keeper holding the lock, all its processes stopped for `seconds` (a starved CPU, a
+    stalled SD card: its probes stop too), then run on for 3.5 s; its output."""
     import os
     import signal
 
@@ -289,11 +288,25 @@ def test_the_ha_keeper_held_up_does_not_take_its_stall_for_a_cut(tmp_path):
         frozen = descendants(proc.pid)
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
-        time.sleep(4.0)
+        time.sleep(seconds)
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
         time.sleep(3.5)
-        assert proc.poll() is None
     finally:
         end(proc)
-    assert "FENCING" not in proc.stdout.read()
+    return proc.stdout.read()
+
+
+def test_the_ha_keeper_held_up_briefly_does_not_take_its_stall_for_a_cut(tmp_path):
+    """Stopped for 3 s, the keeper finds every probe stale when it runs again: no proof of a
+    cut, and too short for the lock to have moved (ISOLATED_AFTER + 2 = 4 s here): it must not
+    fence. (2 s to count as cut off: a busy machine may need more than 1 s to probe again.)"""
+    assert "FENCING" not in held_up_keeper(tmp_path, 3.0)
+
+
+def test_the_ha_keeper_held_up_longer_than_its_lock_may_last_fences(tmp_path):
+    """Stopped for 6 s (> ISOLATED_AFTER + 2): the bricks may have released its lock to
+    another node meanwhile, so it fences at once when it runs again."""
+    out = held_up_keeper(tmp_path, 6.0)
+    assert "FENCING: this keeper was held up for" in out
+    assert "its lock may have moved to another node meanwhile" in out
