@@ -24,6 +24,8 @@ Python API (tests use it; doit tasks below wrap it):
                       process dies at once; its netns/veth/cgroups go, its disk stays
   lab.cut(name)       silent link loss: the host side of its veth goes down (peers time out)
   lab.heal(name)      link back up
+  lab.freeze(name)    a hung node: SIGSTOP all its processes (the kernel still answers TCP)
+  lab.thaw(name)      SIGCONT them again
   lab.boot(name)      start a killed node again (as after a reboot: disk kept, services started)
   lab.status() / lab.is_up() / lab.memory(name) / lab.exec(name, cmd) / lab.ssh(name, cmd)
   lab.ensure_controller_engine()  a Docker engine on the host for building images
@@ -99,10 +101,10 @@ class Lab(AccessMixin, NetworkMixin, EngineMixin):
     # -- lifecycle -------------------------------------------------------------------------
 
     def up(self, timeout: float = 90) -> dict[str, list[str]]:
-        """Start every node that is not running, heal cut links, start boot services someone
-        stopped on a running node, then wait until sshd, dockerd and glusterd answer over SSH on
-        every node. Returns {'started': nodes, 'healed': nodes, 'running': nodes that were
-        fine, 'services': ['pi1:docker', ...] started on running nodes}."""
+        """Start every node that is not running, thaw frozen ones, heal cut links, start boot
+        services someone stopped on a running node, then wait until sshd, dockerd and glusterd
+        answer over SSH on every node. Returns {'started': nodes, 'healed': nodes, 'running':
+        nodes that were fine, 'services': ['pi1:docker', ...] started on running nodes}."""
         self.check_host()
         with self._lock():
             self._ensure_ssh_keys()
@@ -114,6 +116,7 @@ class Lab(AccessMixin, NetworkMixin, EngineMixin):
             self._write_known_hosts()
             for n in self.nodes:
                 if self.pid(n.name) is not None:
+                    self.thaw(n.name)  # a frozen node runs again (nothing if it was not)
                     if self.link(n.name) != "up":
                         self._set_link(n.name, up=True)
                         done["healed"].append(n.name)

@@ -93,6 +93,29 @@ class NodesMixin(LabBase):
         self._require_running(name)
         self._set_link(name, up=True)
 
+    def freeze(self, name: str) -> int:
+        """A hung node, neither dead nor cut: SIGSTOP every process of it (its containers
+        included). Its kernel still answers (TCP handshakes, pings); nothing of it runs.
+        Returns how many processes were stopped."""
+        self._require_running(name)
+        stopped: set[int] = set()
+        for _ in range(5):  # again for any process forked meanwhile
+            new = [p for p in self._cgroup_pids(name) if p not in stopped]
+            if not new:
+                break
+            for p in new:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGSTOP)
+            stopped.update(new)
+        return len(stopped)
+
+    def thaw(self, name: str) -> None:
+        """Undo freeze: SIGCONT every process of the node."""
+        self._require_running(name)
+        for p in self._cgroup_pids(name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
+
     # -- internals: one node ---------------------------------------------------------------
 
     def _require_running(self, name: str) -> int:
