@@ -23,14 +23,15 @@ HOST_NUMBER = 250      # the stranger's address in the lab's /24
 
 
 class Stranger:
-    """A namespace on the lab bridge that is not a node; `up()`/`down()` or a `with` block."""
+    """A namespace on the lab bridge that is not a node; `up()`/`down()` or a `with` block.
+    `role` and `host` make another such host (a sensor: `Stranger(lab, "sensor", 251)`)."""
 
-    def __init__(self, lab: LabBase) -> None:
+    def __init__(self, lab: LabBase, role: str = "stranger", host: int = HOST_NUMBER) -> None:
         self.lab = lab
-        self.name = f"{lab.bridge}-stranger"          # netns pin and veth: outside the nodes'
-        self.veth = f"{lab.bridge}-str"[:15]          # name prefixes (never taken for a node)
+        self.name = f"{lab.bridge}-{role}"            # netns pin and veth: outside the nodes'
+        self.veth = f"{lab.bridge}-{role[:3]}"[:15]   # name prefixes (never taken for a node)
         self.pin = NETNS_DIR / self.name
-        self.address = str(lab.network.network_address + HOST_NUMBER)
+        self.address = str(lab.network.network_address + host)
 
     def up(self) -> Stranger:
         """Create the namespace and its link (the leftovers of an earlier run first)."""

@@ -86,8 +86,8 @@ def lab():
 # deployed, and the fault tests run last on the deployed cluster.
 LAB_ORDER = ["test_lab", "test_remote", "test_preflight", "test_preload", "test_gluster",
              "test_avahi", "test_swarm", "test_stack", "test_onboard", "test_hardening",
-             "test_registry", "test_failover", "test_chaos", "test_outage", "test_frozen",
-             "test_cycle"]
+             "test_registry", "test_failover", "test_sensor", "test_chaos", "test_outage",
+             "test_frozen", "test_cycle"]
 
 
 def pytest_collection_modifyitems(session, config, items):

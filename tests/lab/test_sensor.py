@@ -1,0 +1,163 @@
+"""A sensor's messages reach Home Assistant and its recorder, through a kill of HA's node and a
+kill of Mosquitto's node (issue 13). The sensor (lab/sensor.py) runs on a host of the lab's LAN
+that is not a node, logs in as `sensors` through the VIP, announces itself by MQTT discovery and
+publishes a state every second. For each fault: the seconds HA went without a new state, and
+every state the recorder had written before the fault is still in Galera after it."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from lab.stranger import Stranger
+from tasks import secrets, status, vip
+from tasks.config import PROJECT_ROOT, VIP, Cluster
+from tasks.remote import Remote
+
+from .test_onboard import ha
+
+pytestmark = pytest.mark.lab
+
+OBJECT_ID = "haswarm_sensor_test"
+ENTITY = f"sensor.{OBJECT_ID}"
+TEST_VIP = "10.77.0.100"
+RECOVER = 120  # s for new states to reach HA after a fault (a failure, not a figure)
+
+
+def say(msg: str) -> None:
+    print(f"  [sensor] {msg}", flush=True)
+
+
+@pytest.fixture(scope="module")
+def cv(lab, cluster, deployed) -> Cluster:
+    """The lab cluster with a VIP (the sensors' address), set up here when the lab has none."""
+    own = cluster.vip.address is None
+    c = cluster.model_copy(update={"vip": VIP(address=TEST_VIP)}) if own else cluster
+    status.wait_converged(cluster, 600, log=say)
+    if own:
+        with Remote(c) as r:
+            vip.setup(c, r)
+    yield c
+    lab.up()
+    try:
+        status.wait_converged(c, 600, log=say)
+    finally:
+        if own:
+            with Remote(c) as r:
+                vip.remove(c, r, dryrun=False)
+
+
+class Watch:
+    """Home Assistant's state of the sensor, read every 0.5 s: [(time, state)] on change."""
+
+    def __init__(self, c: Cluster) -> None:
+        self.c, self.changes, self._stop = c, [], threading.Event()
+        self.token = secrets.ha_token(c) or ""
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        api, last = None, None
+        while not self._stop.is_set():
+            try:
+                api = api or ha(self.c)
+                code, data = api.call("GET", f"/api/states/{ENTITY}", token=self.token)
+                state = data.get("state") if code == 200 and isinstance(data, dict) else None
+            except Exception:  # noqa: BLE001 - HA away: find it again
+                api, state = None, None
+            if state not in (None, last, "unknown", "unavailable"):
+                self.changes.append((time.time(), state))
+                last = state
+            self._stop.wait(0.5)
+
+    def longest_silence(self, since: float, until: float) -> float:
+        """The longest stretch without a new state between `since` and `until`."""
+        times = [since] + [t for t, _ in self.changes if since < t < until] + [until]
+        return max(b - a for a, b in itertools.pairwise(times))
+
+    def new_state_after(self, t: float, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(ts > t for ts, _ in self.changes):
+                return True
+            time.sleep(0.5)
+        return False
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+
+
+def recorded(tools) -> set[str]:
+    """The sensor's states in the recorder's database (read on any synced db node)."""
+    node, cid = next(iter(tools.containers("db").items()))
+    rows = tools.sql(node, cid, "SELECT s.state FROM homeassistant.states s JOIN "
+                                "homeassistant.states_meta m ON s.metadata_id = m.metadata_id "
+                                f"WHERE m.entity_id = '{ENTITY}';")
+    return set(rows.split())
+
+
+@pytest.fixture(scope="module")
+def sensor(lab, cv):
+    """The sensor running on its own host on the LAN for the module's duration."""
+    with Stranger(lab, "sensor", 251) as host:
+        proc = subprocess.Popen(
+            ["nsenter", f"--net={host.pin}", sys.executable, "-m", "lab.sensor",
+             cv.vip.address, str(cv.mqtt.port), OBJECT_ID],
+            cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdin is not None
+        proc.stdin.write(secrets.read(cv, "mqtt_sensors"))
+        proc.stdin.close()
+        watch = Watch(cv)
+        try:
+            yield watch
+        finally:
+            watch.stop()
+            proc.kill()
+            proc.wait(10)
+
+
+def test_the_sensor_appears_in_home_assistant_and_its_recorder(sensor, tools):
+    assert sensor.new_state_after(time.time(), 90), "no state of the sensor reached HA"
+    deadline = time.monotonic() + 60  # the recorder commits every few seconds
+    while not recorded(tools) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert recorded(tools), "the recorder wrote no state of the sensor"
+
+
+@pytest.mark.parametrize("role", ["homeassistant", "mosquitto"])
+def test_states_keep_arriving_through_a_kill_of_the_node_running(role, lab, cv, sensor, tools):
+    st = status.wait_converged(cv, 600, log=say)
+    victim = (st.ha_nodes() if role == "homeassistant" else st.mqtt_nodes())[0]
+    assert sensor.new_state_after(time.time() - 2, 30), "the sensor is not reaching HA"
+    time.sleep(6)  # the recorder commits what it has
+    before = recorded(tools)
+    fault = time.time()
+    lab.kill(victim)
+    say(f"killed {victim} (it ran {role})")
+    try:
+        assert sensor.new_state_after(fault + 1, RECOVER), \
+            f"no new state reached HA within {RECOVER} s of the kill of {victim}"
+        time.sleep(10)
+        silence = sensor.longest_silence(fault - 2, time.time())
+        if role == "homeassistant":  # HA came back with the sensor's history
+            since = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(fault - 60))
+            code, data = ha(cv).call("GET", f"/api/history/period/{since}?filter_entity_id="
+                                     f"{ENTITY}&minimal_response", token=sensor.token)
+            assert code == 200 and data and any(
+                s.get("state") in before for s in data[0]), "HA lost the sensor's history"
+    finally:
+        lab.boot(victim)
+    print(f"\n[sensor] kill of {role}'s node {victim}: HA without a new state for "
+          f"{silence:.1f} s at most")
+    status.wait_converged(cv, 600, log=say)
+    time.sleep(6)
+    lost = before - recorded(tools)
+    assert not lost, f"states recorded before the fault are gone: {sorted(lost)[:10]}"
