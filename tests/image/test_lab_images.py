@@ -114,7 +114,7 @@ class Resources:
         return name
 
     def network(self) -> str:
-        name = f"{PREFIX}-net"
+        name = f"{PREFIX}-net{len(self.networks) + 1}"  # one per test that asks (scope: module)
         docker("network", "create", "--label", "haswarm.test=lab-images", name)
         self.networks.append(name)
         return name

@@ -21,6 +21,8 @@ import time
 import pytest
 import yaml
 
+from dodo import SETUP
+from tasks import plan
 from tasks.config import LAB_CLUSTER_FILE, PROJECT_ROOT
 from tests.lab.conftest import Run, doit
 
@@ -51,10 +53,9 @@ def ran(output: str) -> set[str]:
 
 
 ALWAYS = {"lab-up", "lab-engine", "preflight", "base-image"}  # cheap checks on every setup
-# Remote steps run on every setup: the nodes are the truth, not doit's stamps.
-REMOTE = {"preload-images", "gluster:daemon", "gluster:peers", "gluster:bricks", "gluster:volume",
-          "gluster:mount", "gluster:dirs", "ha-files", "avahi:hostname", "avahi:cron", "swarm",
-          "leader-guard", "stack-objects", "stack", "vip"}
+# Remote steps run on every setup: the nodes are the truth, not doit's stamps (the list `doit
+# plan` runs dry).
+REMOTE = {name for name, _ in plan.steps(SETUP)}
 
 
 def test_changing_one_value_reruns_only_what_depends_on_it(deployed):
