@@ -120,3 +120,29 @@ class Tools:
 @pytest.fixture(scope="session")
 def tools(lab, cluster) -> Tools:
     return Tools(lab, cluster)
+
+
+TEST_VIP = "10.77.0.100"
+
+
+def with_test_vip(lab, cluster: Cluster, log) -> Iterator[Cluster]:
+    """For a module's `cv` fixture: the lab cluster with a VIP (the lab's own when configured,
+    else TEST_VIP, set up here and removed at the end); the lab converged again at the end."""
+    from tasks import status, vip
+    from tasks.config import VIP
+    from tasks.remote import Remote
+
+    own = cluster.vip.address is None
+    c = cluster.model_copy(update={"vip": VIP(address=TEST_VIP)}) if own else cluster
+    status.wait_converged(cluster, 600, log=log)
+    if own:
+        with Remote(c) as r:
+            vip.setup(c, r)
+    yield c
+    lab.up()  # boot killed nodes, thaw frozen ones, heal cut links (nothing if all is well)
+    try:
+        status.wait_converged(c, 600, log=log)
+    finally:
+        if own:
+            with Remote(c) as r:
+                vip.remove(c, r, dryrun=False)

@@ -19,17 +19,19 @@ removes it again at the end.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from lab.faults import LabFaults
 from tasks import drill, status, vip
-from tasks.config import VIP, Cluster
+from tasks.config import Cluster
 from tasks.remote import Remote
+
+from .conftest import with_test_vip
 
 pytestmark = pytest.mark.lab
 
-TEST_VIP = "10.77.0.100"
 # Failover goals (issue): HA answers <= 15 s after a kill, <= 25 s after a link cut. The tests
 # allow head room for a loaded CI machine; bench/failover.py reports the real figures.
 KILL_HA_LIMIT = 30.0
@@ -41,23 +43,9 @@ def say(msg: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cv(lab, cluster, deployed) -> Cluster:
-    """The lab cluster with a VIP (the lab's own when configured, else a test one set up here
-    and removed at the end). The lab is converged again when the module ends."""
-    own = cluster.vip.address is None
-    c = cluster.model_copy(update={"vip": VIP(address=TEST_VIP)}) if own else cluster
-    status.wait_converged(cluster, 600, log=say)
-    if own:
-        with Remote(c) as r:
-            vip.setup(c, r)
-    yield c
-    lab.up()  # boot killed nodes, heal cut links (nothing if all is well)
-    try:
-        status.wait_converged(c, 600, log=say)
-    finally:
-        if own:
-            with Remote(c) as r:
-                vip.remove(c, r, dryrun=False)
+def cv(lab, cluster, deployed) -> Iterator[Cluster]:
+    """The lab cluster with a VIP (conftest.with_test_vip)."""
+    yield from with_test_vip(lab, cluster, say)
 
 
 def test_status_is_clean_and_fast(cv):

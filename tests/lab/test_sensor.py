@@ -12,21 +12,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from lab.stranger import Stranger
-from tasks import secrets, status, vip
-from tasks.config import PROJECT_ROOT, VIP, Cluster
-from tasks.remote import Remote
+from tasks import secrets, status
+from tasks.config import PROJECT_ROOT, Cluster
 
+from .conftest import with_test_vip
 from .test_onboard import ha
 
 pytestmark = pytest.mark.lab
 
 OBJECT_ID = "haswarm_sensor_test"
 ENTITY = f"sensor.{OBJECT_ID}"
-TEST_VIP = "10.77.0.100"
 RECOVER = 120  # s for new states to reach HA after a fault (a failure, not a figure)
 
 
@@ -35,22 +35,9 @@ def say(msg: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cv(lab, cluster, deployed) -> Cluster:
-    """The lab cluster with a VIP (the sensors' address), set up here when the lab has none."""
-    own = cluster.vip.address is None
-    c = cluster.model_copy(update={"vip": VIP(address=TEST_VIP)}) if own else cluster
-    status.wait_converged(cluster, 600, log=say)
-    if own:
-        with Remote(c) as r:
-            vip.setup(c, r)
-    yield c
-    lab.up()
-    try:
-        status.wait_converged(c, 600, log=say)
-    finally:
-        if own:
-            with Remote(c) as r:
-                vip.remove(c, r, dryrun=False)
+def cv(lab, cluster, deployed) -> Iterator[Cluster]:
+    """The lab cluster with a VIP (conftest.with_test_vip)."""
+    yield from with_test_vip(lab, cluster, say)
 
 
 class Watch:
