@@ -73,13 +73,15 @@ def cron_text() -> str:
 
 FACTS_COMMAND = (f"iptables -w -S {CHAIN} 2>/dev/null | sed -n 's/.*haswarm-rules \\([0-9a-f]*\\).*"
                  "/rules=\\1/p'; "
-                 f"iptables -w -C INPUT -j {CHAIN} 2>/dev/null && echo jump=yes || echo jump=no")
+                 f"iptables -w -C INPUT -j {CHAIN} 2>/dev/null && echo jump=yes || echo jump=no; "
+                 f"[ -e {shlex.quote(SCRIPT)} ] && echo script=yes || echo script=no")
 
 
-def parse_facts(text: str) -> tuple[str | None, bool]:
-    """(the loaded rules' id or None, whether INPUT jumps to the chain) from FACTS_COMMAND."""
+def parse_facts(text: str) -> tuple[str | None, bool, bool]:
+    """(the loaded rules' id or None, whether INPUT jumps to the chain, whether the script is
+    there) from FACTS_COMMAND."""
     kv = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    return kv.get("rules") or None, kv.get("jump") == "yes"
+    return kv.get("rules") or None, kv.get("jump") == "yes", kv.get("script") == "yes"
 
 
 def plan_rules(c: Cluster, loaded: str | None, jump: bool) -> list[Op]:
@@ -106,7 +108,7 @@ def plan_rules_clean(loaded: str | None, jump: bool, script_present: bool) -> li
     return ops
 
 
-def _facts(r: Remote, node: Node, step: str) -> tuple[str | None, bool]:
+def _facts(r: Remote, node: Node, step: str) -> tuple[str | None, bool, bool]:
     return parse_facts(r.run(node, step, FACTS_COMMAND, check=False).stdout)
 
 
@@ -135,12 +137,9 @@ def setup_rules(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     step = "firewall:rules"
 
     def one(node: Node) -> bool:
-        loaded, jump = _facts(r, node, step)
-        if not c.firewall.enabled:
-            present = r.run(node, step, f"[ -e {shlex.quote(SCRIPT)} ]", check=False).ok
-            ops = plan_rules_clean(loaded, jump, present)
-        else:
-            ops = plan_rules(c, loaded, jump)
+        loaded, jump, script = _facts(r, node, step)
+        ops = plan_rules(c, loaded, jump) if c.firewall.enabled else \
+            plan_rules_clean(loaded, jump, script)
         return apply_ops(r, node, step, ops, dryrun=dryrun)
 
     return {"changed": sorted(n for n, ch in on_nodes(r, step, one).items() if ch)}
@@ -151,9 +150,7 @@ def clean_rules(c: Cluster, r: Remote, dryrun: bool) -> None:
     step = "firewall:rules (clean)"
 
     def one(node: Node) -> None:
-        present = r.run(node, step, f"[ -e {shlex.quote(SCRIPT)} ]", check=False).ok
-        apply_ops(r, node, step, plan_rules_clean(*_facts(r, node, step), present),
-                  dryrun=dryrun)
+        apply_ops(r, node, step, plan_rules_clean(*_facts(r, node, step)), dryrun=dryrun)
 
     on_nodes(r, step, one)
 

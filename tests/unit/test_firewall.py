@@ -38,8 +38,9 @@ def test_rules_id_follows_the_nodes(c):
 
 
 def test_parse_facts():
-    assert firewall.parse_facts("rules=eb6afc066eb02b2f\njump=yes\n") == ("eb6afc066eb02b2f", True)
-    assert firewall.parse_facts("jump=no\n") == (None, False)
+    assert firewall.parse_facts("rules=eb6afc066eb02b2f\njump=yes\nscript=yes\n") == (
+        "eb6afc066eb02b2f", True, True)
+    assert firewall.parse_facts("jump=no\nscript=no\n") == (None, False, False)
 
 
 def test_plan_rules_is_a_noop_when_loaded_and_jumped_to(c):
@@ -72,5 +73,6 @@ def test_script_loads_twice_to_the_same_rules_and_removes_them(c, tmp_path):
     if p.returncode != 0 and "Operation not permitted" in p.stderr:
         pytest.skip("needs root")
     lines = p.stdout.split()
-    assert lines == ["1", f"rules={firewall.context(c)['rules_id']}", "jump=yes", "jump=no"], \
+    assert lines == ["1", f"rules={firewall.context(c)['rules_id']}", "jump=yes", "script=no",
+                     "jump=no", "script=no"], \
         p.stdout + p.stderr
