@@ -47,6 +47,8 @@ STEPS = (USER, CORE_CONFIG, ANALYTICS, INTEGRATION)
 HTTP_TIMEOUT = 60.0  # core_config sets up a few integrations before it answers (2024.1)
 STEP_TIMEOUT = 15.0  # an onboarding step: then GET /api/onboarding tells whether it is done
 
+MQTT_KEEPALIVE = 15  # s; see broker_body
+
 
 class HAError(HaswarmError):
     """Home Assistant refused or failed a call; the message names where and what to do."""
@@ -291,8 +293,11 @@ class HomeAssistantAPI:
         self.hide(str(fields.get("password", "")))
         broker = f"{fields.get('broker')}:{fields.get('port')} as {fields.get('username')}"
         path = "/api/config/config_entries/flow"
-        result = self.expect("POST", path, token=token, body={"handler": "mqtt"},
+        # Advanced options shown: the broker form then offers the keepalive (see broker_body).
+        result = self.expect("POST", path, token=token,
+                             body={"handler": "mqtt", "show_advanced_options": True},
                              hint=TOKEN_HINT)
+        asked = False  # advanced options asked for already
         for _ in range(5):
             kind = result.get("type") if isinstance(result, dict) else None
             if kind == "create_entry":
@@ -306,7 +311,9 @@ class HomeAssistantAPI:
             if kind == "menu" and "broker" in (result.get("menu_options") or []):
                 result = self.expect("POST", flow, token=token, body={"next_step_id": "broker"})
             elif kind == "form" and result.get("step_id") == "broker" and not result.get("errors"):
-                result = self.expect("POST", flow, token=token, body=fields)
+                body = broker_body(result, fields, advanced_asked=asked)
+                asked = asked or "advanced_options" in body
+                result = self.expect("POST", flow, token=token, body=body)
             elif kind == "form" and result.get("errors"):
                 self.call("DELETE", flow, token=token)
                 raise self.fail("MQTT config flow", f"Home Assistant could not use the broker "
@@ -318,6 +325,21 @@ class HomeAssistantAPI:
                                 "add the MQTT integration in Home Assistant's UI")
         raise self.fail("MQTT config flow", "did not finish in 5 steps",
                         "add the MQTT integration in Home Assistant's UI")
+
+
+def broker_body(form: dict[str, Any], fields: dict[str, Any], advanced_asked: bool = False
+                ) -> dict[str, Any]:
+    """What to post to the MQTT flow's `broker` form: `fields`; where the form offers them,
+    the advanced options and then a keepalive of MQTT_KEEPALIVE s. HA's client notices a dead
+    broker only by its keepalive (a broker's node that loses power sends no FIN): 60 s by
+    default, so about 90 s without a message after such a fault; 15 s, the least HA accepts,
+    makes that 15-30 s. HA then reconnects 10 s later (its fixed RECONNECT_INTERVAL)."""
+    names = {f.get("name") for f in form.get("data_schema") or [] if isinstance(f, dict)}
+    if "keepalive" in names:
+        return {**fields, "keepalive": MQTT_KEEPALIVE}
+    if "advanced_options" in names and not advanced_asked:
+        return {**fields, "advanced_options": True}
+    return dict(fields)
 
 
 TOKEN_HINT = ("the token may be revoked or not an administrator's: put a long-lived access "

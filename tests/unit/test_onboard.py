@@ -44,7 +44,8 @@ class FakeHA:
         self.llat: dict[str, str] = {}  # client_name -> long-lived token
         self.entries: list[dict[str, Any]] = []
         self.entry_data: dict[str, dict[str, Any]] = {}
-        self.flows: set[str] = set()
+        # open flows: flow id -> advanced options shown (True), the advanced form ("advanced")
+        self.flows: dict[str, bool | str] = {}
         self.broker_ok = True
         self.core_config_status = 200  # 500: an integration it sets up failed (2024.1)
         self.core_config_delay = 0.0  # s before it answers (2024.1 waits for integrations)
@@ -149,7 +150,7 @@ def handler_for(ha: FakeHA) -> type[BaseHTTPRequestHandler]:
         def do_DELETE(self) -> None:
             with ha.lock:
                 ha.calls.append(f"DELETE {self.path}")
-            ha.flows.discard(self.path.rsplit("/", 1)[-1])
+            ha.flows.pop(self.path.rsplit("/", 1)[-1], None)
             self.reply(200, {"message": "Flow aborted"})
 
         def do_POST(self) -> None:
@@ -209,17 +210,24 @@ def handler_for(ha: FakeHA) -> type[BaseHTTPRequestHandler]:
                     return self.reply(200, {"type": "abort", "flow_id": flow_id,
                                             "handler": "mqtt",
                                             "reason": "single_instance_allowed"})
-                ha.flows.add(flow_id)
+                ha.flows[flow_id] = bool(data.get("show_advanced_options"))
                 return self.reply(200, self.broker_form(flow_id, {}))
             flow_id = path.removeprefix("/api/config/config_entries/flow/")
             if flow_id in ha.flows:
                 allowed = {"broker", "port", "username", "password", "advanced_options"}
+                if ha.flows[flow_id] == "advanced":
+                    allowed = (allowed - {"advanced_options"}) | {"keepalive"}
                 if not {"broker", "port"} <= set(data) or set(data) - allowed:
                     return self.reply(400, {"message": f"User input malformed: {list(data)}"})
+                if data.get("keepalive") is not None and int(data["keepalive"]) < 15:
+                    return self.reply(400, {"message": "keepalive: value must be at least 15"})
+                if data.get("advanced_options"):  # HA shows the advanced fields next
+                    ha.flows[flow_id] = "advanced"
+                    return self.reply(200, self.broker_form(flow_id, {}))
                 if not ha.broker_ok:
                     return self.reply(200, self.broker_form(flow_id,
                                                             {"base": "cannot_connect"}))
-                ha.flows.discard(flow_id)
+                del ha.flows[flow_id]
                 entry = {"entry_id": random.token_hex(8), "domain": "mqtt",
                          "title": data["broker"], "source": "user", "state": "loaded",
                          "supports_options": True, "disabled_by": None, "reason": None}
@@ -232,11 +240,16 @@ def handler_for(ha: FakeHA) -> type[BaseHTTPRequestHandler]:
             self.reply(404, {"message": "404: Not Found"})
 
         def broker_form(self, flow_id: str, errors: dict[str, str]) -> dict[str, Any]:
+            schema = [{"name": "broker", "required": True}, {"name": "port", "required": True},
+                      {"name": "username", "optional": True},
+                      {"name": "password", "optional": True}]
+            if ha.flows[flow_id] == "advanced":
+                schema += [{"name": "client_id", "optional": True},
+                           {"name": "keepalive", "optional": True}]
+            elif ha.flows[flow_id]:
+                schema.append({"name": "advanced_options", "optional": True})
             return {"type": "form", "flow_id": flow_id, "handler": "mqtt", "step_id": "broker",
-                    "data_schema": [{"name": "broker", "required": True},
-                                    {"name": "port", "required": True},
-                                    {"name": "username", "optional": True},
-                                    {"name": "password", "optional": True}],
+                    "data_schema": schema,
                     "errors": errors, "description_placeholders": None, "last_step": None}
 
         def websocket(self) -> None:
@@ -368,7 +381,8 @@ def test_first_run_onboards_and_adds_mqtt_then_a_rerun_does_nothing(ha, tmp_path
     [entry] = ha.entries
     assert ha.entry_data[entry["entry_id"]] == {
         "broker": "mosquitto", "port": 1883, "username": "homeassistant",
-        "password": secrets.read(c, "mqtt_homeassistant"), "discovery": True}
+        "password": secrets.read(c, "mqtt_homeassistant"), "keepalive": 15,
+        "discovery": True}  # keepalive: through the advanced options (ha_api.broker_body)
     assert facts == {"via": "pi1", "onboarded": True, "mqtt": ["loaded"]}
     first = capsys.readouterr().out
     assert "pi1: ha-onboard: create the owner account 'owner'" in first
