@@ -1,19 +1,35 @@
 """`doit clean` after a fault: the stack's containers that no longer run are removed rather than
-waited for."""
+waited for; a failed clean step keeps the steps it needs from running; the command exits 1."""
 
 from __future__ import annotations
 
-import pytest
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
-from tasks import stack
-from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
+import pytest
+from doit.cmd_base import ModuleTaskLoader
+from doit.doit_cmd import DoitMain
+from doit.exceptions import TaskFailed
+
+from tasks import clean_run, stack
+from tasks.config import LAB_CLUSTER_FILE, PROJECT_ROOT, Cluster, load_cluster
 from tasks.errors import StackError
 from tasks.failures import Result
+from tasks.ops import StepError, remote_task
 
 
 @pytest.fixture(scope="module")
 def c() -> Cluster:
     return load_cluster(LAB_CLUSTER_FILE)
+
+
+@pytest.fixture(autouse=True)
+def fresh_record():
+    clean_run.reset()
+    yield
+    clean_run.reset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,3 +135,124 @@ def test_dry_run_only_says_which_it_would_remove(c, capsys):
     assert r.log == []
     assert capsys.readouterr().out == ("pi3: stack: would remove the stack's containers that no "
                                        "longer run: haswarm_mosquitto exited\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The record of a clean run, and what a failure keeps from running
+
+
+def test_needed_by_is_transitive():
+    deps = {"stack": ["swarm", "render"], "swarm": ["gluster"], "gluster": ["gluster:mount"],
+            "gluster:mount": ["gluster:volume"], "vip": ["stack"], "firewall": []}
+    got = clean_run.needed_by(deps)
+    assert got["gluster:volume"] == {"gluster:mount", "gluster", "swarm", "stack", "vip"}
+    assert got["stack"] == {"vip"} and got["render"] == {"stack", "vip"}
+    assert "vip" not in got and "firewall" not in got  # nothing needs them
+
+
+def test_a_failure_refuses_the_steps_it_needs_naming_it():
+    failed = clean_run.record_failure("stack", "stack (clean) failed:\nstack haswarm: still "
+                                      "present 180 s after `docker stack rm`")
+    assert isinstance(failed, TaskFailed) and "still present 180 s" in str(failed)
+    assert list(clean_run.FAILED) == ["stack"]
+    assert clean_run.refusal("vip", []) is None  # needed by nothing that failed
+    why = clean_run.refusal("swarm", {"stack", "vip"})
+    assert why == ("swarm (clean): not run: the clean of stack, which needs swarm, failed "
+                   "(its error is above). Fix that, then run `doit clean` again")
+    assert clean_run.REFUSED == {"swarm": "stack"}
+    assert clean_run.summary() == ("doit clean: failed: stack (1 step they need not run); "
+                                   "see above, fix it, then run `doit clean` again")
+    clean_run.reset()
+    assert clean_run.summary() == "" and clean_run.refusal("swarm", {"stack"}) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The command: doit's clean order, refusals, exit code
+
+
+def dodo(c: Cluster, calls: list[str], failing: str | None) -> dict[str, Any]:
+    """A tiny dodo of remote steps: top -> mid -> base, and other (needs nothing), grouped by
+    `all` (the default); the clean step `failing` fails, as a step does when a node does not
+    do what it must."""
+
+    def creator(name: str, deps: list[str]):
+        def setup(c: Cluster, r: Any, dryrun: bool = False) -> None:
+            return None
+
+        def clean(c: Cluster, r: Any, dryrun: bool) -> None:
+            calls.append(name)
+            if name == failing:
+                raise StepError(f"{name}: still there")
+
+        def task_creator() -> dict[str, Any]:
+            return {**remote_task(c, name, None, f"the {name} step", setup, clean,
+                                  task_dep=deps), "basename": name}
+
+        return task_creator
+
+    return {"task_base": creator("base", []), "task_mid": creator("mid", ["base"]),
+            "task_top": creator("top", ["mid"]), "task_other": creator("other", []),
+            "task_all": lambda: {"actions": None, "task_dep": ["top", "other"]},
+            "DOIT_CONFIG": {"default_tasks": ["all"]}}
+
+
+def run_clean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, namespace: dict[str, Any],
+              *args: str) -> int:
+    monkeypatch.chdir(PROJECT_ROOT)  # its pyproject.toml names the command (plugins.command)
+    return DoitMain(ModuleTaskLoader(namespace)).run(
+        ["clean", "--db-file", str(tmp_path / "doit.db"), *args])
+
+
+def test_pyproject_makes_clean_ours(monkeypatch):
+    monkeypatch.chdir(PROJECT_ROOT)
+    assert DoitMain().get_cmds().get_plugin("clean") is clean_run.Clean
+
+
+def test_the_command_module_is_light():
+    """`doit help` loads every command: no SSH or Docker client for it."""
+    code = ("import sys, tasks.clean_run; "
+            "print(sorted(m for m in ('paramiko', 'fabric', 'docker', 'tasks.config') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_failed_step_keeps_what_it_needs_and_the_command_exits_1(
+        c, tmp_path, monkeypatch, capsys):
+    calls: list[str] = []
+    assert run_clean(tmp_path, monkeypatch, dodo(c, calls, failing="mid")) == 1
+    assert calls == ["other", "top", "mid"]  # base: refused, without connecting
+    out, err = capsys.readouterr()
+    assert "base (clean): not run: the clean of mid, which needs base, failed " \
+           "(its error is above). Fix that, then run `doit clean` again" in out
+    assert "mid: still there" in err
+    assert "all (clean)" not in out  # a group: nothing of its own to clean, nothing to refuse
+    assert err.splitlines()[-1] == ("doit clean: failed: mid (1 step they need not run); see "
+                                    "above, fix it, then run `doit clean` again")
+
+
+def test_a_clean_run_that_fails_nothing_exits_0(c, tmp_path, monkeypatch, capsys):
+    calls: list[str] = []
+    assert run_clean(tmp_path, monkeypatch, dodo(c, calls, failing=None)) == 0
+    assert calls == ["other", "top", "mid", "base"]
+    assert "doit clean:" not in capsys.readouterr().err
+    # a run after a failed one starts with a clean record
+    assert run_clean(tmp_path, monkeypatch, dodo(c, calls, failing="top")) == 1
+    assert clean_run.FAILED.keys() == {"top"} and clean_run.REFUSED.keys() == {"mid", "base"}
+    assert run_clean(tmp_path, monkeypatch, dodo(c, calls, failing=None)) == 0
+
+
+def test_a_failed_dry_run_refuses_too(c, tmp_path, monkeypatch, capsys):
+    calls: list[str] = []
+    assert run_clean(tmp_path, monkeypatch, dodo(c, calls, failing="top"), "-n") == 1
+    assert calls == ["other", "top"]
+
+
+def test_doits_own_clean_would_have_gone_on_and_exited_0(c, tmp_path, monkeypatch):
+    """Why haswarm has its own command: doit's runs every step and exits 0 (or None)."""
+    calls: list[str] = []
+    monkeypatch.chdir(tmp_path)  # no pyproject.toml: doit's own clean
+    code = DoitMain(ModuleTaskLoader(dodo(c, calls, failing="mid"))).run(
+        ["clean", "--db-file", str(tmp_path / "doit.db")])
+    assert not code and calls == ["other", "top", "mid", "base"]
