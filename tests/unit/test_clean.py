@@ -170,7 +170,8 @@ def test_a_failure_refuses_the_steps_it_needs_naming_it():
 # The command: doit's clean order, refusals, exit code
 
 
-def dodo(c: Cluster, calls: list[str], failing: str | None) -> dict[str, Any]:
+def dodo(c: Cluster, calls: list[str], failing: str | None,
+         error: type[Exception] = StepError) -> dict[str, Any]:
     """A tiny dodo of remote steps: top -> mid -> base, and other (needs nothing), grouped by
     `all` (the default); the clean step `failing` fails, as a step does when a node does not
     do what it must."""
@@ -182,7 +183,7 @@ def dodo(c: Cluster, calls: list[str], failing: str | None) -> dict[str, Any]:
         def clean(c: Cluster, r: Any, dryrun: bool) -> None:
             calls.append(name)
             if name == failing:
-                raise StepError(f"{name}: still there")
+                raise error(f"{name}: still there")
 
         def task_creator() -> dict[str, Any]:
             return {**remote_task(c, name, None, f"the {name} step", setup, clean,
@@ -241,6 +242,15 @@ def test_a_clean_run_that_fails_nothing_exits_0(c, tmp_path, monkeypatch, capsys
     assert run_clean(tmp_path, monkeypatch, dodo(c, calls, failing="top")) == 1
     assert clean_run.FAILED.keys() == {"top"} and clean_run.REFUSED.keys() == {"mid", "base"}
     assert run_clean(tmp_path, monkeypatch, dodo(c, calls, failing=None)) == 0
+
+
+def test_a_bug_in_a_clean_step_counts_as_a_failure(c, tmp_path, monkeypatch, capsys):
+    calls: list[str] = []
+    assert run_clean(tmp_path, monkeypatch, dodo(c, calls, "mid", RuntimeError)) == 1
+    assert calls == ["other", "top", "mid"]
+    err = capsys.readouterr().err
+    assert "RuntimeError: mid: still there" in err  # doit's traceback
+    assert "doit clean: failed: mid (1 step they need not run)" in err
 
 
 def test_a_failed_dry_run_refuses_too(c, tmp_path, monkeypatch, capsys):
