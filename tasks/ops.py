@@ -14,12 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 from doit.exceptions import TaskFailed
 
+from tasks.clean_run import record_failure
 from tasks.config import Cluster, Node
 from tasks.connection import COMMAND_TIMEOUT
 from tasks.errors import HaswarmError
 from tasks.state import forget, mark_done
 
 if TYPE_CHECKING:
+    from doit.task import Task
+
     from tasks.remote import Remote
 
 
@@ -139,15 +142,20 @@ def run_step(c: Cluster, step: str, fn: Callable[..., dict[str, Any] | None]
 
 
 def clean_step(c: Cluster, step: str, fn: Callable[[Cluster, Remote, bool], None],
-               dryrun: bool) -> TaskFailed | None:
-    """Run one clean step (only reading facts when `dryrun`); then forget the step's record."""
+               dryrun: bool, task: str | None = None) -> TaskFailed | None:
+    """Run one clean step (only reading facts when `dryrun`); then forget the step's record.
+    A failure is recorded for this clean run under `task` (the doit task; default: `step`):
+    the steps it needs are then not cleaned (tasks/clean_run.py)."""
     from tasks.remote import Remote, RemoteError
 
     try:
         with Remote(c) as r:
             fn(c, r, dryrun)
     except (RemoteError, HaswarmError, OSError) as e:
-        return TaskFailed(f"{step} (clean) failed:\n{e}")
+        return record_failure(task or step, f"{step} (clean) failed:\n{e}")
+    except Exception as e:  # a bug: doit shows the traceback; the run still counts it
+        record_failure(task or step, f"{step} (clean) failed: {type(e).__name__}: {e}")
+        raise
     if not dryrun:
         forget(c, step)
     return None
@@ -166,8 +174,8 @@ def remote_task(c: Cluster, step: str, name: str | None, doc: str,
     def action() -> TaskFailed | None:
         return run_step(c, step, setup)
 
-    def clean_action(dryrun: bool) -> TaskFailed | None:
-        return clean_step(c, step, clean, dryrun)
+    def clean_action(dryrun: bool, task: Task) -> TaskFailed | None:
+        return clean_step(c, step, clean, dryrun, task.name)  # doit passes `task`
 
     action.__doc__ = doc
     # doit prints "<task> - executing 'Python: function NAME'" for clean actions

@@ -6,9 +6,11 @@ sequence that drives the deploy, is `converge` in tasks/galera.py, with the `sta
     stack-objects  the configs and secrets the stack references as `external: true`, created
                    (missing ones only) from the rendered files and generated secrets, on a manager.
                    clean: every config and secret of this stack (`NAME_*`) removed.
-    stack (clean)  `docker stack rm`, then wait until no container of the stack runs on any node
-                   and its networks are gone; the database volumes are kept unless
-                   `doit purge=yes clean`.
+    stack (clean)  `docker stack rm`, then wait until no container of the stack is left on any
+                   node and its networks are gone: the containers that no longer run (exited,
+                   created, dead: also those from a node's life before a reboot, which
+                   `docker stack rm` leaves) are removed, the running ones waited for; the
+                   database volumes are kept unless `doit purge=yes clean`.
 
 Facts come from the CLI on the nodes and are parsed by the pure `parse_*` functions:
 `docker service inspect` (desired replicas, update state, task template) and `docker inspect`
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,11 @@ REMOVE_TIMEOUT = 180.0  # stack rm: the db's stop grace period is 60 s
 DEPLOY_TIMEOUT = 300.0  # seconds `docker stack deploy` may take (the command's deadline)
 VOLUME_REMOVE_TIMEOUT = 300.0  # `docker volume rm` of a database volume (purge) on an SD card
 OBJECT_KINDS = ("config", "secret")
+STEP_WAIT = "stack: wait for removal"
+# A container of the stack in one of these states no longer runs: `docker stack rm` leaves it
+# behind when its node was down then, or when it is from the node's life before a reboot.
+STALE = ("created", "exited", "dead")
+CONTAINER_LINE = 'container {{.ID}} {{.State}} {{.Label "com.docker.swarm.service.name"}}'
 # Removed before the rest of the stack: clients of the database stop while it still answers.
 STOP_FIRST = ("homeassistant",)
 
@@ -188,8 +195,8 @@ def prune_objects(r: Remote, c: Cluster, manager: str, keep: set[str],
 def remove(c: Cluster, r: Remote, dryrun: bool = False, purge: bool = False,
            timeout: float = REMOVE_TIMEOUT) -> list[str]:
     """Stop Home Assistant (STOP_FIRST), `docker stack rm`, then wait until no container of the
-    stack is left on any node and its networks are gone; with `purge` also remove the database
-    volumes. Idempotent."""
+    stack is left on any node and its networks are gone (removing the containers that no longer
+    run, `_wait_removed`); with `purge` also remove the database volumes. Idempotent."""
     notes: list[str] = []
     volume = f"{c.name}_{DB_VOLUME}"
     r.redact(*secret_values(c))
@@ -211,7 +218,9 @@ def remove(c: Cluster, r: Remote, dryrun: bool = False, purge: bool = False,
             notes.append(f"stack {c.name}: no services")
     else:
         notes.append("stack: no swarm manager answers: no stack to remove")
-    if not dryrun:
+    if dryrun:
+        r.on_all(STEP_WAIT, lambda n: _leftovers(r, c, n, dryrun=True))
+    else:
         _wait_removed(r, c, timeout)
     volumes = _volumes(r, c, volume)
     holders = sorted(n for n, present in volumes.items() if present)
@@ -257,32 +266,82 @@ def _volumes(r: Remote, c: Cluster, volume: str) -> dict[str, bool]:
     return {k: v for k, v in got.items() if v is not None}
 
 
+def stale_containers(lines: Iterable[str]) -> list[str]:
+    """The ids of the containers to remove, from one node's `_leftovers_cmd` lines ('container
+    ID STATE SERVICE'; 'network NAME' lines are skipped): those that no longer run (STALE).
+    A running container (or one restarting, paused, being removed) is waited for instead."""
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "container" and parts[2] in STALE:
+            out.append(parts[1])
+    return out
+
+
+def _leftovers_cmd(c: Cluster) -> str:
+    """Lists what of the stack is on a node: 'container ID STATE SERVICE' and 'network NAME'
+    lines (exited containers too: they would hold the database volume)."""
+    return (f"docker ps -a --filter {label_filter(c)} --format {shlex.quote(CONTAINER_LINE)}; "
+            f"docker network ls --filter {label_filter(c)} --format 'network {{{{.Name}}}}'")
+
+
+def _described(lines: Iterable[str], ids: Collection[str] | None = None) -> str:
+    """'haswarm_db running, haswarm_mosquitto exited': the containers of `lines` (only those of
+    `ids`, when given)."""
+    out = []
+    for parts in (line.split() for line in lines):
+        if len(parts) >= 3 and parts[0] == "container" and (ids is None or parts[1] in ids):
+            out.append(f"{parts[3] if len(parts) > 3 else parts[1]} {parts[2]}")
+    return ", ".join(out)
+
+
+def _leftovers(r: Remote, c: Cluster, n: Node, dryrun: bool = False) -> list[str]:
+    """What of the stack is left on node `n` (`_leftovers_cmd` lines; [] when `n` does not
+    answer), once the containers that no longer run are removed: `docker rm -v`, their anonymous
+    volumes with them as when the swarm removes a task (never a named volume such as the
+    database's). With `dryrun`, only says which it would remove."""
+    try:
+        lines = [x for x in r.run(n, STEP_WAIT, _leftovers_cmd(c)).stdout.splitlines()
+                 if x.strip()]
+        stale = stale_containers(lines)
+        if dryrun and stale:
+            progress(n, f"stack: would remove the stack's containers that no longer run: "
+                        f"{_described(lines, stale)}")
+        if dryrun or not stale:
+            return lines
+        res = r.run(n, "stack: remove stale containers",
+                    "docker rm -v " + " ".join(shlex.quote(x) for x in stale), check=False)
+    except RemoteError:
+        return []
+    gone = set(res.stdout.split()) & set(stale)
+    if gone:
+        progress(n, f"stack: removed the stack's containers that no longer ran: "
+                    f"{_described(lines, gone)}")
+    return [x for x in lines if not (x.startswith("container ") and x.split()[1] in gone)]
+
+
+def _what_is_left(node: str, lines: list[str]) -> str:
+    """'pi3: 1 containers (haswarm_db running), 0 networks' from `_leftovers` lines."""
+    containers = sum(x.startswith("container ") for x in lines)
+    networks = sum(x.startswith("network ") for x in lines)
+    which = f" ({_described(lines)})" if containers else ""
+    return f"{node}: {containers} containers{which}, {networks} networks"
+
+
 def _wait_removed(r: Remote, c: Cluster, timeout: float) -> None:
-    """Until no container of the stack is left on any node (exited ones too: they would hold
-    the database volume) and no network of it."""
-    cmd = (f"docker ps -aq --filter {label_filter(c)} | sed 's/^/container /'; "
-           f"docker network ls --filter {label_filter(c)} --format 'network {{{{.Name}}}}'")
+    """Until no container of the stack is left on any node and no network of it. A container
+    that no longer runs (left by `docker stack rm` when its node was down, or from the node's
+    life before a reboot) is removed at once (`_leftovers`); a running one is waited for (the
+    database may take its 60 s stop grace period)."""
     started = time.monotonic()
     deadline = started + timeout
     last = ""
     while True:
-        left: dict[str, list[str]] = {}
-
-        def one(n: Node) -> list[str]:
-            try:
-                return r.run(n, "stack: wait for removal", cmd).stdout.split("\n")
-            except RemoteError:
-                return []
-
-        for name, lines in r.on_all("stack: wait for removal", one).items():
-            items = [x for x in lines if x.strip()]
-            if items:
-                left[name] = items
+        found = r.on_all(STEP_WAIT, lambda n: _leftovers(r, c, n))
+        left = {name: lines for name, lines in found.items() if lines}
         if not left:
             return
-        line = "; ".join(f"{n}: {sum(x.startswith('container') for x in v)} containers, "
-                         f"{sum(x.startswith('network') for x in v)} networks"
-                         for n, v in left.items())
+        line = "; ".join(_what_is_left(n, v) for n, v in left.items())
         if line != last:
             progress("stack", f"removal ({time.monotonic() - started:.0f} s): waiting for {line}")
             last = line

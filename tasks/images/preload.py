@@ -23,6 +23,8 @@ from tasks.images.core import LOAD_TIMEOUT, ImageError, Platform, image_matches
 from tasks.ops import Op, apply_ops, say
 
 if TYPE_CHECKING:
+    from doit.task import Task
+
     from tasks.remote import Remote
 
 STEP = "preload-images"  # how its lines start: "pi1: preload-images: nothing to do"
@@ -438,12 +440,14 @@ def clean_saved(paths: list[str], dryrun: bool = False) -> None:
     print(f"removed {names}")
 
 
-def clean_preload(nodes: list[str] | None, step_name: str,
+def clean_preload(nodes: list[str] | None, step_name: str, task: Task,
                   dryrun: bool = False) -> TaskFailed | None:
     """Clean action of preload-images: forget the stamp; with `purge=yes` also remove the
     stack's images from the nodes (those no container uses any more), as before setup. With
-    `clean -n`, asks the nodes (read-only) and says which images would go."""
+    `clean -n`, asks the nodes (read-only) and says which images would go. doit passes `task`
+    (a failure is recorded under its name: tasks/clean_run.py)."""
     from tasks import state
+    from tasks.clean_run import record_failure
     from tasks.config import purge_requested
     from tasks.remote import Remote, RemoteError
 
@@ -471,7 +475,7 @@ def clean_preload(nodes: list[str] | None, step_name: str,
             # removing images of hundreds of MB from an SD card takes a while
             out = r.run_all("images: remove preloaded", cmd, nodes, timeout=REMOVE_TIMEOUT)
     except RemoteError as e:
-        return TaskFailed(str(e))
+        return record_failure(task.name, str(e))
     for node, res in out.items():
         print(f"{node}: {step_name} (clean): "
               + (", ".join(res.stdout.splitlines()) if res.stdout.strip() else "nothing to do"))
