@@ -30,6 +30,7 @@ from lab.tasks import (  # noqa: E402
 )
 from tasks import images  # noqa: E402
 from tasks.avahi import task_avahi  # noqa: E402
+from tasks.backup import backup_task, restore_task  # noqa: E402
 from tasks.drill import drill_task  # noqa: E402
 from tasks.firewall import task_firewall  # noqa: E402
 from tasks.galera import stack_task  # noqa: E402
@@ -60,6 +61,7 @@ __all__ = [
     "task_preflight", "task_render", "task_secrets", "task_setup", "task_swarm",
     "task_stack_objects", "task_stack",
     "task_vip", "task_leader_guard", "task_status", "task_drill", "task_plan",
+    "task_backup", "task_restore",
     "task_lab_engine", "task_lab_up", "task_lab_down", "task_lab_kill", "task_lab_cut",
     "task_lab_heal", "task_lab_boot", "task_lab_status",
 ]
@@ -101,6 +103,16 @@ def task_drill():
     if CLUSTER.lab:
         return drill_task(CLUSTER, _lab_faults)
     return drill_task(CLUSTER)
+
+
+def task_backup():
+    """Archive the database, HA's config, Mosquitto's store and HA's token into backups/."""
+    return backup_task(CLUSTER)
+
+
+def task_restore():
+    """Put an archive back (`doit restore backup=PATH`): files, database, token; HA restarted."""
+    return restore_task(CLUSTER)
 
 
 def _lab_faults(c):
