@@ -85,9 +85,9 @@ def lab():
 # that tears a layer down (gluster purges, swarm re-forms) runs before the layers above it are
 # deployed, and the fault tests run last on the deployed cluster.
 LAB_ORDER = ["test_lab", "test_remote", "test_preflight", "test_preload", "test_gluster",
-             "test_avahi", "test_swarm", "test_stack", "test_onboard", "test_hardening",
-             "test_registry", "test_failover", "test_sensor", "test_chaos", "test_outage",
-             "test_frozen", "test_cycle"]
+             "test_avahi", "test_swarm", "test_stack", "test_onboard", "test_backup",
+             "test_hardening", "test_registry", "test_failover", "test_sensor", "test_chaos",
+             "test_outage", "test_frozen", "test_cycle"]
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -262,18 +262,3 @@ def test_clean_keeps_data_and_setup_again_recovers_it(lab, cluster, tools, deplo
     assert db_size(tools, node, cid) == 3
     out = tools.sql(node, cid, f"SELECT v FROM {TEST_DB}.t WHERE v = '{token}';")
     assert out.split() == [token], "the row written before clean is gone"
-
-
-def test_purge_clean_removes_the_data_then_setup_bootstraps_fresh(lab, cluster, tools, deployed):
-    run = tools.clean(purge=True)
-    print(f"\n[stack] clean purge=yes ({run.how}): {run.seconds:.1f} s")
-    assert run.ok, run.output[-3000:]
-    assert stack_leftovers(lab, cluster) == {}
-    assert volumes(lab, cluster) == []
-    run = tools.setup()
-    print(f"[stack] setup after purge ({run.how}): {run.seconds:.1f} s")
-    assert run.ok, run.output[-4000:]
-    assert "fresh cluster" in run.output
-    node, cid = next(iter(tools.containers("db").items()))
-    assert db_size(tools, node, cid) == 3
-    assert TEST_DB not in tools.sql(node, cid, "SHOW DATABASES;").split()
