@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from dodo import SETUP
-from tasks import plan
+from tasks import plan, status
 from tasks.config import LAB_CLUSTER_FILE, PROJECT_ROOT
 from tests.lab.conftest import Run, doit
 
@@ -132,9 +132,17 @@ def setup_cutting_a_node_at(lab, node: str, task: str) -> tuple[Run, float]:
         time.monotonic() - cut_at
 
 
-def test_clean_mirrors_setup_and_an_interrupted_setup_resumes(lab, deployed):
+def test_clean_mirrors_setup_and_an_interrupted_setup_resumes(lab, cluster, deployed):
+    # A node killed and booted again keeps its stack's containers from before, exited, which
+    # `docker stack rm` leaves: clean removes them instead of waiting for them (issue 15).
+    lab.kill("pi3")
+    lab.boot("pi3")
+    status.wait_converged(cluster, 600)
+    exited = lab.exec("pi3", "docker ps -aq --filter status=exited").stdout.split()
     first = doit("clean")
     assert first.ok, first.output[-4000:]
+    assert "still present" not in first.output
+    assert not exited or "pi3: stack: removed the stack's containers" in first.output
     before = snapshot(lab)
     for name, snap in before.items():
         assert "haswarm" not in snap.split("## docker volumes")[0], f"{name} kept:\n{snap}"
