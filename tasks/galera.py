@@ -42,6 +42,7 @@ from tasks import render
 from tasks.config import Cluster, Node
 from tasks.errors import StackError
 from tasks.facts import GaleraMember, galera_command, parse_galera
+from tasks.homeassistant import announce_image
 from tasks.ops import Op, apply_ops, remote_task
 from tasks.remote import Remote, RemoteError, progress
 from tasks.secrets import secret_values
@@ -319,6 +320,7 @@ def deploy_steady(r: Remote, c: Cluster, manager: str) -> None:
     if is_deployed(r, c, manager, text, observe(r, c, manager)):
         progress(manager, "stack: stack.yml is the deployed one: not deploying")
         return
+    announce_image(r, c, manager)
     deploy(r, c, manager, steady_file(c))
     record_deploy(r, c, manager, text)
 

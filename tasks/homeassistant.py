@@ -55,6 +55,20 @@ def config_dir(c: Cluster) -> str:
     return render.volume_paths(c)["homeassistant"]
 
 
+def announce_image(r: Remote, c: Cluster, node: str) -> None:
+    """Write the image Home Assistant is about to be deployed with beside its lock on the volume
+    (`.haswarm/homeassistant.image`, through `node`'s mount): during the rolling update, waiting
+    containers of the old image leave a free lock to one of the new image for a while, so an
+    upgrade starts Home Assistant once (stack/haswarm-lock.py.j2)."""
+    assert c.images.homeassistant is not None
+    ref = c.images.homeassistant.node_ref
+    d = f"{config_dir(c)}/{render.HA_LOCK_FILE.rsplit('/', 2)[1]}"
+    tmp, final = f"{d}/homeassistant.image.new", f"{d}/homeassistant.image"
+    r.run(node, "stack: announce Home Assistant's image",
+          f"mkdir -p {shlex.quote(d)} && printf '%s\\n' {shlex.quote(ref)} > {shlex.quote(tmp)} "
+          f"&& mv -f {shlex.quote(tmp)} {shlex.quote(final)}")
+
+
 def rendered(c: Cluster, name: str) -> Path:
     """A rendered Home Assistant file in the build directory (tasks.render writes it)."""
     return render.build_dir(c) / "homeassistant" / name

@@ -3,6 +3,7 @@ one lock file (a local file here; the Gluster volume in the cluster)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from tasks.render import TEMPLATES
 SCRIPT = TEMPLATES / "haswarm-lock.py.j2"
 
 
-def start(lock: Path, ready: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(lock), str(ready)],
+def start(lock: Path, ready: Path, image: str = "") -> subprocess.Popen:
+    env = {**os.environ, "HASWARM_IMAGE": image} if image else None
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(lock), str(ready)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -51,6 +53,35 @@ def test_the_second_keeper_waits_until_the_first_is_gone(tmp_path):
     finally:
         end(first, second)
     assert "lock held after" in second.stdout.read()
+
+
+def test_during_an_upgrade_a_free_lock_is_left_to_the_new_image(tmp_path):
+    lock = tmp_path / "config" / ".haswarm" / "homeassistant.lock"
+    lock.parent.mkdir(parents=True)
+    (lock.parent / "homeassistant.image").write_text("ha:new\n")  # `doit setup` announced it
+    old = new = None
+    try:
+        old = start(lock, tmp_path / "old", image="ha:old")
+        assert not wait_file(tmp_path / "old", 2.0)  # the lock is free, but left to ha:new
+        new = start(lock, tmp_path / "new", image="ha:new")
+        assert wait_file(tmp_path / "new", 5)
+        assert not (tmp_path / "old").exists()
+    finally:
+        end(old, new)
+    assert "being upgraded to ha:new" in old.stdout.read()
+
+
+def test_an_old_announcement_is_ignored(tmp_path):
+    lock = tmp_path / "config" / ".haswarm" / "homeassistant.lock"
+    lock.parent.mkdir(parents=True)
+    announced = lock.parent / "homeassistant.image"
+    announced.write_text("ha:new\n")
+    os.utime(announced, (time.time() - 3600, time.time() - 3600))  # an upgrade long over
+    old = start(lock, tmp_path / "old", image="ha:old")
+    try:
+        assert wait_file(tmp_path / "old", 5)
+    finally:
+        end(old)
 
 
 def test_the_template_holds_no_jinja():
