@@ -9,6 +9,11 @@ unavailable, the longest gap, the containers that started, any moment two of a k
 
     python3 bench/upgrade.py --service homeassistant
     python3 bench/upgrade.py --service db            # the Galera rolling upgrade
+    python3 bench/upgrade.py --broken                # HA to an image that cannot run HA
+
+`--broken` builds an image of Home Assistant's with the homeassistant package removed: the
+upgrade must fail (doit setup exits non-zero, naming the rollback), swarm must roll it back by
+itself, and Home Assistant must keep running on the old image.
 
 Goals (issue 15): an HA upgrade costs no more than one HA start; a Galera rolling upgrade costs
 0 s of database writes. Uses the shared lab of config/lab.yml (deployed); leaves it as its file
@@ -38,10 +43,18 @@ IMAGE_KEY = {"homeassistant": "homeassistant", "db": "mariadb", "mosquitto": "mo
 AFTER = 30.0  # s probed after doit returned
 
 
-def variant(service: str, suffix: str) -> Path:
-    """A copy of the lab's cluster file with `service`'s image under tag+suffix."""
+def variant(service: str, suffix: str, broken: bool = False) -> Path:
+    """A copy of the lab's cluster file with `service`'s image under tag+suffix (`broken`: built
+    from the old one without the homeassistant package)."""
     data = yaml.safe_load(LAB_CLUSTER_FILE.read_text())
     entry = data["images"][IMAGE_KEY[service]]
+    if broken:
+        context = PROJECT_ROOT / "build" / "bench-broken-ha"
+        context.mkdir(parents=True, exist_ok=True)
+        (context / "Dockerfile").write_text(
+            f"FROM {entry['image']}\n"
+            "RUN rm -rf /opt/venv/lib/python3*/site-packages/homeassistant\n")
+        entry["build"] = str(context.relative_to(PROJECT_ROOT))
     entry["image"] = entry["image"] + suffix
     out = PROJECT_ROOT / "build" / f"bench-upgrade-{service}.yml"
     out.parent.mkdir(exist_ok=True)
@@ -73,9 +86,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--service", choices=sorted(IMAGE_KEY), default="homeassistant")
     ap.add_argument("--suffix", default="-next")
+    ap.add_argument("--broken", action="store_true")
     args = ap.parse_args()
     c, lab = running_lab()
     status.wait_converged(c, 600)
+    if args.broken:
+        failed = not measured(c, lab, "upgrade homeassistant to a broken image",
+                              variant("homeassistant", "-broken", broken=True))
+        print("the upgrade failed, as it must" if failed else "THE BROKEN UPGRADE PASSED")
+        # (not converged until the next deploy: swarm reports the rollback until then)
+        ok = measured(c, lab, "the lab's own file again", LAB_CLUSTER_FILE) and failed
+        return 0 if ok else 1
     ok = measured(c, lab, f"upgrade {args.service} (tag +{args.suffix})",
                   variant(args.service, args.suffix))
     status.wait_converged(c, 600)

@@ -147,6 +147,11 @@ def diagnose(r: Remote, c: Cluster, manager: str, state: StackState, what: str,
     lines = [f"{what}: an update failed (after {timeout:.0f} s); fix the cause and run the task "
              "again:" if failed else f"{what}: not converged after {timeout:g} s:"]
     lines += [f"  - {p}" for p in problems]
+    for name in sorted(n for n, svc in state.services.items()
+                       if svc.update_state == "rollback_completed"):
+        lines.append(f"  {name}: its new version failed and swarm rolled it back: it runs what "
+                     "ran before this setup. Read why below (or in its logs), fix the image or "
+                     "set the previous tag in the cluster file, then run `doit setup` again")
     services = sorted({p.split(":", 1)[0] for p in problems if p.split(":", 1)[0] in
                        state.services})
     for name in services:

@@ -71,6 +71,18 @@ def test_during_an_upgrade_a_free_lock_is_left_to_the_new_image(tmp_path):
     assert "being upgraded to ha:new" in old.stdout.read()
 
 
+def test_an_image_that_failed_is_not_waited_for(tmp_path):
+    lock = tmp_path / "config" / ".haswarm" / "homeassistant.lock"
+    lock.parent.mkdir(parents=True)
+    (lock.parent / "homeassistant.image").write_text("ha:new\n")
+    (lock.parent / "homeassistant.image-failed").write_text("ha:new\n")  # its entrypoint said so
+    old = start(lock, tmp_path / "old", image="ha:old")
+    try:
+        assert wait_file(tmp_path / "old", 5)
+    finally:
+        end(old)
+
+
 def test_an_old_announcement_is_ignored(tmp_path):
     lock = tmp_path / "config" / ".haswarm" / "homeassistant.lock"
     lock.parent.mkdir(parents=True)
