@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tasks.render import TEMPLATES
 
 SCRIPT = TEMPLATES / "haswarm-lock.py.j2"
@@ -71,24 +73,16 @@ def test_during_an_upgrade_a_free_lock_is_left_to_the_new_image(tmp_path):
     assert "being upgraded to ha:new" in old.stdout.read()
 
 
-def test_an_image_that_failed_is_not_waited_for(tmp_path):
-    lock = tmp_path / "config" / ".haswarm" / "homeassistant.lock"
-    lock.parent.mkdir(parents=True)
-    (lock.parent / "homeassistant.image").write_text("ha:new\n")
-    (lock.parent / "homeassistant.image-failed").write_text("ha:new\n")  # its entrypoint said so
-    old = start(lock, tmp_path / "old", image="ha:old")
-    try:
-        assert wait_file(tmp_path / "old", 5)
-    finally:
-        end(old)
-
-
-def test_an_old_announcement_is_ignored(tmp_path):
+@pytest.mark.parametrize("why", ["the new image failed", "the announcement is old"])
+def test_the_old_image_takes_a_free_lock_when(why, tmp_path):
     lock = tmp_path / "config" / ".haswarm" / "homeassistant.lock"
     lock.parent.mkdir(parents=True)
     announced = lock.parent / "homeassistant.image"
     announced.write_text("ha:new\n")
-    os.utime(announced, (time.time() - 3600, time.time() - 3600))  # an upgrade long over
+    if why == "the new image failed":  # its entrypoint said so
+        (lock.parent / "homeassistant.image-failed").write_text("ha:new\n")
+    else:  # an upgrade long over
+        os.utime(announced, (time.time() - 3600, time.time() - 3600))
     old = start(lock, tmp_path / "old", image="ha:old")
     try:
         assert wait_file(tmp_path / "old", 5)

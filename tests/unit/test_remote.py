@@ -39,6 +39,7 @@ from tasks.remote import (
     redact,
     tail,
 )
+from tests.unit.fake_ssh import OpenServer
 
 Handler = Callable[[str, str, str], tuple[str, str, int]]
 
@@ -507,7 +508,7 @@ def test_progress(capsys: pytest.CaptureFixture[str], cluster: Cluster) -> None:
 # Deadlines and keepalive, against an SSH server in this process (paramiko, over TCP loopback)
 
 
-class _Node(paramiko.ServerInterface):
+class _Node(OpenServer):
     """An SSH server standing for a node: `mode` "frozen" never answers a command request (its
     SSH server hangs), "hung" starts the command and never ends it, "ok" prints and exits 0."""
 
@@ -515,15 +516,6 @@ class _Node(paramiko.ServerInterface):
         self.mode = mode
         self.thaw = threading.Event()
         self.global_requests: list[str] = []
-
-    def get_allowed_auths(self, username: str) -> str:
-        return "none"
-
-    def check_auth_none(self, username: str) -> int:
-        return paramiko.AUTH_SUCCESSFUL
-
-    def check_channel_request(self, kind: str, chanid: int) -> int:
-        return paramiko.OPEN_SUCCEEDED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         if self.mode == "frozen":

@@ -20,6 +20,7 @@ from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
 from tasks.failures import Kind, RemoteError
 from tasks.remote import Remote
 from tasks.remote_stream import stream
+from tests.unit.fake_ssh import OpenServer
 
 
 @pytest.fixture
@@ -27,17 +28,8 @@ def cluster() -> Cluster:
     return load_cluster(LAB_CLUSTER_FILE)
 
 
-class _Shell(paramiko.ServerInterface):
+class _Shell(OpenServer):
     """Runs every exec request with /bin/sh here; the channel is its stdin/stdout/stderr."""
-
-    def get_allowed_auths(self, username: str) -> str:
-        return "none"
-
-    def check_auth_none(self, username: str) -> int:
-        return paramiko.AUTH_SUCCESSFUL
-
-    def check_channel_request(self, kind: str, chanid: int) -> int:
-        return paramiko.OPEN_SUCCEEDED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         threading.Thread(target=self._run, args=(channel, command.decode()), daemon=True).start()
