@@ -60,6 +60,7 @@ FAULTS = ("kill", "cut", "docker")
 MEASURE_TIMEOUT = 180.0
 CONVERGE_TIMEOUT = 600.0
 READY_TIMEOUT = 300.0
+RECHECK_TIMEOUT = 120.0  # s to wait for convergence again before the markers are read back
 # Seconds of continuous probing before the fault, and after the cluster has converged again
 # (swarm's late decisions, e.g. a healthy node declared Down by a new leader, come after).
 WATCH_BEFORE = 3.0
@@ -387,8 +388,11 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
     result.watch = watcher.stop()
     rows = [markers.token, *committed, *result.watch.committed]
     result.rows_committed = len(rows)
-    if final is None:
-        final = status.gather(c)
+    if final is None or watch_after > 0:  # a container may have been replaced meanwhile
+        try:  # read the rows through the db containers that run now
+            final = status.wait_converged(c, RECHECK_TIMEOUT)
+        except TimeoutError:
+            final = status.gather(c)
     with Remote(c) as r:
         r.redact(*_secret_values(c))
         result.lost = verify(r, c, final, markers, rows)
