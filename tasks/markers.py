@@ -25,12 +25,13 @@ TOPIC_PREFIX = "haswarm/drill"
 DRILL_DIR = ".haswarm-drill"
 
 
-def sql(r: Remote, node: str, container: str, statements: str, timeout: float = 20) -> str:
+def sql(r: Remote, node: str, container: str, statements: str, timeout: float = 20,
+        step: str = "drill: sql") -> str:
     """Run SQL as root over the db container's unix socket (no password anywhere); rows
-    tab-separated. RemoteError when it fails or takes longer than `timeout`."""
+    tab-separated. RemoteError (naming `step`) when it fails or takes longer than `timeout`."""
     cmd = (f"timeout {timeout:g} docker exec -i {shlex.quote(container)} mariadb --batch "
            "--skip-column-names")
-    return r.run(node, "drill: sql", cmd, stdin=statements, timeout=timeout + 5).stdout
+    return r.run(node, step, cmd, stdin=statements, timeout=timeout + 5).stdout
 
 
 def _q(value: str) -> str:
