@@ -263,19 +263,55 @@ class DockerFaults:
 # ---------------------------------------------------------------------------------------------
 # Converging
 
+# Seconds a brick may run without a port (glusterd lost its sign-in) before the drill restarts it.
+PORT_LOST_REPAIR = 20.0
 
-def converge(c: Cluster, t_restore: float, timeout: float,
-             log: Callable[[str], None]) -> tuple[dict[str, float | None], ClusterStatus | None]:
+
+def _repair_bricks(c: Cluster, st: ClusterStatus, log: Callable[[str], None],
+                   notes: list[str] | None) -> None:
+    from tasks.gluster import restart_bricks
+    from tasks.ops import StepError
+
+    by = next((x for x in st.nodes if x.reachable), None)
+    if by is None:
+        return
+    try:
+        with Remote(c) as r:
+            fixed = restart_bricks(c, r, c.node(by.name), "drill: brick repair")
+    except (RemoteError, StepError) as e:
+        log(f"restarting a brick that has no port failed: {e}")
+        return
+    if fixed:
+        msg = (f"brick(s) {', '.join(fixed)} ran without a port for {PORT_LOST_REPAIR:g} s "
+               "after the restore: restarted, as `doit setup` does")
+        log(msg)
+        if notes is not None:
+            notes.append(msg)
+
+
+def converge(c: Cluster, t_restore: float, timeout: float, log: Callable[[str], None],
+             notes: list[str] | None = None,
+             ) -> tuple[dict[str, float | None], ClusterStatus | None]:
     """Poll `doit status` until clean; the first moments Gluster had healed and Galera was
-    Synced everywhere, and the whole status clean (seconds from `t_restore`)."""
+    Synced everywhere, and the whole status clean (seconds from `t_restore`).
+
+    A brick that runs without a port for PORT_LOST_REPAIR s is restarted as `doit setup` would
+    (glusterd never does it by itself), and the repair is added to `notes`."""
     figures: dict[str, float | None] = {"heal": None, "galera_synced": None, "converged": None}
     n = len(c.nodes)
     last: list[str] = []
     st = None
+    port_lost_since: float | None = None
     while time.monotonic() - t_restore < timeout:
         st = status.gather(c)
         now = time.monotonic() - t_restore
         bricks = [x.brick for x in st.nodes]
+        lost = [x for x in st.nodes if x.brick is not None and x.brick.port_lost]
+        port_lost_since = (port_lost_since if port_lost_since is not None else now) if lost \
+            else None
+        if port_lost_since is not None and now - port_lost_since >= PORT_LOST_REPAIR:
+            _repair_bricks(c, st, log, notes)
+            port_lost_since = None
         if figures["heal"] is None and st.gluster_known and all(
                 b is not None and b.online and b.exact and b.heal_pending == 0
                 for b in bricks):
@@ -380,7 +416,7 @@ def run_drill(c: Cluster, fault: str = "", node: str | None = None, *,
         result.figures["restored"] = time.monotonic() - t_restore
     result.figures.update(figures)
     result.where.update(where)
-    done, final = converge(c, t_restore, converge_timeout, say)
+    done, final = converge(c, t_restore, converge_timeout, say, result.notes)
     result.figures.update(done)
     if watch_after > 0:
         say(f"probing {watch_after:g} s more (late moves and restarts count too)")

@@ -163,6 +163,7 @@ class Brick:
     split_brain: int = 0
     heal_status: str = ""  # "Connected", "Transport endpoint is not connected", ...
     exact: bool = True  # heal_pending from `heal info`; False: from the brick's index
+    port_lost: bool = False  # its process runs, but glusterd has no port for it (not serving)
 
 
 def _xml_root(text: str) -> ET.Element | None:
@@ -180,8 +181,28 @@ def _int(text: str | None) -> int | None:
         return None
 
 
-def parse_volume_status(text: str) -> dict[str, bool] | None:
-    """`gluster volume status VOL --xml` -> {brick "ADDRESS:/path": online}; None when the
+@dataclass(frozen=True)
+class BrickProcess:
+    """A brick's process as `gluster volume status` shows it."""
+
+    running: bool  # glusterd counts it started ("Online Y")
+    port: int | None  # the port it signed in with; None: "N/A"
+    pid: int | None  # in its own node's PID namespace
+
+    @property
+    def serving(self) -> bool:
+        """Clients can reach it: running, and glusterd knows its port."""
+        return self.running and self.port is not None
+
+    @property
+    def port_lost(self) -> bool:
+        """Running, but glusterd has no port for it (seen after a node's kill and boot): no
+        client can reach it, and glusterd does not restart a brick it counts as running."""
+        return self.running and self.port is None
+
+
+def parse_brick_processes(text: str) -> dict[str, BrickProcess] | None:
+    """`gluster volume status VOL --xml` -> {brick "ADDRESS:/path": its process}; None when the
     command failed (a brick of a peer that is down is simply absent from the output)."""
     root = _xml_root(text)
     if root is None or (root.findtext("opRet") or "0").strip() != "0":
@@ -192,8 +213,21 @@ def parse_volume_status(text: str) -> dict[str, bool] | None:
         path = (n.findtext("path") or "").strip()
         if not path.startswith("/"):  # Self-heal Daemon, NFS server...: not a brick
             continue
-        out[f"{host}:{path}"] = (n.findtext("status") or "0").strip() == "1"
+        port = n.findtext("port")
+        if port is None:
+            port = n.findtext("ports/tcp")
+        pid = _int(n.findtext("pid"))
+        out[f"{host}:{path}"] = BrickProcess(running=(n.findtext("status") or "0").strip() == "1",
+                                             port=_int(port) or None,
+                                             pid=pid if pid and pid > 0 else None)
     return out
+
+
+def parse_volume_status(text: str) -> dict[str, bool] | None:
+    """`gluster volume status VOL --xml` -> {brick "ADDRESS:/path": serving}; None when the
+    command failed."""
+    procs = parse_brick_processes(text)
+    return None if procs is None else {k: p.serving for k, p in procs.items()}
 
 
 def parse_heal_summary(text: str) -> dict[str, tuple[str, int | None, int]] | None:
@@ -216,14 +250,16 @@ def parse_heal_summary(text: str) -> dict[str, tuple[str, int | None, int]] | No
 
 def bricks_from(c: Cluster, status_text: str | None, heal_text: str | None) -> list[Brick]:
     """The volume's bricks (one per node, cluster order) with what the two outputs say."""
-    online = parse_volume_status(status_text) if status_text else None
+    procs = parse_brick_processes(status_text) if status_text else None
     heal = parse_heal_summary(heal_text) if heal_text else None
     out = []
     for n in c.nodes:
         name = f"{n.address}:{c.gluster.brick_dir}"
         h = (heal or {}).get(name)
+        p = (procs or {}).get(name)
         out.append(Brick(address=n.address, path=str(c.gluster.brick_dir),
-                         online=None if online is None else online.get(name, False),
+                         online=None if procs is None else bool(p and p.serving),
+                         port_lost=bool(p and p.port_lost),
                          heal_pending=h[1] if h else None,
                          split_brain=h[2] if h else 0, heal_status=h[0] if h else ""))
     return out

@@ -49,6 +49,7 @@ from tasks.gluster_plans import (
     START_GLUSTERD,
     peers_not_ready,
     peers_to_probe,
+    plan_brick_restarts,
     plan_daemon,
     plan_dirs,
     plan_mount,
@@ -62,6 +63,7 @@ from tasks.gluster_plans import (
 from tasks.ops import Op, StepError, apply_ops, on_nodes, remote_task, say
 
 if TYPE_CHECKING:
+    from tasks.facts_cluster import BrickProcess
     from tasks.remote import Remote
 
 # Seconds to wait for glusterd to answer after starting it, and for probed peers to connect.
@@ -251,9 +253,52 @@ def setup_volume(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
         if vol is None or vol.status != "Started":
             raise StepError(f"volume {c.gluster.volume} is not started after setup.\n  what to "
                             f"do: see `gluster volume status {c.gluster.volume}` on the node")
+        restart_bricks(c, r, first, step)
         return {"volume": vol.name, "type": vol.type, "bricks": list(vol.bricks)}
 
     return on_nodes(r, step, one, c.nodes[:1])[c.nodes[0].name]
+
+
+def _brick_processes(c: Cluster, r: Remote, node: Node, step: str) -> dict[str, BrickProcess]:
+    from tasks.facts_cluster import parse_brick_processes
+
+    v = shlex.quote(c.gluster.volume)
+    res = r.run(node, step, f"{GLUSTER} volume status {v} --xml", check=False, timeout=30)
+    procs = parse_brick_processes(res.stdout)
+    if procs is None:
+        raise StepError(f"`gluster volume status {c.gluster.volume}` failed: "
+                        f"{(res.stdout + res.stderr).strip()[-300:]}\n  what to do: check that "
+                        f"glusterd runs on {node.name} (gluster:daemon)")
+    return procs
+
+
+def restart_bricks(c: Cluster, r: Remote, node: Node, step: str, *, dryrun: bool = False,
+                   settle: float = 3.0) -> list[str]:
+    """Restart the volume's bricks that serve no client although their node is up (seen from
+    `node`); returns the bricks that needed it. Fails when one still does not serve after."""
+    procs = _brick_processes(c, r, node, step)
+    if all(p.serving for p in procs.values()):
+        return []
+    time.sleep(settle)  # a brick that is starting up serves by now
+    again = _brick_processes(c, r, node, step)
+    ops = plan_brick_restarts(c, procs, again)
+    if not ops or dryrun:
+        apply_ops(r, node, step, ops, dryrun=dryrun)
+        return []
+    broken = sorted(b for b, p in again.items() if not p.serving)
+    apply_ops(r, node, step, ops)
+    deadline = time.monotonic() + 30
+    while True:
+        now = _brick_processes(c, r, node, step)
+        still = [b for b in broken if b in now and not now[b].serving]
+        if not still:
+            return broken
+        if time.monotonic() > deadline:
+            raise StepError(f"brick(s) {', '.join(still)} still serve no client 30 s after "
+                            "`volume start force`.\n  what to do: read the brick's log under "
+                            "/var/log/glusterfs/bricks/ on its node; `systemctl restart "
+                            "glusterd` there, then `doit setup` again")
+        time.sleep(1)
 
 
 def clean_volume(c: Cluster, r: Remote, dryrun: bool) -> None:

@@ -27,6 +27,7 @@ from tasks.service import service
 
 if TYPE_CHECKING:
     from tasks.config import Cluster, Node
+    from tasks.facts_cluster import BrickProcess
 
 # The uid/gid the eclipse-mosquitto image (and the lab's) runs the broker as.
 MOSQUITTO_UID = 1883
@@ -169,6 +170,45 @@ def plan_volume(c: Cluster, vol: Volume | None) -> list[Op]:
         ops.append(Op(f"start volume {name} (about 2 s)", f"{GLUSTER} volume start {v}",
                       hint="`gluster volume status` on the node shows which brick failed; "
                       "every node's glusterd must be running", timeout=GLUSTER_CHANGE_TIMEOUT))
+    return ops
+
+
+def plan_brick_restarts(c: Cluster, procs: dict[str, BrickProcess],
+                        again: dict[str, BrickProcess]) -> list[Op]:
+    """Bring back the bricks that glusterd lists but that serve no client.
+
+    `procs` and `again` are two reads of `gluster volume status` a few seconds apart; a brick
+    is acted on only when both show it broken (one starting up may be between the two).
+    - running with no port (glusterd lost its sign-in): stop its process, on its own node;
+    - stopped, or just stopped here: `volume start force` starts the volume's missing bricks.
+    A brick absent from the output (its node is down) is left alone."""
+    by_address = {n.address: n for n in c.nodes}
+    ops: list[Op] = []
+    start = False
+    for brick, p in sorted(procs.items()):
+        q = again.get(brick)
+        if q is None or p.serving or q.serving:
+            continue
+        node = by_address.get(brick.partition(":")[0])
+        if node is None:
+            continue
+        start = True
+        if q.port_lost and q.pid:
+            pid = q.pid
+            ops.append(Op(
+                f"stop the brick process {pid} of {brick}: it runs, but glusterd has no port "
+                "for it, so no client can reach it",
+                f'[ "$(cat /proc/{pid}/comm 2>/dev/null)" = glusterfsd ] || exit 0; '
+                f"kill {pid}; for i in $(seq 50); do kill -0 {pid} 2>/dev/null || exit 0; "
+                f"sleep 0.2; done; kill -9 {pid}",
+                node=node.name))
+    if start:
+        v = shlex.quote(c.gluster.volume)
+        ops.append(Op(f"start the volume's missing brick processes ({GLUSTER} volume start "
+                      f"{c.gluster.volume} force)", f"{GLUSTER} volume start {v} force",
+                      hint="`gluster volume status` and the brick's log under "
+                      "/var/log/glusterfs/bricks/ on its node say why it does not start",
+                      timeout=GLUSTER_CHANGE_TIMEOUT))
     return ops
 
 

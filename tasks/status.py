@@ -170,7 +170,11 @@ class ClusterStatus:
             if n.reachable and n.mount != "ok":
                 out.append(f"{n.name}: Gluster mount {c.gluster.mount_point} {n.mount or '?'}")
             if n.brick is not None and self.gluster_known:
-                if n.brick.online is False:
+                if n.brick.port_lost:
+                    out.append(f"{n.name}: brick {n.brick.address}:{n.brick.path} runs but "
+                               "glusterd has no port for it, so no client reaches it "
+                               "(`doit setup` restarts it)")
+                elif n.brick.online is False:
                     out.append(f"{n.name}: brick {n.brick.address}:{n.brick.path} offline")
                 if n.brick.heal_pending:
                     out.append(f"{n.name}: brick has {n.brick.heal_pending} entries to heal")

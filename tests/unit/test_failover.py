@@ -474,3 +474,25 @@ def test_shell_commands_parse():
                        interface=False)
     problems = vip.plan_problems(bad, "eth9")
     assert len(problems) == 3 and "apt-get install keepalived" in problems[0]
+
+
+def _port_lost(text: str, host: str) -> str:
+    """The volume status with `host`'s brick running (pid 4242) but without a port."""
+    return text.replace(_brick_node(host), _brick_node(host).replace(
+        "<port>53527</port>", "<port>N/A</port><pid>4242</pid>"))
+
+
+def test_a_brick_running_without_a_port_serves_no_one(c):
+    text = _port_lost(VOLUME_STATUS_ALL_UP, "10.77.0.13")
+    procs = facts_cluster.parse_brick_processes(text)
+    assert procs["10.77.0.13:/srv/gluster/haswarm"] == facts_cluster.BrickProcess(
+        running=True, port=None, pid=4242)
+    assert procs["10.77.0.11:/srv/gluster/haswarm"].serving
+    assert facts_cluster.parse_volume_status(text)["10.77.0.13:/srv/gluster/haswarm"] is False
+    pi3 = facts_cluster.bricks_from(c, text, None)[2]
+    assert (pi3.online, pi3.port_lost) == (False, True)
+    st = status.ClusterStatus(cluster=c, nodes=[status.NodeStatus(n.name, n.address)
+                                                for n in c.nodes], gluster_known=True)
+    st.nodes[2].brick = pi3
+    assert any("pi3: brick 10.77.0.13:/srv/gluster/haswarm runs but glusterd has no port" in p
+               for p in st.problems())

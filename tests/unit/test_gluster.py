@@ -540,3 +540,36 @@ def test_every_step_has_a_dry_run() -> None:
                                                "preload-images"]
     for name, fn in steps:
         assert "dryrun" in inspect.signature(fn).parameters, name
+
+
+# -- bricks that serve no client -----------------------------------------------------------------
+
+
+def _procs(**by_host: str) -> dict:
+    from tasks.facts_cluster import BrickProcess
+
+    shapes = {"ok": BrickProcess(True, 49152, 10), "lost": BrickProcess(True, None, 4242),
+              "down": BrickProcess(False, None, None)}
+    return {f"10.77.0.{i}:/srv/gluster/haswarm": shapes[v] for i, v in by_host.items()}
+
+
+@pytest.mark.parametrize("first,second,want", [
+    # all serve, or a brick that serves by the second read (it was starting): nothing
+    ({"11": "ok", "12": "ok", "13": "ok"}, {"11": "ok", "12": "ok", "13": "ok"}, []),
+    ({"11": "ok", "12": "ok", "13": "lost"}, {"11": "ok", "12": "ok", "13": "ok"}, []),
+    # a node that is down is absent from the output: nothing
+    ({"11": "ok", "12": "ok"}, {"11": "ok", "12": "ok"}, []),
+    # running without a port on pi3: stop it there, then start force
+    ({"11": "ok", "12": "ok", "13": "lost"}, {"11": "ok", "12": "ok", "13": "lost"},
+     [("pi3", "kill 4242"), (None, "volume start haswarm force")]),
+    # stopped: start force only
+    ({"11": "ok", "12": "down", "13": "ok"}, {"11": "ok", "12": "down", "13": "ok"},
+     [(None, "volume start haswarm force")]),
+])
+def test_plan_brick_restarts(c, first, second, want):
+    ops = gluster_plans.plan_brick_restarts(c, _procs(**first), _procs(**second))
+    assert len(ops) == len(want)
+    for op, (node, part) in zip(ops, want, strict=True):
+        assert op.node == node and part in op.cmd
+    if ops and ops[0].node == "pi3":
+        assert "glusterfsd" in ops[0].cmd  # only a brick process is ever killed
