@@ -27,6 +27,7 @@ from lab.tasks import (  # noqa: E402
     task_lab_kill,
     task_lab_status,
     task_lab_up,
+    task_lab_wipe,
 )
 from tasks import images  # noqa: E402
 from tasks.avahi import task_avahi  # noqa: E402
@@ -63,7 +64,7 @@ __all__ = [
     "task_vip", "task_leader_guard", "task_status", "task_drill", "task_plan",
     "task_backup", "task_restore",
     "task_lab_engine", "task_lab_up", "task_lab_down", "task_lab_kill", "task_lab_cut",
-    "task_lab_heal", "task_lab_boot", "task_lab_status",
+    "task_lab_heal", "task_lab_boot", "task_lab_wipe", "task_lab_status",
 ]
 
 

@@ -49,6 +49,31 @@ exit 1
 """
 
 
+def known_hosts_with(existing: str, wanted: dict[str, str]) -> str:
+    """known_hosts text: `existing` as it is, plus the line of each address of `wanted`
+    ({address: line}) that no line lists yet. A node known_hosts lists already keeps its line,
+    even when the node's key changed: trusting a new key is the user's decision (a re-flashed
+    node: README "Replace a dead Pi")."""
+    listed: set[str] = set()
+    for line in existing.splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        hosts = fields[1] if fields[0].startswith("@") and len(fields) > 1 else fields[0]
+        listed.update(hosts.split(","))
+    out = existing if not existing or existing.endswith("\n") else existing + "\n"
+    return out + "".join(line for addr, line in wanted.items() if addr not in listed)
+
+
+def host_key_hint(known_hosts: str, address: str) -> str:
+    """What to do when a node's host key is not the one known_hosts lists (as on a Pi)."""
+    return (f"its SSH host key is not the one {known_hosts} lists (re-flashed, e.g. by "
+            f"`doit lab-wipe`?). Check the new key (`ssh-keygen -lf` on the node's "
+            f"ssh_host_ed25519_key.pub) and trust it as on a Pi (README \"Replace a dead Pi\"): "
+            f"`ssh-keygen -f {known_hosts} -R {address}` and `ssh-keyscan -t ed25519 {address} "
+            f">> {known_hosts}`")
+
+
 class AccessMixin(NodesMixin):
     """SSH keys and known_hosts of the lab, and running commands on its nodes."""
 
@@ -131,6 +156,9 @@ class AccessMixin(NodesMixin):
                 r = self.ssh(name, script, check=False, timeout=left + 10)
             except LabError as e:
                 return str(e)
+            if r.returncode != 0 and ("Host key verification failed" in r.stderr
+                                      or "IDENTIFICATION HAS CHANGED" in r.stderr):
+                return f"{name}: {host_key_hint(str(self.known_hosts), node.address)}"
             if r.returncode != 0:
                 return (f"{name}: not ready over SSH: {(r.stderr or r.stdout).strip()}\n"
                         f"  logs: {self.node_dir(name)}/upper/var/log/haswarm-lab/ and "
@@ -149,6 +177,29 @@ class AccessMixin(NodesMixin):
             raise LabError("\n".join(problems) + "\nTry `doit lab-boot --node NAME` or "
                            "`doit lab-down` then `doit lab-up`.")
         return {n: v for n, v in started.items() if v}
+
+    def wait_booted(self, name: str, timeout: float = 90) -> None:
+        """Wait until the node has booted and sshd (port 22), dockerd and glusterd answer,
+        checked inside the node (`exec`), not over SSH: for a node whose new host key is not
+        trusted (yet). LabError naming what did not come up."""
+        node = self.node(name)
+        deadline = time.monotonic() + timeout
+        while not tcp_open(node.address, 22):
+            if self.pid(name) is None:
+                raise LabError(f"{name}: the node died while booting; see "
+                               f"{self.node_dir(name) / 'console.log'}:\n"
+                               f"{self._console_tail(name)}")
+            if time.monotonic() > deadline:
+                raise LabError(f"{name}: sshd does not answer on {node.address}:22 after "
+                               f"{timeout:.0f} s; see {self.node_dir(name) / 'console.log'}")
+            time.sleep(0.05)
+        left = max(1, int(deadline - time.monotonic()))
+        r = self.exec(name, READY_SCRIPT.replace("TRIES", str(left * 10)), check=False,
+                      timeout=left + 10)
+        if r.returncode != 0 or f"ready {name}" not in r.stdout.splitlines():
+            raise LabError(f"{name}: not ready: {(r.stderr or r.stdout).strip()}\n"
+                           f"  logs: {self.node_dir(name)}/upper/var/log/haswarm-lab/ and "
+                           f"{self.node_dir(name)}/console.log")
 
     # -- SSH keys and known_hosts ----------------------------------------------------------
 
@@ -175,9 +226,14 @@ class AccessMixin(NodesMixin):
             "  LogLevel ERROR\n"))
 
     def _write_known_hosts(self) -> None:
-        lines = []
+        """Add every node's host key to known_hosts, unless it lists the node already: the
+        user's trust decisions stay (`known_hosts_with`)."""
+        wanted = {}
         for n in self.nodes:
             pub = (self.node_dir(n.name) / "ssh_host_ed25519_key.pub").read_text().split()
-            lines.append(f"{n.address},{n.name} {pub[0]} {pub[1]}\n")
+            wanted[n.address] = f"{n.address},{n.name} {pub[0]} {pub[1]}\n"
         self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-        write_text(self.known_hosts, "".join(lines))
+        existing = self.known_hosts.read_text() if self.known_hosts.exists() else ""
+        text = known_hosts_with(existing, wanted)
+        if text != existing:
+            write_text(self.known_hosts, text)

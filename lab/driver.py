@@ -27,6 +27,10 @@ Python API (tests use it; doit tasks below wrap it):
   lab.freeze(name)    a hung node: SIGSTOP all its processes (the kernel still answers TCP)
   lab.thaw(name)      SIGCONT them again
   lab.boot(name)      start a killed node again (as after a reboot: disk kept, services started)
+  lab.wipe(name)      a dead Pi re-flashed: power cut, disk wiped (Docker data root, glusterd
+                      state, brick, cron, keepalived, /etc changes, SSH host key), first boot as
+                      a bare OS with a new host key; known_hosts keeps the old one (the user
+                      trusts the new key as on a Pi)
   lab.status() / lab.is_up() / lab.memory(name) / lab.exec(name, cmd) / lab.ssh(name, cmd)
   lab.ensure_controller_engine()  a Docker engine on the host for building images
   instance_lab("x")   a second, independent lab (own bridge, subnet, names, .lab/instance-x)
@@ -179,6 +183,29 @@ class Lab(AccessMixin, NetworkMixin, EngineMixin):
             self._start_node(node)
         self.wait_ready([name], timeout=timeout)
         return True
+
+    def wipe(self, name: str, timeout: float = 90) -> str:
+        """A dead Pi that comes back re-flashed (same name and address): a power cut, then
+        everything on its disk but console.log deleted (`_wipe_disk`: Docker's data root with
+        the swarm state, /var/lib/glusterd, the brick, cron, keepalived, fstab, /root, the SSH
+        host key), then a first boot as on a fresh SD card (node-init.sh provisions it again:
+        machine-id, sshd config, a new host key). known_hosts is NOT updated: haswarm refuses
+        the node until the user trusts its new key (README "Replace a dead Pi"), so readiness
+        is checked inside the node. Returns the new key's fingerprint (`ssh-keygen -lf`)."""
+        node = self.node(name)
+        self.check_host()
+        self.kill(name)
+        with self._lock():
+            if self.pid(name) is not None:
+                raise LabError(f"{name} was started again meanwhile: not wiping a running node")
+            removed = self._wipe_disk(name)
+            self.log(f"{name}: wiped {', '.join(removed) or 'nothing (no disk yet)'}")
+            self._ensure_ssh_keys()
+            self._ensure_bridge()
+            self._start_node(node)  # its _prepare_node_dir makes the new host key
+        self.wait_booted(name, timeout=timeout)
+        pub = self.node_dir(name) / "ssh_host_ed25519_key.pub"
+        return run(["ssh-keygen", "-lf", str(pub)]).stdout.strip()
 
 
 def instance_lab(instance: str, count: int = 3, log: Callable[[str], None] | None = None) -> Lab:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -139,6 +140,31 @@ class NodesMixin(LabBase):
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{node.name}",
                  "-f", str(key)])
         return d
+
+    def _wipe_disk(self, name: str) -> list[str]:
+        """Everything a re-flash loses, deleted from the disk of a node that is not running:
+        the overlay uppers of /etc, /var, /usr/local (sshd config, machine-id, /var/lib/glusterd,
+        /etc/cron.d, /etc/keepalived, /etc/fstab, the first-boot mark), /root, /srv (the brick),
+        /mnt, the Docker data root (images, volumes, swarm state) and the SSH host key pair.
+        Only console.log stays (the host's record of the node). Returns what was removed."""
+        if self.pid(name) is not None:
+            raise LabError(f"{name} is running: kill it first (doit lab-kill --node {name})")
+        d = self.node_dir(name).resolve()
+        mounted = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+                   if len(line.split()) > 1 and Path(line.split()[1]).is_relative_to(d)]
+        if mounted:  # never delete through a mount into another file system
+            raise LabError(f"{name}: {', '.join(mounted)} is mounted on the host; unmount it, "
+                           "then wipe again")
+        removed = []
+        for p in sorted(d.iterdir()) if d.is_dir() else []:
+            if p.name == "console.log":
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p.name)
+        return removed
 
     def _cgroup_pids(self, name: str, recursive: bool = True) -> list[int]:
         pids: list[int] = []

@@ -1,5 +1,5 @@
 """The lab's doit tasks: lab-engine, lab-up, lab-down, lab-kill, lab-cut, lab-heal, lab-boot,
-lab-status.
+lab-wipe, lab-status.
 
 Imported by dodo.py only (no module of tasks/ imports the lab). Task creators are cheap: the
 lab is touched only when a task runs. `HASWARM_LAB_INSTANCE=NAME` (and `HASWARM_LAB_NODES=N`)
@@ -134,6 +134,22 @@ def _do_boot(node: str = "") -> str:
     return f"{node} is already running (link up)"
 
 
+def _do_wipe(node: str = "") -> str:
+    lab = _lab()
+    n = lab.node(_need_node(lab, node))
+    t0 = time.monotonic()
+    fingerprint = lab.wipe(node)
+    kh = lab.known_hosts
+    return (f"{node} wiped and booted as a bare OS in {time.monotonic() - t0:.1f} s (a re-flashed "
+            f"Pi: no Docker images, swarm, glusterd or brick state; a new SSH host key)\n"
+            f"  its new host key: {fingerprint}\n"
+            f"  {kh} still lists its OLD key: haswarm refuses {node} until you trust the new "
+            f"one (README \"Replace a dead Pi\"):\n"
+            f"    ssh-keygen -f {kh} -R {n.address}\n"
+            f"    ssh-keyscan -t ed25519 {n.address} >> {kh}\n"
+            f"  then: doit setup")
+
+
 def _do_status() -> str:
     lab = _lab()
     st = lab.status()
@@ -190,6 +206,12 @@ def task_lab_heal():
 def task_lab_boot():
     """Boot a killed lab node again, disk kept, as after a reboot (--node NAME)."""
     return {"basename": "lab-boot", "actions": [_action(_do_boot)], "verbosity": 2,
+            "params": [_node_param()]}
+
+
+def task_lab_wipe():
+    """Re-flash a lab node (--node NAME): wiped disk, bare first boot, a new SSH host key."""
+    return {"basename": "lab-wipe", "actions": [_action(_do_wipe)], "verbosity": 2,
             "params": [_node_param()]}
 
 

@@ -31,6 +31,10 @@ NODE_INSPECT_FORMAT = (
     '"addr":{{json .Status.Addr}},"availability":{{json .Spec.Availability}},'
     '"role":{{json .Spec.Role}},"manager":{{json .ManagerStatus}}}'
 )
+# Every node of the swarm as a manager sees it, one NODE_INSPECT_FORMAT line each.
+NODES_PROBE = ("ids=$(timeout 10 docker node ls -q) && "
+               f"timeout 10 docker node inspect --format {shlex.quote(NODE_INSPECT_FORMAT)} "
+               "$ids 2>/dev/null")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,9 +79,7 @@ def cluster_probes(c: Cluster) -> dict[str, str]:
     vol = shlex.quote(c.gluster.volume)
     stack_filter = shlex.quote(f"label=com.docker.stack.namespace={c.name}")
     return {
-        "nodes": "ids=$(timeout 10 docker node ls -q) && "
-                 f"timeout 10 docker node inspect --format {shlex.quote(NODE_INSPECT_FORMAT)} "
-                 "$ids 2>/dev/null",
+        "nodes": NODES_PROBE,
         "services": f"timeout 10 docker service ls --filter {stack_filter} "
                     "--format '{{.Name}}\t{{.Replicas}}' 2>/dev/null",
         # services in the middle of an update (or whose last update failed)
@@ -121,6 +123,12 @@ class SwarmNode:
     leader: bool = False
     reachability: str = ""  # reachable | unreachable | "" (worker)
     id: str = ""
+    manager_addr: str = ""  # its raft address (ManagerStatus.Addr, "IP:2377"); "" (worker)
+
+    @property
+    def in_raft(self) -> bool:
+        """A member of the managers' raft (listed with a ManagerStatus)."""
+        return self.leader or bool(self.reachability)
 
     def describe(self) -> str:
         """'Leader Ready Active', 'Reachable Ready Active', 'Unreachable Down Active'."""
@@ -148,7 +156,7 @@ def parse_node_inspect(text: str) -> list[SwarmNode]:
                              availability=(d.get("availability") or "").lower(),
                              role=(d.get("role") or "").lower(), leader=bool(m.get("Leader")),
                              reachability=(m.get("Reachability") or "").lower(),
-                             id=d.get("id") or ""))
+                             id=d.get("id") or "", manager_addr=m.get("Addr") or ""))
     return out
 
 

@@ -4,6 +4,9 @@ Setup, in order (doit subtasks of `gluster`; each clean action sits beside its s
 undoes exactly it, so `doit clean` runs them in the reverse order):
 
     gluster:daemon  glusterd answers on every node         clean: nothing (glusterd stays installed)
+    gluster:replace a re-flashed node (same name and address) clean: nothing to undo
+                    back under its old UUID, an empty brick
+                    reset and healed (tasks/gluster_replace.py)
     gluster:peers   the first node probes the others       clean: peers detached
     gluster:bricks  brick dirs exist on every node         clean: kept; `purge=yes` removes them
     gluster:volume  replica N volume, options, started     clean: stopped and deleted
@@ -60,6 +63,7 @@ from tasks.gluster_plans import (
     service_dirs,
     tolerant,
 )
+from tasks.gluster_replace import clean_replace, setup_replace
 from tasks.ops import Op, StepError, apply_ops, on_nodes, remote_task, say
 
 if TYPE_CHECKING:
@@ -402,9 +406,13 @@ def task_gluster() -> Iterator[dict[str, Any]]:
     fstabs = [str(render.build_dir(c) / "nodes" / n.name / "fstab") for n in c.nodes]
     yield remote_task(c, "gluster-daemon", "daemon", "glusterd running on every node",
                       setup_daemon, clean_daemon)
+    yield remote_task(c, "gluster-replace", "replace",
+                      "a re-flashed node back in the pool under its old UUID; empty bricks "
+                      "reset and healed", setup_replace, clean_replace,
+                      task_dep=["gluster:daemon"])
     yield remote_task(c, "gluster-peers", "peers", "trusted pool: the first node probes the rest",
                       setup_peers, clean_peers,
-                      task_dep=["gluster:daemon"])
+                      task_dep=["gluster:replace"])
     yield remote_task(c, "gluster-bricks", "bricks", f"brick dir {g.brick_dir} on every node",
                       setup_bricks, clean_bricks,
                       task_dep=["gluster:daemon"])

@@ -40,6 +40,7 @@ class Peer:
     names: tuple[str, ...]
     connected: bool
     state: str
+    uuid: str = ""  # its glusterd's UUID, as this node knows it
 
     @property
     def in_cluster(self) -> bool:
@@ -57,6 +58,7 @@ class Volume:
     replica: int
     bricks: tuple[str, ...]  # "ADDRESS:/path"
     options: dict[str, str] = field(default_factory=dict)
+    id: str = ""  # the volume's UUID (its bricks carry it as trusted.glusterfs.volume-id)
 
 
 class GlusterOutputError(ValueError):
@@ -99,6 +101,7 @@ def parse_peer_status(text: str) -> list[Peer]:
             names=tuple(dict.fromkeys(n.strip() for n in names if n and n.strip())),
             connected=(p.findtext("connected") or "0").strip() == "1",
             state=(p.findtext("stateStr") or "").strip(),
+            uuid=(p.findtext("uuid") or "").strip(),
         ))
     return peers
 
@@ -124,6 +127,7 @@ def parse_volume_info(text: str) -> Volume | None:
         replica=int((vol.findtext("replicaCount") or "1").strip()),
         bricks=bricks,
         options=options,
+        id=(vol.findtext("id") or "").strip(),
     )
 
 
@@ -136,6 +140,66 @@ DAEMON_PROBES = {
     "answers": f"if timeout 20 {GLUSTER} peer status >/dev/null 2>&1; then echo yes; "
                "else echo no; fi",
 }
+
+
+# -- a node's identity in the pool and its brick (tasks/gluster_replace.py) ---------------------
+
+GLUSTERD_DIR = "/var/lib/glusterd"
+GLUSTERD_INFO = f"{GLUSTERD_DIR}/glusterd.info"  # UUID=... and operating-version=...
+VOLUME_ID_XATTR = "trusted.glusterfs.volume-id"
+
+
+@dataclass(frozen=True)
+class GlusterdInfo:
+    """/var/lib/glusterd/glusterd.info: the UUID this glusterd is known by in the pool (made on
+    its first start) and the pool's operating version."""
+
+    uuid: str = ""  # "": no file yet (glusterd never started)
+    op_version: str = ""
+
+
+def parse_glusterd_info(text: str) -> GlusterdInfo:
+    """The `KEY=VALUE` lines of glusterd.info -> GlusterdInfo (missing keys: "")."""
+    kv = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep:
+            kv[key.strip()] = value.strip()
+    return GlusterdInfo(uuid=kv.get("UUID", "").lower(), op_version=kv.get("operating-version", ""))
+
+
+def glusterd_info_text(uuid: str, op_version: str) -> str:
+    """glusterd.info as glusterd writes it."""
+    return f"UUID={uuid}\n" + (f"operating-version={op_version}\n" if op_version else "")
+
+
+def peer_file_text(uuid: str, names: tuple[str, ...] | list[str]) -> str:
+    """/var/lib/glusterd/peers/UUID as glusterd stores a befriended peer (state 3: "Peer in
+    Cluster"), with every name the pool knows it by."""
+    return f"uuid={uuid}\nstate=3\n" + "".join(f"hostname{i}={n}\n"
+                                                for i, n in enumerate(names, start=1))
+
+
+def brick_id_probe(brick_dir: str) -> str:
+    """Shell probe: the brick dir's volume-id xattr (getfattr is in `attr`, a dependency of
+    glusterfs-common), or why there is none."""
+    return (f"getfattr --absolute-names -n {VOLUME_ID_XATTR} -e hex "
+            f"{shlex.quote(brick_dir)} 2>&1")
+
+
+def parse_brick_id(text: str) -> tuple[str, str | None]:
+    """`brick_id_probe` output -> ("present", volume UUID) | ("absent", None): the dir is
+    missing or has no volume-id (a fresh disk) | ("unknown", None): getfattr could not say."""
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key == VOLUME_ID_XATTR:
+            h = value.strip().lower().removeprefix("0x")
+            if re.fullmatch(r"[0-9a-f]{32}", h):
+                return "present", f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+            return "unknown", None
+    if "No such attribute" in text or "No such file or directory" in text:
+        return "absent", None
+    return "unknown", None
 
 
 # -- fstab ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from tasks.images.preload import setup_preload
 REMOTE_STEPS: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "preload-images": [("preload-images", setup_preload)],
     "gluster": [("gluster:daemon", gluster.setup_daemon),
+                ("gluster:replace", gluster.setup_replace),
                 ("gluster:peers", gluster.setup_peers),
                 ("gluster:bricks", gluster.setup_bricks),
                 ("gluster:volume", gluster.setup_volume),

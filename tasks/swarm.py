@@ -5,6 +5,12 @@ managers, heartbeat), a pure `plan` turns the facts into `Op`s (tasks/ops.py), a
 says or does them, in one ordered list over the nodes:
 
 - no node in a swarm: `docker swarm init --advertise-addr ADDR` on the first node;
+- the swarm's old entry of a node that came back re-flashed (same name and address, no swarm
+  state: its old node ID is Down and no node has it any more) is demoted and removed from a
+  healthy manager (`stale_ops`), BEFORE that node joins again: with 3 managers and one dead,
+  2 of 3 reachable is a quorum; demoting the dead one first makes it 2 of 2, the join 3 of 3.
+  Joining first would make 4 managers, the dead one and the joining one (until it has caught
+  up) unreachable: 2 of 4 is no majority, and the dead entry would stay forever;
 - every node not yet in it joins **as a manager**, one at a time (the manager join token is
   read when the join is applied, after init, and travels through the Docker API, never on a
   command line); a worker of this swarm is promoted; then wait until all are Ready managers;
@@ -28,12 +34,15 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
 from tasks.ops import Op, StepError, apply_ops, remote_task
 from tasks.remote import Failure, Kind, Remote, RemoteError, progress
 from tasks.state import forget
+
+if TYPE_CHECKING:
+    from tasks.facts_cluster import SwarmNode
 
 STEP = "swarm"
 SWARM_PORT = 2377
@@ -139,6 +148,15 @@ def read_facts_reachable(r: Remote, nodes: Sequence[Node] | None = None
     return facts, failures
 
 
+def read_members(r: Remote, manager: str) -> list[SwarmNode]:
+    """The swarm's node list as `manager` sees it (`docker node inspect` of every node); []
+    when it cannot tell (a swarm without a leader: the changes that follow fail, saying so)."""
+    from tasks.facts_cluster import NODES_PROBE, parse_node_inspect  # not at `doit list`
+
+    return parse_node_inspect(r.run(manager, "swarm: read the node list", NODES_PROBE,
+                                    check=False).stdout)
+
+
 # ---------------------------------------------------------------------------------------------
 # Decisions (pure: unit-tested with recorded facts)
 
@@ -154,14 +172,17 @@ def _duration(ns: int) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
-def plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]) -> list[Op]:
+def plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str],
+         members: Sequence[SwarmNode] = ()) -> list[Op]:
     """The ops that bring the swarm to the wanted state, in order; [] when it is there.
 
-    `addresses` maps node name -> advertised IP. With no manager of this swarm the first node
-    inits it; every node in no swarm joins as a manager via a manager ("the leader" here), a
-    worker is promoted, then all must become Ready managers; the heartbeat is set when it
-    differs. Raises RemoteError, before anything is changed, for a node in another swarm or
-    stuck (`_this_swarm`).
+    `addresses` maps node name -> advertised IP; `members` is the swarm's node list as the
+    first manager sees it (`read_members`). With no manager of this swarm the first node inits
+    it; old entries of re-flashed nodes are demoted and removed (`stale_ops`); every node in no
+    swarm joins as a manager via a manager ("the leader" here), a worker is promoted, then all
+    must become Ready managers; the heartbeat is set when it differs. Raises RemoteError, before
+    anything is changed, for a node in another swarm or stuck (`_this_swarm`), and StepError for
+    a swarm without quorum (`stale_ops`).
     """
     managers, workers = _this_swarm(c, facts, addresses)
     leader = managers[0] if managers else c.nodes[0].name
@@ -171,6 +192,8 @@ def plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]) ->
         ops.append(Op(f"init (advertise {addr})", node=leader,
                       cmd=f"docker swarm init --advertise-addr {shlex.quote(addr)} "
                           f"--listen-addr 0.0.0.0:{SWARM_PORT}"))
+    else:
+        ops += stale_ops(c, facts, addresses, members, leader)
     # one at a time: each join is a raft membership change
     ops += [_join_op(c, n.name, leader, addresses) for n in c.nodes
             if n.name != leader and facts[n.name].state == "inactive"]
@@ -188,6 +211,75 @@ def plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]) ->
                       cmd=managers_ready_check(c, addresses), wait=MEMBERSHIP_TIMEOUT,
                       hint="check the missing nodes' dockerd (`journalctl -u docker`) and that "
                            f"they reach each other on TCP {SWARM_PORT} and 7946"))
+    return ops
+
+
+def stale_entries(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str],
+                  members: Sequence[SwarmNode]) -> list[tuple[str, SwarmNode]]:
+    """(cluster node, entry) for every entry of the swarm's node list that stands for a cluster
+    node under an ID no node has any more: not Ready, its address (or, with none known, its
+    hostname) the node's, and its ID not the one any node reports (a re-flashed node reports
+    none, or a new one once it joined). `facts` holds every node: a node that is merely down
+    fails the step before this, so its entry is never taken for a stale one."""
+    live = {f.node_id for f in facts.values() if f.node_id}
+    out = []
+    for e in members:
+        if e.id in live or e.state == "ready":
+            continue
+        raft_ip = _host(e.manager_addr) if e.manager_addr else ""
+        addr = "" if e.addr in ("", "0.0.0.0") else e.addr
+        for n in c.nodes:
+            ip = addresses[n.name]
+            if addr == ip or raft_ip == ip or (not addr and not raft_ip and e.host == n.name):
+                out.append((n.name, e))
+                break
+    return out
+
+
+def stale_ops(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str],
+              members: Sequence[SwarmNode], via: str) -> list[Op]:
+    """Demote (a manager) and remove every stale entry (`stale_entries`), one at a time, from
+    the manager `via`, BEFORE any join.
+
+    Quorum, explicitly: a raft of M managers changes only while more than M/2 are reachable.
+    With 3 managers and one dead, 2 of 3 are: demoting the dead one makes it 2 of 2, then the
+    re-flashed node joins (3 of 3). Joining first would make 4 managers with 2 unreachable while
+    it syncs (2 of 4 is no majority). With no quorum now (2 of 3 dead), nothing can be changed:
+    StepError saying how to recover (`docker swarm init --force-new-cluster`)."""
+    stale = stale_entries(c, facts, addresses, members)
+    if not stale:
+        return []
+    raft = [e for e in members if e.in_raft]
+    reachable = [e for e in raft if e.leader or e.reachability == "reachable"]
+    gone = {e.id for _, e in stale if e.in_raft}
+    if len(reachable) * 2 <= len(raft) or \
+            len([e for e in reachable if e.id not in gone]) * 2 <= len(raft) - len(gone):
+        raise StepError(
+            f"the swarm's old entries of {', '.join(n for n, _ in stale)} must go first, but "
+            f"only {len(reachable)} of its {len(raft)} managers are reachable: no quorum "
+            "(more than half), the swarm can change nothing.\n  what to do: on a healthy "
+            f"manager (e.g. {via}) run `docker swarm init --force-new-cluster --advertise-addr "
+            f"{addresses[via]}` (keeps services, makes it the only manager), then run the task "
+            "again")
+    ops: list[Op] = []
+    size = len(raft)
+    for name, e in stale:
+        ident = shlex.quote(e.id)
+        if e.role == "manager" or e.in_raft:
+            ops.append(Op(
+                f"demote the swarm's old entry of {name} (ID {e.id[:12]}, {e.state}, manager "
+                f"{e.reachability or 'not reachable'}): {size} -> {size - 1} managers, "
+                f"{len(reachable)} reachable", cmd=f"docker node demote {ident}", node=via,
+                hint="a swarm without quorum cannot demote: see `docker node ls` on the node"))
+            ops.append(Op(
+                f"wait until it has left the managers' raft (at most {DEMOTION_TIMEOUT:g} s)",
+                cmd="[ -z \"$(docker node inspect --format '{{if .ManagerStatus}}m{{end}}' "
+                    f"{ident})\" ]", wait=DEMOTION_TIMEOUT, node=via,
+                hint="the swarm keeps a member only while a quorum stays reachable without it: "
+                     "see `docker node ls`"))
+            size -= 1
+        ops.append(Op(f"remove the swarm's old entry of {name} (ID {e.id[:12]})",
+                      cmd=f"docker node rm --force {ident}", node=via))
     return ops
 
 
@@ -397,7 +489,12 @@ def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     RemoteError. With `dryrun` only read the facts and say what would change."""
     addresses = {n.name: advertise_address(n) for n in c.nodes}
     facts = read_facts(r)
-    changed = apply_ops(r, c.nodes[0], STEP, plan(c, facts, addresses), dryrun=dryrun)
+    try:
+        managers, _ = _this_swarm(c, facts, addresses)
+    except RemoteError:
+        managers = []  # `plan` raises it again, naming every node
+    members = read_members(r, managers[0]) if managers else []
+    changed = apply_ops(r, c.nodes[0], STEP, plan(c, facts, addresses, members), dryrun=dryrun)
     if dryrun:
         return {}
     if changed:

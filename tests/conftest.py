@@ -87,7 +87,7 @@ def lab():
 LAB_ORDER = ["test_lab", "test_remote", "test_preflight", "test_preload", "test_gluster",
              "test_avahi", "test_swarm", "test_stack", "test_onboard", "test_backup",
              "test_hardening", "test_registry", "test_failover", "test_sensor", "test_chaos",
-             "test_outage", "test_frozen", "test_cycle"]
+             "test_outage", "test_replace", "test_frozen", "test_cycle"]
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -27,13 +27,15 @@ from tasks.remote import Remote
 
 pytestmark = pytest.mark.lab
 
-SETUP = [("gluster-daemon", gluster.setup_daemon), ("gluster-peers", gluster.setup_peers),
+SETUP = [("gluster-daemon", gluster.setup_daemon), ("gluster-replace", gluster.setup_replace),
+         ("gluster-peers", gluster.setup_peers),
          ("gluster-bricks", gluster.setup_bricks), ("gluster-volume", gluster.setup_volume),
          ("gluster-mount", gluster.setup_mount), ("gluster-dirs", gluster.setup_dirs)]
 CLEAN = [("ha-files", homeassistant.clean_files),
          ("gluster-dirs", gluster.clean_dirs), ("gluster-mount", gluster.clean_mount),
          ("gluster-volume", gluster.clean_volume), ("gluster-bricks", gluster.clean_bricks),
-         ("gluster-peers", gluster.clean_peers), ("gluster-daemon", gluster.clean_daemon)]
+         ("gluster-peers", gluster.clean_peers), ("gluster-replace", gluster.clean_replace),
+         ("gluster-daemon", gluster.clean_daemon)]
 NAMES = ["pi1", "pi2", "pi3"]
 BRICK = "/srv/gluster/haswarm"
 MOUNT = "/mnt/haswarm"

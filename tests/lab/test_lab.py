@@ -59,7 +59,8 @@ def test_task_creators_are_cheap(creator: str) -> None:
     assert fn.__doc__ and len(fn.__doc__.strip().splitlines()) == 1
     assert task["basename"] == creator.removeprefix("task_").replace("_", "-")
     params = {p["name"] for p in task.get("params", [])}
-    if creator in ("task_lab_kill", "task_lab_cut", "task_lab_heal", "task_lab_boot"):
+    if creator in ("task_lab_kill", "task_lab_cut", "task_lab_heal", "task_lab_boot",
+                   "task_lab_wipe"):
         assert params == {"node"}
     if creator == "task_lab_down":
         assert params == {"purge"}

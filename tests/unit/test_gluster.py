@@ -500,7 +500,8 @@ def test_task_graph(c: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     deps = {name: t["task_dep"] for name, t in tasks.items()}
     assert deps == {
         "gluster:daemon": [],
-        "gluster:peers": ["gluster:daemon"],
+        "gluster:replace": ["gluster:daemon"],
+        "gluster:peers": ["gluster:replace"],
         "gluster:bricks": ["gluster:daemon"],
         "gluster:volume": ["gluster:peers", "gluster:bricks"],
         "gluster:mount": ["gluster:volume"],

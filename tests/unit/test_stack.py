@@ -252,13 +252,18 @@ class SwarmRemote:
     output per node), which init, join and leave change as Docker would; every command but
     `docker info` is logged as (node, command)."""
 
-    def __init__(self, c: Cluster, infos: dict[str, str]):
+    def __init__(self, c: Cluster, infos: dict[str, str], nodes: str = ""):
         self.cluster, self.infos, self.log = c, dict(infos), []
+        self.nodes = nodes  # the swarm's node list (NODE_INSPECT_FORMAT lines), read unlogged
 
     def run(self, node, step, cmd, **kw):
+        from tasks.facts_cluster import NODES_PROBE
+
         name = node if isinstance(node, str) else node.name
         if cmd == swarm.INFO_CMD:
             return Result(self.infos[name], "", 0)
+        if cmd == NODES_PROBE:
+            return Result(self.nodes, "", 0)
         self.log.append((name, cmd))
         if cmd.startswith("docker swarm init"):
             self._manager(name)

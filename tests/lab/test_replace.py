@@ -1,0 +1,179 @@
+"""Replace a dead Pi (issue "Day two", case 1; README "Replace a dead Pi"), end to end on the
+shared lab: pi3 comes back re-flashed under the same name and address (`lab.wipe`: power cut,
+its disk wiped: Docker data root with the swarm state, /var/lib/glusterd, the brick, cron,
+keepalived, /etc changes; a first boot with a new SSH host key). The user trusts the new key as
+the README says and runs `doit setup`; that alone must bring the node back:
+
+- swarm: 3 Ready managers, no Down entry left (the old one demoted and removed before the join);
+- Gluster: every peer connected, pi3's glusterd under its OLD UUID, heal info 0 entries, a file
+  written before the wipe on pi3's brick;
+- Galera: pi3's db Synced in a cluster of 3 (by SST), with a row written before the wipe;
+- Mosquitto: a retained message published before the wipe is still there;
+- a second `doit setup` has nothing to do.
+
+Prints the time from the wipe until the cluster has converged (`pytest -s`). The module leaves
+the lab converged (its finalizer trusts pi3's key and runs setup if a step above failed).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from tasks import status
+from tasks.remote import Remote, RemoteError
+
+from .conftest import doit
+from .test_backup import publish_retained, retained
+from .test_stack import TEST_DB, service_versions
+
+pytestmark = pytest.mark.lab
+
+NODE = "pi3"
+DIR = ".haswarm-replace-test"  # on the volume
+# Every remote step of setup that must have nothing to do on the converged cluster.
+QUIET = ("preload-images", "gluster:daemon", "gluster:replace", "gluster:peers",
+         "gluster:bricks", "gluster:volume", "gluster:mount", "gluster:dirs", "swarm", "stack")
+
+
+def say(msg: str) -> None:
+    print(f"  [replace] {msg}", flush=True)
+
+
+def fingerprint(key_line: str) -> str:
+    """`ssh-keygen -lf` of one public key or known_hosts line: 'SHA256:...'."""
+    with tempfile.NamedTemporaryFile("w", suffix=".pub") as f:
+        f.write(key_line.strip() + "\n")
+        f.flush()
+        out = subprocess.run(["ssh-keygen", "-lf", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    return out.split()[1]
+
+
+def trust_new_key(lab, node: str) -> str:
+    """What README "Replace a dead Pi" tells the user: drop the old key, add the node's new
+    one (after comparing its fingerprint with the node's console). Returns the fingerprint."""
+    kh, addr = str(lab.known_hosts), lab.node(node).address
+    subprocess.run(["ssh-keygen", "-f", kh, "-R", addr], capture_output=True, check=True)
+    scan = subprocess.run(["ssh-keyscan", "-t", "ed25519", addr], capture_output=True,
+                          text=True, check=True, timeout=30).stdout
+    with open(kh, "a") as f:
+        f.write(scan)
+    return fingerprint(scan)
+
+
+def node_key(lab, node: str) -> str:
+    return fingerprint((lab.node_dir(node) / "ssh_host_ed25519_key.pub").read_text())
+
+
+@pytest.fixture(scope="module")
+def ready(lab, cluster, deployed):
+    status.wait_converged(cluster, 600, log=say)
+    yield cluster
+    # A failure above may leave pi3 wiped, untrusted or half set up: trust its key (a no-op
+    # when known_hosts has it), set up again if needed, and wait until all is well.
+    listed = subprocess.run(["ssh-keygen", "-F", lab.node(NODE).address, "-f",
+                             str(lab.known_hosts)], capture_output=True, text=True).stdout
+    if lab.pid(NODE) is not None and node_key(lab, NODE) not in (
+            fingerprint(line) for line in listed.splitlines() if line and line[0] != "#"):
+        trust_new_key(lab, NODE)
+    try:
+        status.wait_converged(cluster, 60, log=say)
+    except TimeoutError:
+        doit("setup")
+        status.wait_converged(cluster, 900, log=say)
+
+
+def test_a_reflashed_pi_comes_back_with_doit_setup_alone(lab, ready, tools, capsys):
+    c = ready
+    token = uuid.uuid4().hex
+    mp, brick = str(c.gluster.mount_point), str(c.gluster.brick_dir)
+    topic = f"haswarm/test/replace-{token[:8]}"
+    node, cid = next((n, i) for n, i in tools.containers("db").items() if n != NODE)
+    tools.sql(node, cid, f"CREATE DATABASE IF NOT EXISTS {TEST_DB}; CREATE TABLE IF NOT EXISTS "
+                         f"{TEST_DB}.t (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(64)); "
+                         f"INSERT INTO {TEST_DB}.t (v) VALUES ('{token}');")
+    tools.sh("pi1", f"mkdir -p {mp}/{DIR} && echo {token} > {mp}/{DIR}/{token}")
+    publish_retained(c, topic, token)
+    time.sleep(c.mqtt.autosave_interval + 2)  # in Mosquitto's store on the volume
+    pool = tools.sh("pi1", "gluster --mode=script pool list")
+    old_uuid = next(line.split()[0] for line in pool.splitlines()
+                    if lab.node(NODE).address in line.split())
+    old_key = node_key(lab, NODE)
+
+    say(f"wiping {NODE} (old glusterd UUID {old_uuid}, old host key {old_key})")
+    t_wipe = time.monotonic()
+    new_key = lab.wipe(NODE).split()[1]
+    say(f"{NODE} booted bare in {time.monotonic() - t_wipe:.1f} s, new host key {new_key}")
+    assert new_key != old_key
+    bare = tools.sh(NODE, "docker info --format '{{.Swarm.LocalNodeState}}'; "
+                          "docker image ls -q | wc -l; "
+                          f"ls -A {brick} 2>/dev/null | wc -l; "
+                          "sed -n 's/^UUID=//p' /var/lib/glusterd/glusterd.info").split()
+    assert bare[:3] == ["inactive", "0", "0"] and bare[3] != old_uuid, bare
+
+    # haswarm refuses the changed key until the user trusts it (never silently)
+    with Remote(c) as r, pytest.raises(RemoteError, match="CHANGED"):
+        r.run(NODE, "test: host key", "true")
+    assert trust_new_key(lab, NODE) == new_key  # the fingerprint its console shows
+
+    setup = tools.setup()
+    assert setup.ok, setup.output[-6000:]
+    t_setup = time.monotonic() - t_wipe
+    st = status.wait_converged(c, 900, log=say)
+    t_converged = time.monotonic() - t_wipe
+    out = setup.output
+    for needle in (f"{NODE}: gluster:replace: write /var/lib/glusterd/glusterd.info: "
+                   f"UUID={old_uuid}", "reset-brick", "gluster:replace: healed",
+                   f"demote the swarm's old entry of {NODE}", f"{NODE}: swarm: join as manager"):
+        assert needle in out, needle
+    assert "deploy stack.bootstrap.yml" not in out and "no bootstrap" in out
+
+    # swarm: three Ready managers, nothing Down
+    nodes = tools.sh("pi1", "docker node ls --format '{{.Hostname}} {{.Status}} "
+                            "{{.ManagerStatus}}'").split("\n")
+    nodes = sorted(line for line in nodes if line.strip())
+    assert len(nodes) == 3 and all(re.fullmatch(r"pi\d Ready (Leader|Reachable)", n)
+                                   for n in nodes), nodes
+    # Gluster: every peer connected, pi3 under its old UUID, nothing to heal, the file on
+    # pi3's own brick
+    for n in lab.names:
+        peers = tools.sh(n, "gluster --mode=script peer status")
+        assert peers.count("State: Peer in Cluster (Connected)") == 2, (n, peers)
+    assert tools.sh(NODE, "sed -n 's/^UUID=//p' /var/lib/glusterd/glusterd.info").strip() \
+        == old_uuid
+    heal = tools.sh("pi1", f"gluster --mode=script volume heal {c.gluster.volume} info")
+    assert heal.count("Number of entries: 0") == 3, heal
+    assert tools.sh(NODE, f"cat {brick}/{DIR}/{token}").strip() == token
+    # Galera: pi3 Synced in a cluster of 3, with the row
+    cid3 = tools.containers("db")[NODE]
+    state = tools.sql(NODE, cid3, "SHOW GLOBAL STATUS WHERE Variable_name IN "
+                                  "('wsrep_local_state_comment', 'wsrep_cluster_size');")
+    assert dict(line.split("\t") for line in state.splitlines()) == {
+        "wsrep_cluster_size": "3", "wsrep_local_state_comment": "Synced"}, state
+    assert tools.sql(NODE, cid3, f"SELECT v FROM {TEST_DB}.t WHERE v = '{token}';").split() \
+        == [token]
+    # Mosquitto: the retained message
+    assert retained(c, topic) == [token]
+    assert not st.problems()
+
+    # a second setup has nothing to do
+    before = service_versions(tools, c)
+    again = tools.setup()
+    assert again.ok, again.output[-4000:]
+    for step in QUIET:
+        assert f": {step}: nothing to do" in again.output, step
+    assert " would " not in again.output and "no bootstrap" in again.output
+    assert service_versions(tools, c) == before
+
+    tools.sh("pi1", f"rm -rf {mp}/{DIR}")
+    publish_retained(c, topic, "")
+    with capsys.disabled():
+        print(f"\n[replace] {NODE} wiped -> `doit setup` done {t_setup:.1f} s -> converged "
+              f"{t_converged:.1f} s after the wipe (setup itself {setup.seconds:.1f} s; "
+              f"second setup {again.seconds:.1f} s)")
