@@ -293,6 +293,9 @@ def _brick_ops(c: Cluster, facts: dict[str, NodeFacts], via: Node, vol: Volume,
                f"{vol.name}: stop its brick process, if one runs)",
                f"{GLUSTER} volume reset-brick {v} {b} start >/dev/null 2>&1 || true",
                node=via.name, timeout=GLUSTER_CHANGE_TIMEOUT),
+            Op(f"create the brick dir {c.gluster.brick_dir} (a fresh disk has none; glusterd "
+               "makes only the last component)",
+               f"mkdir -p {shlex.quote(str(c.gluster.brick_dir))}", node=n.name),
             Op(f"reset-brick {bricks[n.name]} {bricks[n.name]} commit force (same host and "
                "path: the dir gets the volume's id, the brick starts empty)",
                f"{GLUSTER} volume reset-brick {v} {b} {b} commit force", node=via.name,

@@ -207,6 +207,8 @@ def test_reflashed_node_gets_its_old_uuid_peers_and_brick_back(c):
                 "(at most 90 s)"),
         ("pi1", f"reset-brick 10.77.0.13:{BRICK} start (its dir on pi3 holds no data of "
                 "haswarm: stop its brick process, if one runs)"),
+        ("pi3", f"create the brick dir {BRICK} (a fresh disk has none; glusterd makes only the "
+                "last component)"),
         ("pi1", f"reset-brick 10.77.0.13:{BRICK} 10.77.0.13:{BRICK} commit force (same host "
                 "and path: the dir gets the volume's id, the brick starts empty)"),
         ("pi1", f"wait until brick 10.77.0.13:{BRICK} is online (at most 60 s)"),
@@ -222,10 +224,11 @@ def test_reflashed_node_gets_its_old_uuid_peers_and_brick_back(c):
     assert "systemctl restart glusterd" in ops[8].cmd
     assert ops[11].cmd.startswith("gluster --mode=script volume reset-brick haswarm "
                                   f"10.77.0.13:{BRICK} start")
-    assert ops[12].cmd == (f"gluster --mode=script volume reset-brick haswarm 10.77.0.13:{BRICK}"
+    assert ops[13].cmd == (f"gluster --mode=script volume reset-brick haswarm 10.77.0.13:{BRICK}"
                            f" 10.77.0.13:{BRICK} commit force")
-    assert ops[14].cmd == "gluster --mode=script volume heal haswarm full"
-    wait_peers, wait_heal = ops[10].call, ops[15].call
+    assert ops[12].cmd == "mkdir -p /srv/gluster/haswarm"
+    assert ops[15].cmd == "gluster --mode=script volume heal haswarm full"
+    wait_peers, wait_heal = ops[10].call, ops[16].call
     assert wait_peers.func is gluster_replace.wait_in_cluster
     assert wait_peers.keywords | {"c": None} == {"c": None, "node": "pi3",
                                                  "sees": ["pi1", "pi2"],
@@ -271,7 +274,8 @@ def test_back_in_the_pool_only_the_empty_brick_is_reset(c):
         f[n] = NodeFacts(**{**f[n].__dict__, "online": {f"{ADDR[m]}:{BRICK}": m != "pi3"
                                                         for m in ADDR}})
     assert [w.split(" (")[0] for _, w in whats(plan_replace(c, f))] == [
-        f"reset-brick 10.77.0.13:{BRICK} start", f"reset-brick 10.77.0.13:{BRICK} "
+        f"reset-brick 10.77.0.13:{BRICK} start", f"create the brick dir {BRICK}",
+        f"reset-brick 10.77.0.13:{BRICK} "
         f"10.77.0.13:{BRICK} commit force", f"wait until brick 10.77.0.13:{BRICK} is online",
         "heal haswarm full", "wait until heal info shows 0 entries on every brick"]
 
