@@ -256,6 +256,28 @@ def parse_heal_summary(text: str) -> dict[str, tuple[str, int | None, int]] | No
     return out
 
 
+def parse_possibly_healing(text: str) -> dict[str, tuple[int, int]] | None:
+    """`gluster volume heal VOL info summary --xml` -> {connected brick: (entries in heal
+    pending or split-brain, entries "possibly undergoing heal")}; None when it failed.
+
+    "Possibly undergoing heal": heal info could not lock the file to look, because a heal or a
+    writer holds it (a file written continuously through one descriptor stays in this state)."""
+    root = _xml_root(text)
+    if root is None or (root.findtext("opRet") or "0").strip() != "0":
+        return None
+    out = {}
+    for b in root.iter("brick"):
+        if (b.findtext("status") or "").strip() != "Connected":
+            continue
+        pending = _int(b.findtext("numberOfEntriesInHealPending"))
+        split = _int(b.findtext("numberOfEntriesInSplitBrain"))
+        possibly = _int(b.findtext("numberOfEntriesPossiblyHealing"))
+        if pending is None or split is None or possibly is None:
+            continue
+        out[(b.findtext("name") or "").strip()] = (pending + split, possibly)
+    return out
+
+
 def bricks_from(c: Cluster, status_text: str | None, heal_text: str | None) -> list[Brick]:
     """The volume's bricks (one per node, cluster order) with what the two outputs say."""
     procs = parse_brick_processes(status_text) if status_text else None

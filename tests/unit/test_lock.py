@@ -57,6 +57,28 @@ def test_the_second_keeper_waits_until_the_first_is_gone(tmp_path):
     assert "lock held after" in second.stdout.read()
 
 
+def test_the_heartbeat_goes_to_its_own_file_and_a_failing_one_fences(tmp_path):
+    """Writes through the lock's own descriptor would leave a replaced brick behind for as long
+    as HA runs (Gluster does not reopen a descriptor holding a POSIX lock): the heartbeat is a
+    file of its own, opened for each beat."""
+    needs_root_unshare_flock()
+    lock, beat = tmp_path / "lock", tmp_path / "lock.beat"
+    proc = isolated_keeper(tmp_path, lo_up=True)
+    try:
+        assert wait_file(tmp_path / "ready", 10)
+        written = lock.stat().st_mtime_ns
+        first = beat.stat().st_mtime_ns
+        time.sleep(2.5)
+        assert lock.stat().st_mtime_ns == written  # the lock file: written once, when taken
+        assert beat.stat().st_mtime_ns > first and "pid" in beat.read_text()
+        beat.unlink()
+        beat.mkdir()  # the next beats fail (as on a volume that lost its quorum)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        end(proc)
+    assert "FENCING: heartbeat writes to the volume fail" in out
+
+
 def test_during_an_upgrade_a_free_lock_is_left_to_the_new_image(tmp_path):
     lock = tmp_path / "config" / ".haswarm" / "homeassistant.lock"
     lock.parent.mkdir(parents=True)

@@ -394,6 +394,30 @@ def test_wait_healed_says_progress_until_two_clean_reads(c, capsys, monkeypatch)
         gluster_replace.wait_healed(r, c=c, via="pi1", timeout=0)
 
 
+def test_wait_healed_ends_when_only_files_in_use_are_left(c, capsys, monkeypatch):
+    """A lock file written every second through one descriptor stays "possibly undergoing heal"
+    (seen on the lab after a replace): named after the grace time, not waited on for an hour."""
+    monkeypatch.setattr(gluster_replace.time, "sleep", lambda s: None)
+    in_use = HEAL_SUMMARY.replace("Transport endpoint is not connected", "Connected").replace(
+        ">-<", ">0<").replace("<numberOfEntriesInHealPending>4<",
+                              "<numberOfEntriesInHealPending>0<").replace(
+        "<numberOfEntriesPossiblyHealing>0</numberOfEntriesPossiblyHealing>\n      </brick>\n"
+        "      <brick hostUuid=\"6124\">",
+        "<numberOfEntriesPossiblyHealing>4</numberOfEntriesPossiblyHealing>\n      </brick>\n"
+        "      <brick hostUuid=\"6124\">", 1)
+    assert gluster_replace.only_in_use(c, in_use) and not gluster_replace.only_in_use(
+        c, HEAL_SUMMARY)
+    r = GlusterRemote(c, {}, heal=[in_use])
+    gluster_replace.wait_healed(r, c=c, via="pi1", in_use_grace=0)
+    out = capsys.readouterr().out
+    assert "healed (0 s), except what is held open and written without a pause" in out
+    # pending entries are always waited for
+    r = GlusterRemote(c, {}, heal=[HEAL_SUMMARY.replace("Transport endpoint is not connected",
+                                                        "Connected").replace(">-<", ">0<")])
+    with pytest.raises(StepError, match="heal is not done after 0 s: pi1: 4 entries"):
+        gluster_replace.wait_healed(r, c=c, via="pi1", timeout=0, in_use_grace=0)
+
+
 def test_wait_in_cluster_waits_for_both_sides(c, monkeypatch):
     monkeypatch.setattr(gluster_replace.time, "sleep", lambda s: None)
     rejected = "Peer Rejected"
