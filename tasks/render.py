@@ -45,6 +45,8 @@ HA_LOCK_FILE = "/config/.haswarm/homeassistant.lock"
 HA_LOCK_READY = "/tmp/haswarm-lock.ready"  # in the container: written once the lock is held
 # The same for Mosquitto (its container's ready file has the same path).
 MQTT_LOCK_FILE = "/mosquitto/data/.haswarm/mosquitto.lock"
+# Mosquitto's store: the broker writes it in its container; the entrypoint copies it to the volume.
+MQTT_STORE = {"local_store": "/mosquitto/store", "volume_store": "/mosquitto/data/mosquitto.db"}
 # Mosquitto 2.x password hashes: PBKDF2-SHA512, 101 iterations, 12-byte salt ($7$ format).
 _MQTT_ITERATIONS = 101
 # The healthcheck's mosquitto_sub options (login and password): a Docker secret mounted as
@@ -244,7 +246,7 @@ def outputs(c: Cluster) -> list[Output]:
     """Every file `doit render` writes for this cluster."""
     outs = [
         Output("mosquitto/mosquitto.conf", "mosquitto.conf.j2",
-               {"autosave_interval": c.mqtt.autosave_interval}),
+               {"autosave_interval": c.mqtt.autosave_interval, **MQTT_STORE}),
         Output("mosquitto/acl", "mosquitto-acl.j2", {"acl": mqtt_acl(c)}),
         Output("galera.cnf", "galera.cnf.j2",
                {"buffer_pool": c.galera.buffer_pool, "gcache": c.galera.gcache,
@@ -259,7 +261,8 @@ def outputs(c: Cluster) -> list[Output]:
                 "lock_ready": HA_LOCK_READY}, mode=0o755),
         Output("homeassistant/haswarm-lock.py", "haswarm-lock.py.j2", {}, mode=0o755),
         Output("mosquitto/haswarm-entrypoint.sh", "mosquitto-entrypoint.sh.j2",
-               {"lock_file": MQTT_LOCK_FILE, "lock_ready": HA_LOCK_READY}, mode=0o755),
+               {"lock_file": MQTT_LOCK_FILE, "lock_ready": HA_LOCK_READY, **MQTT_STORE},
+               mode=0o755),
     ]
     if c.swarm.leader_guard:
         outs.append(Output("leader-guard.sh", "leader-guard.sh.j2",

@@ -125,17 +125,30 @@ def test_the_template_holds_no_jinja():
 
 def mosquitto_entrypoint(tmp_path: Path, name: str, lock: Path,
                          on_term: str = "exit 0") -> tuple[Path, Path, Path]:
-    """(script, its ready file, the file its broker writes once it runs). `on_term`: what the
-    fake broker does on SIGTERM ("": ignores it, as a broker whose store save hangs)."""
+    """(script, its ready file, the file its broker writes once it runs). `on_term`: "" makes
+    the fake broker ignore SIGTERM (as a broker whose store save hangs); else it saves its
+    store and exits."""
     import jinja2
 
     ready, running = tmp_path / f"{name}.ready", tmp_path / f"{name}.running"
+    store = tmp_path / f"{name}-store"  # the container's own store; the volume's: beside the lock
     broker = tmp_path / f"{name}-image-entrypoint"
-    broker.write_text(f"#!/bin/sh\ntrap '{on_term}' TERM\necho \"$@\" > {running}\n"
-                      "while :; do sleep 0.1; done\n")
+    # A broker that writes its store when it starts (after the store was copied in: "from" the
+    # copy's content) and when it stops, as Mosquitto does.
+    db = store / "mosquitto.db"
+    term = f"echo {name}-final > {db}; exit 0" if on_term else ""
+    broker.write_text(
+        "#!/bin/sh\n"
+        f"trap '{term}' TERM\n"
+        f"echo \"{name} from $(cat {db} 2>/dev/null || echo nothing)\" > {db}.new\n"
+        f"mv {db}.new {db}\n"
+        f"echo \"$@\" > {running}\n"
+        "while :; do sleep 0.1; done\n")
     broker.chmod(0o755)
-    text = jinja2.Template((TEMPLATES / "mosquitto-entrypoint.sh.j2").read_text()).render(
-        lock_file=str(lock), lock_ready=str(ready))
+    text = jinja2.Template((TEMPLATES / "mosquitto-entrypoint.sh.j2").read_text(),
+                           undefined=jinja2.StrictUndefined).render(
+        lock_file=str(lock), lock_ready=str(ready), local_store=str(store),
+        volume_store=str(lock.parent.parent / "mosquitto.db"))
     assert "\n/docker-entrypoint.sh \"$@\" &\n" in text
     script = tmp_path / f"{name}.sh"
     script.write_text(text.replace("\n/docker-entrypoint.sh", f"\n{broker}"))
@@ -372,3 +385,32 @@ def test_the_ha_keeper_held_up_longer_than_its_lock_may_last_fences(tmp_path):
     out = held_up_keeper(tmp_path, 6.0)
     assert "FENCING: this keeper was held up for" in out
     assert "its lock may have moved to another node meanwhile" in out
+
+
+def test_the_store_lives_in_the_container_and_follows_the_lock_through_the_volume(tmp_path):
+    """The broker writes its store in its container; the entrypoint copies it in from the volume
+    when it takes the lock, out after every change, and once more after a clean stop, before
+    the next broker takes over. So a hanging volume never blocks the broker itself."""
+    needs_root_unshare_flock()
+    lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
+    volume_store = tmp_path / "data" / "mosquitto.db"
+    volume_store.parent.mkdir(parents=True)
+    volume_store.write_text("old\n")
+    (a, _, a_running), (b, _, b_running) = (mosquitto_entrypoint(tmp_path, n, lock)
+                                            for n in ("a", "b"))
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(container(a))
+        assert wait_file(a_running, 10)
+        deadline = time.monotonic() + 3
+        while volume_store.read_text() != "a from old\n" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert volume_store.read_text() == "a from old\n"  # saved after the change
+        procs.append(container(b))
+        assert not wait_file(b_running, 1.0)
+        stop(procs[0])
+        assert volume_store.read_text() == "a-final\n"  # saved before the lock was released
+        assert wait_file(b_running, 3)
+        assert (tmp_path / "b-store" / "mosquitto.db").read_text() == "b from a-final\n"
+    finally:
+        end(*procs)

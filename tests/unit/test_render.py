@@ -163,7 +163,7 @@ def test_mosquitto_conf(rendered):
     conf = texts["mosquitto/mosquitto.conf"]
     assert "listener 1883 0.0.0.0" in conf and "allow_anonymous false" in conf
     assert f"autosave_interval {c.mqtt.autosave_interval}\n" in conf
-    assert "persistence_location /mosquitto/data/" in conf
+    assert "persistence_location /mosquitto/store/" in conf
     assert "\nacl_file /mosquitto/config/acl\n" in conf
     mosquitto = stack(c)["services"]["mosquitto"]
     assert {"source": "mosquitto_acl", "target": "/mosquitto/config/acl", "mode": 0o444} in \
