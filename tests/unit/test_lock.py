@@ -217,6 +217,34 @@ def test_mosquitto_handover_clean_at_once_unclean_after_the_settle_time(tmp_path
         end(*procs)
 
 
+def _open_by(path: Path) -> list[str]:
+    """The names of the processes (of this machine) that have `path` open."""
+    out = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                out.append((fd_dir.parent / "comm").read_text().strip())
+        except OSError:
+            continue
+    return out
+
+
+def test_only_the_holder_processes_have_the_mosquitto_lock_open(tmp_path):
+    """Every process that has the lock file open makes Gluster flush it when it exits, which
+    hangs on a node cut off: the keeper, its probes and its sleeps must not have it open."""
+    needs_root_unshare_flock()
+    lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
+    script, _, running = mosquitto_entrypoint(tmp_path, "one", lock)
+    proc = container(script, isolated=False)
+    try:
+        assert wait_file(running, 10)
+        time.sleep(1.5)  # a few heartbeats
+        holders = _open_by(lock)
+        assert holders and set(holders) <= {"flock", "sleep"}, holders
+    finally:
+        end(proc)
+
+
 def test_a_mosquitto_whose_volume_fails_is_fenced(tmp_path):
     import os
 
