@@ -65,7 +65,7 @@ def test_the_heartbeat_goes_to_its_own_file_and_a_failing_one_fences(tmp_path):
     lock, beat = tmp_path / "lock", tmp_path / "lock.beat"
     proc = isolated_keeper(tmp_path, lo_up=True)
     try:
-        assert wait_file(tmp_path / "ready", 10)
+        assert wait_file(tmp_path / "ready", 10) and wait_file(beat, 5)
         written = lock.stat().st_mtime_ns
         first = beat.stat().st_mtime_ns
         time.sleep(2.5)
