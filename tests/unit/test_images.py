@@ -216,7 +216,7 @@ def wanted(tmp: Path = Path("/nonexistent")) -> list[Wanted]:
     return [
         Wanted("homeassistant", "haswarm-lab/homeassistant:2026.2.3", sha(b"cfg-ha"),
                "linux/amd64", (BASE_L, HA_L), tmp / "homeassistant.tar"),
-        Wanted("mariadb", "haswarm/mariadb-galera:10.11-1", sha(b"cfg-db"), "linux/amd64",
+        Wanted("mariadb", "haswarm/mariadb-galera:10.11-2", sha(b"cfg-db"), "linux/amd64",
                (BASE_L, DB_L), tmp / "mariadb.tar"),
     ]
 
@@ -278,7 +278,7 @@ def test_docker_hub_names_are_compared_normalized():
 # The Ops of a plan (what `doit plan` prints as "would ..."), from recorded node facts
 SIZES = {("homeassistant", 0): 30_000_000, ("homeassistant", 1): 400_000_000,
          ("mariadb", 0): 30_000_000, ("mariadb", 1): 120_000_000}
-HA_REF, DB_REF = "haswarm-lab/homeassistant:2026.2.3", "haswarm/mariadb-galera:10.11-1"
+HA_REF, DB_REF = "haswarm-lab/homeassistant:2026.2.3", "haswarm/mariadb-galera:10.11-2"
 HA_ID, DB_ID = sha(b"cfg-ha"), sha(b"cfg-db")
 
 OPS_CASES = {
@@ -599,3 +599,30 @@ def test_builder_prefers_the_docker_plugin_then_the_fetched_binary(tmp_path, mon
     (tmp_path / "docker-buildx").write_text("")
     monkeypatch.setattr(images.build, "_buildx_works", lambda cmd: cmd != ["docker", "buildx"])
     assert images.buildx_command(tmp_path, fetch=False) == [str(tmp_path / "docker-buildx")]
+
+
+# The Galera image's tag must change with what builds it: swarm rolls a service over only when
+# its image reference changes, so an image rebuilt under the old tag never reaches the running
+# containers (seen: the buffer pool cap built and preloaded, the db still on the old image).
+GALERA_BUILD = ("haswarm/mariadb-galera:10.11-2", "7560c41d5ab23cc6")
+
+
+def _galera_context_hash() -> str:
+    import hashlib
+
+    ctx = PROJECT_ROOT / "images" / "mariadb-galera"
+    h = hashlib.sha256()
+    for f in sorted(p for p in ctx.rglob("*") if p.is_file() and p.name != "README.md"):
+        h.update(str(f.relative_to(ctx)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def test_the_galera_tag_changes_with_its_build_context():
+    tag, recorded = GALERA_BUILD
+    for name in ("lab.yml", "cluster.example.yml"):
+        text = (PROJECT_ROOT / "config" / name).read_text()
+        assert f'"{tag}"' in text, f"config/{name} must build {tag}"
+    assert _galera_context_hash() == recorded, (
+        "images/mariadb-galera changed: bump its tag's revision (10.11-N) in config/lab.yml and "
+        "config/cluster.example.yml, then set GALERA_BUILD in this file to the new tag and "
+        f"{_galera_context_hash()!r}")

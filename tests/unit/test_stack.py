@@ -367,7 +367,7 @@ SERVICE_INSPECT = "\n".join(json.dumps(d) for d in [
 ])
 
 def ps_line(task_id: str, name: str, node: str, current: str, desired: str = "Running",
-            error: str = "", image: str = "haswarm/mariadb-galera:10.11-1") -> str:
+            error: str = "", image: str = "haswarm/mariadb-galera:10.11-2") -> str:
     """One line of `docker stack ps --no-trunc --format '{{json .}}'` as recorded."""
     return json.dumps({"CurrentState": current, "DesiredState": desired, "Error": error,
                        "ID": task_id, "Image": image, "Name": name, "Node": node, "Ports": ""},
