@@ -160,6 +160,18 @@ def context_dir(img: Image) -> Path:
     return (PROJECT_ROOT / img.build).resolve()
 
 
+def context_hash(ctx: Path, *, docs: bool = True) -> str:
+    """12 hex digits of sha256 over the context's files (`context_files`: names and contents);
+    `docs=False` leaves README.md out, as it changes no image."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in context_files(ctx):
+        if docs or path.name != "README.md":
+            h.update(str(path.relative_to(ctx)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def context_files(ctx: Path) -> list[Path]:
     """The files of a build context that make the image: what git sees there (tracked, or
     untracked but not ignored), so downloads `prepare` writes to git-ignored directories do

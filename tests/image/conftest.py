@@ -20,6 +20,13 @@ from tasks import images
 from tasks.config import LAB_CLUSTER_FILE, load_cluster
 
 
+def entrypoint_lines(logs: str, name: str, lines: int) -> str:
+    """The Galera entrypoint's own lines (not mariadbd's) in one container's logs, the last
+    `lines` of them under a `--- name` header (for failure reports)."""
+    mine = [ln for ln in logs.splitlines() if " galera: " in ln]
+    return f"--- {name}\n" + "\n".join(mine[-lines:])
+
+
 @pytest.fixture(scope="session")
 def project_build(tmp_path_factory) -> Callable[[Path, str], float]:
     """build(context, tag) -> seconds: the context built for the engine's own platform (its

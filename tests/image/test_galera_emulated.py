@@ -26,7 +26,6 @@ included. Figures per step: images/mariadb-galera/README.md "Under QEMU".
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -43,6 +42,8 @@ from doit.doit_cmd import DoitMain
 
 import tasks.images as images
 from tasks.config import LAB_CLUSTER_FILE, PROJECT_ROOT
+
+from .conftest import entrypoint_lines
 
 pymysql = pytest.importorskip("pymysql")
 
@@ -94,18 +95,9 @@ pytestmark = pytest.mark.lab
 # The image: built once per context hash and platform
 
 
-def context_hash(ctx: Path = CONTEXT) -> str:
-    """12 hex digits of sha256 over the build context's files (names and contents), the files
-    `doit images` itself tracks (tasks.images.context_files)."""
-    h = hashlib.sha256()
-    for path in images.context_files(ctx):
-        h.update(str(path.relative_to(ctx)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
-
-
 def image_tag(platform: images.Platform, ctx: Path = CONTEXT) -> str:
     """haswarm/mariadb-galera:ctx-<hash>-arm64 (or -armv7): the cached emulated image."""
-    return f"{REPO}:ctx-{context_hash(ctx)}-{platform.arch}{platform.variant}"
+    return f"{REPO}:ctx-{images.context_hash(ctx)}-{platform.arch}{platform.variant}"
 
 
 def _cluster_file(work: Path, platform: images.Platform, tag: str) -> Path:
@@ -263,11 +255,7 @@ class EmulatedCluster:
 
     def entrypoint_logs(self, members: list[str], lines: int = 20) -> str:
         """The last entrypoint lines of each member, for failure reports."""
-        out = []
-        for m in members:
-            mine = [ln for ln in self.logs(m).splitlines() if " galera: " in ln]
-            out.append(f"--- {m}\n" + "\n".join(mine[-lines:]))
-        return "\n".join(out)
+        return "\n".join(entrypoint_lines(self.logs(m), m, lines) for m in members)
 
     def query(self, member: str, sql: str) -> tuple[tuple[Any, ...], ...]:
         """Run `sql` as the application user on `member` (over TCP, as Home Assistant does)."""

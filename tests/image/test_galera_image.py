@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import entrypoint_lines
+
 pymysql = pytest.importorskip("pymysql")
 
 pytestmark = pytest.mark.lab
@@ -169,11 +171,7 @@ class Lab:
 
     def entrypoint_logs(self, names: list[str], lines: int = 15) -> str:
         """The entrypoint's own lines (not mariadbd's) of each container, for failure reports."""
-        out = []
-        for name in names:
-            mine = [ln for ln in self.logs(name).splitlines() if " galera: " in ln]
-            out.append(f"--- {name}\n" + "\n".join(mine[-lines:]))
-        return "\n".join(out)
+        return "\n".join(entrypoint_lines(self.logs(n), n, lines) for n in names)
 
     def health(self, name: str) -> str:
         return docker("inspect", "-f", "{{.State.Health.Status}}", name).stdout.strip()

@@ -63,6 +63,13 @@ def publish_retained(c, topic: str, payload: str) -> None:
     client.disconnect()
 
 
+def write_row(tools, node: str, cid: str, token: str) -> None:
+    """A row holding `token` in TEST_DB.t (created when missing), through db container `cid`."""
+    tools.sql(node, cid, f"CREATE DATABASE IF NOT EXISTS {TEST_DB}; CREATE TABLE IF NOT EXISTS "
+                         f"{TEST_DB}.t (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(64)); "
+                         f"INSERT INTO {TEST_DB}.t (v) VALUES ('{token}');")
+
+
 def rows(tools, token: str) -> dict[str, list[str]]:
     """The test row as every db member sees it."""
     return {node: tools.sql(node, cid, f"SELECT v FROM {TEST_DB}.t WHERE v = '{token}';").split()
@@ -75,9 +82,7 @@ def test_backup_purge_setup_restore_brings_everything_back(lab, cluster, tools, 
     ha_dir = f"{c.gluster.mount_point}/homeassistant"
     topic = f"haswarm/test/backup-{token[:8]}"
     node, cid = next(iter(tools.containers("db").items()))
-    tools.sql(node, cid, f"CREATE DATABASE IF NOT EXISTS {TEST_DB}; CREATE TABLE IF NOT EXISTS "
-                         f"{TEST_DB}.t (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(64)); "
-                         f"INSERT INTO {TEST_DB}.t (v) VALUES ('{token}');")
+    write_row(tools, node, cid, token)
     tools.sh("pi1", f"echo {token} > {ha_dir}/{FILE}")
     publish_retained(c, topic, token)
     time.sleep(c.mqtt.autosave_interval + 2)  # in Mosquitto's store on the volume

@@ -29,7 +29,7 @@ from tasks import status
 from tasks.remote import Remote, RemoteError
 
 from .conftest import doit
-from .test_backup import publish_retained, retained
+from .test_backup import publish_retained, retained, write_row
 from .test_stack import TEST_DB, service_versions
 
 pytestmark = pytest.mark.lab
@@ -95,9 +95,7 @@ def test_a_reflashed_pi_comes_back_with_doit_setup_alone(lab, ready, tools, caps
     mp, brick = str(c.gluster.mount_point), str(c.gluster.brick_dir)
     topic = f"haswarm/test/replace-{token[:8]}"
     node, cid = next((n, i) for n, i in tools.containers("db").items() if n != NODE)
-    tools.sql(node, cid, f"CREATE DATABASE IF NOT EXISTS {TEST_DB}; CREATE TABLE IF NOT EXISTS "
-                         f"{TEST_DB}.t (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(64)); "
-                         f"INSERT INTO {TEST_DB}.t (v) VALUES ('{token}');")
+    write_row(tools, node, cid, token)
     tools.sh("pi1", f"mkdir -p {mp}/{DIR} && echo {token} > {mp}/{DIR}/{token}")
     publish_retained(c, topic, token)
     time.sleep(c.mqtt.autosave_interval + 2)  # in Mosquitto's store on the volume

@@ -604,17 +604,8 @@ def test_builder_prefers_the_docker_plugin_then_the_fetched_binary(tmp_path, mon
 # The Galera image's tag must change with what builds it: swarm rolls a service over only when
 # its image reference changes, so an image rebuilt under the old tag never reaches the running
 # containers (seen: the buffer pool cap built and preloaded, the db still on the old image).
-GALERA_BUILD = ("haswarm/mariadb-galera:10.11-2", "7560c41d5ab23cc6")
-
-
-def _galera_context_hash() -> str:
-    import hashlib
-
-    ctx = PROJECT_ROOT / "images" / "mariadb-galera"
-    h = hashlib.sha256()
-    for f in sorted(p for p in ctx.rglob("*") if p.is_file() and p.name != "README.md"):
-        h.update(str(f.relative_to(ctx)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+GALERA_BUILD = ("haswarm/mariadb-galera:10.11-2", "7560c41d5ab2")
+GALERA_CONTEXT = PROJECT_ROOT / "images" / "mariadb-galera"
 
 
 def test_the_galera_tag_changes_with_its_build_context():
@@ -622,7 +613,7 @@ def test_the_galera_tag_changes_with_its_build_context():
     for name in ("lab.yml", "cluster.example.yml"):
         text = (PROJECT_ROOT / "config" / name).read_text()
         assert f'"{tag}"' in text, f"config/{name} must build {tag}"
-    assert _galera_context_hash() == recorded, (
+    assert images.context_hash(GALERA_CONTEXT, docs=False) == recorded, (
         "images/mariadb-galera changed: bump its tag's revision (10.11-N) in config/lab.yml and "
         "config/cluster.example.yml, then set GALERA_BUILD in this file to the new tag and "
-        f"{_galera_context_hash()!r}")
+        f"{images.context_hash(GALERA_CONTEXT, docs=False)!r}")
