@@ -326,6 +326,7 @@ def fenced_as_cut_off(proc: subprocess.Popen, ready: Path) -> float:
     finally:
         end(proc)
     assert "FENCING: this node reached 0 of 3 nodes in the last 1 s: it is cut off" in out
+    assert re.search(r"last answers: 127\.0\.0\.2 [0-9.]+ s ago; 127\.0\.0\.3 ", out), out
     return time.monotonic() - started
 
 
