@@ -306,10 +306,11 @@ def converge(c: Cluster, t_restore: float, timeout: float, log: Callable[[str], 
         st = status.gather(c)
         now = time.monotonic() - t_restore
         bricks = [x.brick for x in st.nodes]
-        lost = [x for x in st.nodes if x.brick is not None and x.brick.port_lost]
-        port_lost_since = (port_lost_since if port_lost_since is not None else now) if lost \
-            else None
-        if port_lost_since is not None and now - port_lost_since >= PORT_LOST_REPAIR:
+        if not any(x.brick is not None and x.brick.port_lost for x in st.nodes):
+            port_lost_since = None
+        elif port_lost_since is None:
+            port_lost_since = now
+        elif now - port_lost_since >= PORT_LOST_REPAIR:
             _repair_bricks(c, st, log, notes)
             port_lost_since = None
         if figures["heal"] is None and st.gluster_known and all(

@@ -250,8 +250,11 @@ def setup_volume(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     step = "gluster:volume"
 
     def one(first: Node) -> dict[str, Any]:
-        apply_ops(r, first, step, plan_volume(c, _volume_on(r, first, c, step)), dryrun=dryrun)
+        before = _volume_on(r, first, c, step)
+        apply_ops(r, first, step, plan_volume(c, before), dryrun=dryrun)
         if dryrun:
+            if before is not None and before.status == "Started":
+                restart_bricks(c, r, first, step, dryrun=True)  # `doit plan` shows them too
             return {}
         vol = _volume_on(r, first, c, step)
         if vol is None or vol.status != "Started":

@@ -496,3 +496,42 @@ def test_a_brick_running_without_a_port_serves_no_one(c):
     st.nodes[2].brick = pi3
     assert any("pi3: brick 10.77.0.13:/srv/gluster/haswarm runs but glusterd has no port" in p
                for p in st.problems())
+
+
+class BrickRemote:
+    """`gluster volume status --xml` answered from a queue (the last answer repeats); every
+    other command is logged as (node, command)."""
+
+    def __init__(self, answers: list[str]):
+        self.answers, self.log = list(answers), []
+
+    def run(self, node, step, cmd, **kw):
+        from tasks.remote import Result
+
+        name = node if isinstance(node, str) else node.name
+        if "volume status" in cmd:
+            text = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+            return Result(text, "", 0)
+        self.log.append((name, cmd))
+        return Result("", "", 0)
+
+
+def test_restart_bricks_dry_run_says_it_and_a_run_does_it(c, capsys):
+    from tasks import gluster
+
+    lost = _port_lost(VOLUME_STATUS_ALL_UP, "10.77.0.13")
+    r = BrickRemote([lost])
+    assert gluster.restart_bricks(c, r, c.nodes[0], "gluster:volume", dryrun=True,
+                                  settle=0) == []
+    assert r.log == []  # a dry run changes nothing
+    out = capsys.readouterr().out
+    assert "pi3: gluster:volume: would stop the brick process 4242" in out
+    assert "would start the volume's missing brick processes" in out
+    r = BrickRemote([lost, lost, VOLUME_STATUS_ALL_UP])
+    assert gluster.restart_bricks(c, r, c.nodes[0], "gluster:volume", settle=0) == [
+        "10.77.0.13:/srv/gluster/haswarm"]
+    assert [n for n, _ in r.log] == ["pi3", "pi1"]
+    assert "kill 4242" in r.log[0][1] and "volume start haswarm force" in r.log[1][1]
+    r = BrickRemote([VOLUME_STATUS_ALL_UP])  # all serve: one read, nothing done
+    assert gluster.restart_bricks(c, r, c.nodes[0], "gluster:volume", settle=0) == []
+    assert r.log == [] and r.answers == [VOLUME_STATUS_ALL_UP]
