@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from doit.exceptions import TaskFailed
 
 from tasks.config import Cluster
+from tasks.images.preload import DISK_SPARE, expected_images
 from tasks.remote import Remote, RemoteError, key_values
 
-# Free space needed where Docker keeps images: the stack's images unpacked (Home Assistant alone
-# is ~1.5 GB, MariaDB/Galera ~400 MB, Mosquitto small) plus one spare copy during an upgrade.
+# Free space needed where Docker keeps images, when the size of an image the node lacks is not
+# known yet (not built or pulled: a first `doit setup`): the stack's images unpacked (Home
+# Assistant alone is ~1.5 GB, MariaDB/Galera ~400 MB, Mosquitto small). Once manifest.json knows
+# them, a node needs the images it lacks plus DISK_SPARE: a converged node needs only the spare.
 MIN_DISK_FREE = 2 * 1024**3
 # Galera, Gluster and swarm's TLS certificates need clocks that agree; 5 s is far inside what
 # they tolerate and far outside what NTP leaves.
@@ -47,6 +50,7 @@ elif v=$(docker version --format '{{.Server.Version}} {{.Server.Os}}/{{.Server.A
   info=$(docker info --format '{{.DockerRootDir}} {{.ID}}' 2>/dev/null)
   root=${info%% *}
   printf 'engine_id=%s\n' "${info#* }"
+  printf 'image_ids=%s\n' "$(docker image ls -q --no-trunc 2>/dev/null | sort -u | tr '\n' ' ')"
 else
   printf 'docker_error=%s\n' "$(printf '%s' "$v" | grep -v '^Client' | tr '\n' ' ')"
 fi
@@ -79,6 +83,7 @@ class Facts:
     engine_id: str | None = None
     disk_free: int | None = None
     disk_path: str | None = None
+    image_ids: frozenset[str] | None = None  # the images its engine holds
     brick_fs: str | None = None  # mount point of the file system holding the brick dir
     clock_skew: float | None = None
     clock_error: float = 0.0
@@ -102,6 +107,8 @@ def parse_facts(facts: Facts, stdout: str) -> Facts:
     if values.get("disk_free_kb", "").isdigit():
         facts.disk_free = int(values["disk_free_kb"]) * 1024
     facts.disk_path = values.get("disk_path") or None
+    if "image_ids" in values:
+        facts.image_ids = frozenset(values["image_ids"].split())
     facts.brick_fs = values.get("brick_fs") or None
     return facts
 
@@ -133,8 +140,26 @@ def gather(r: Remote) -> dict[str, Facts]:
 # Judging
 
 
-def judge(c: Cluster, facts: dict[str, Facts]) -> dict[str, Facts]:
-    """Fill every node's `problems` (empty: ready). Returns `facts`."""
+def disk_needed(f: Facts, images: dict[str, tuple[str, int] | None]) -> tuple[int, str]:
+    """Bytes node `f` needs free for the stack's images, and why: the saved size of each image
+    (`images`: service -> (ID, size), None when not known yet) it lacks, plus DISK_SPARE; at
+    least MIN_DISK_FREE while an image it may lack has no known size."""
+    held = f.image_ids or frozenset()
+    lacking = [known for known in images.values() if known is None or known[0] not in held]
+    need = DISK_SPARE + sum(known[1] for known in lacking if known is not None)
+    if not images or any(known is None for known in lacking):
+        return max(need, MIN_DISK_FREE), "needed for the images"
+    if not lacking:
+        return need, "needed to spare (every image is there already)"
+    return need, (f"needed ({_size(need - DISK_SPARE)} for the {len(lacking)} image(s) it lacks "
+                  f"+ {_size(DISK_SPARE)} to spare)")
+
+
+def judge(c: Cluster, facts: dict[str, Facts],
+          images: dict[str, tuple[str, int] | None] | None = None) -> dict[str, Facts]:
+    """Fill every node's `problems` (empty: ready). `images`: the stack's images as
+    `expected_images` knows them (None: none known, the disk check asks MIN_DISK_FREE).
+    Returns `facts`."""
     want_docker_arch, want_machines = ARCH[c.platform]
     for f in facts.values():
         f.problems = []
@@ -150,12 +175,14 @@ def judge(c: Cluster, facts: dict[str, Facts]) -> dict[str, Facts]:
             f.problems.append(f"arch: the CPU is {f.machine or 'unknown'}, but the cluster file "
                               f"says platform: {c.platform} (which runs on "
                               f"{' or '.join(want_machines)})")
+        need, why = disk_needed(f, images or {})
         if f.disk_free is None:
             f.problems.append("disk: could not read free space (df)")
-        elif f.disk_free < MIN_DISK_FREE:
+        elif f.disk_free < need:
             f.problems.append(f"disk: only {_size(f.disk_free)} free in {f.disk_path}, "
-                              f"{_size(MIN_DISK_FREE)} needed for the images: free some space "
-                              "(docker system prune) or use a bigger SD card/SSD")
+                              f"{_size(need)} {why}: free some space (`docker image prune` "
+                              "removes untagged images; not -a: it would remove the stack's "
+                              "preloaded images) or use a bigger SD card/SSD")
         if f.brick_fs == "/" and not c.gluster.brick_on_root_fs:
             f.problems.append(
                 f"brick: {c.gluster.brick_dir} is on the root file system (on a Pi: the SD "
@@ -263,7 +290,7 @@ def preflight(c: Cluster) -> TaskFailed | None:
     """Check every node of `c`, print the table, and return TaskFailed if any is not ready."""
     t0 = time.monotonic()
     with Remote(c) as r:
-        facts = judge(c, gather(r))
+        facts = judge(c, gather(r), expected_images(c))
     print(table(c, facts), flush=True)
     message = report(c, facts)
     took = time.monotonic() - t0

@@ -99,3 +99,43 @@ def pytest_collection_modifyitems(session, config, items):
         return (1, LAB_ORDER.index(stem) if stem in LAB_ORDER else len(LAB_ORDER))
 
     items.sort(key=rank)  # stable: the order inside a module is kept
+
+
+# Free disk after each image and lab module (and at the start): the suite holds several GB
+# (engine, node disks, saved images, a registry), and a CI machine's free space varies, so a
+# failure from a full disk must show in the log where the space went.
+def _free_gib() -> float:
+    import shutil
+
+    return shutil.disk_usage(os.environ.get("TMPDIR", "/tmp")).free / 1024**3
+
+
+def pytest_report_header(config):
+    return f"disk: {_free_gib():.1f} GiB free at the start"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    if item.path.parent.name in ("image", "lab") and (nextitem is None
+                                                     or nextitem.path != item.path):
+        freed = _drop_saved_images(item.config)
+        tr = item.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"\n[disk] after {item.path.stem}: {_free_gib():.1f} GiB free"
+                          + (f" ({freed / 1024**3:.1f} GiB of its saved images removed)"
+                             if freed > 2**20 else ""))
+
+
+def _drop_saved_images(config) -> int:
+    """Remove the image tarballs a finished module left in pytest's temporary dirs (no fixture
+    outlives its module with one: the session fixtures hold none). Returns the bytes freed."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None:
+        return 0
+    freed = 0
+    for path in factory.getbasetemp().rglob("*.tar*"):
+        if path.is_file() and (path.suffix in (".tar", ".part") or ".tar.part" in path.name):
+            freed += path.stat().st_size
+            path.unlink()
+    return freed

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from tasks.remote import Remote
 
 STEP = "preload-images"  # how its lines start: "pi1: preload-images: nothing to do"
+# Room a node must keep free after its images are loaded: the database, logs and containers
+# grow, and an engine whose disk is full stops writing (preflight and the preload check it).
+DISK_SPARE = 512 * 1024**2
 REMOVE_TIMEOUT = 300.0  # seconds for `docker image rm` of the stack's images on one node
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +147,21 @@ def read_manifest(path: Path) -> list[Wanted]:
         raise ImageError(f"{path}: cannot read ({e.strerror}); run `doit images` first") from None
     return [Wanted(service, r["image"], r["id"], r["platform"], tuple(r.get("layers") or ()),
                    (path.parent / r["tar"]).resolve()) for service, r in data.items()]
+
+
+def expected_images(c: Cluster) -> dict[str, tuple[str, int] | None]:
+    """service -> (image ID, saved size) of every image the stack runs, from manifest.json;
+    None for an image it does not record as configured (not built or pulled yet)."""
+    try:
+        records = json.loads(manifest_path(c).read_text())
+    except (OSError, ValueError):
+        records = {}
+    out: dict[str, tuple[str, int] | None] = {}
+    for service, img in stack_images(c).items():
+        r = records.get(service) or {}
+        known = r.get("image") == img.node_ref and r.get("id") and r.get("size")
+        out[service] = (r["id"], int(r["size"])) if known else None
+    return out
 
 
 class _SavedImage:
@@ -273,6 +291,27 @@ def node_facts(remote: Any, node: Node | str) -> NodeFacts:
         raise ImageError(f"unexpected `docker image inspect` output on {node}: {e}") from None
 
 
+# Free bytes where the node's engine keeps images (its DockerRootDir).
+DISK_FREE_CMD = ("d=$(docker info --format '{{.DockerRootDir}}' 2>/dev/null); "
+                 "df -Pk \"${d:-/var/lib/docker}\" | awk 'NR==2 {print $4 * 1024}'")
+
+
+def check_room(remote: Any, node: Node, plan: Plan, size: int) -> None:
+    """Raise ImageError, before a byte is sent, when the node's disk cannot take the `size`
+    bytes of `plan.load` and keep DISK_SPARE free (a load that fills the disk fails half-way
+    and leaves the engine unable to write)."""
+    out = remote.run(node, "images: disk free", DISK_FREE_CMD, check=False).stdout.strip()
+    if not out.isdigit() or int(out) >= size + DISK_SPARE:
+        return  # unknown: the load itself will tell
+    gib = 1024**3
+    raise ImageError(
+        f"not enough disk for {', '.join(w.ref for w in plan.load)}: {int(out) / gib:.1f} GiB "
+        f"free where Docker keeps images, {(size + DISK_SPARE) / gib:.1f} GiB needed "
+        f"({size / gib:.1f} GiB to load + {DISK_SPARE / gib:.1f} GiB to spare); free some "
+        "space on the node (`docker image prune` removes untagged images; images of other "
+        "programs: `docker image ls`) or use a bigger SD card/SSD")
+
+
 def preload_ops(plan: Plan, layer_sizes: dict[tuple[str, int], int],
                 load: Callable[[Remote], None] | None = None) -> list[Op]:
     """The Ops of a node's `plan`: a `docker tag` per image there under another name, then one
@@ -305,6 +344,8 @@ def preload_node(remote: Any, node: Node, wanted: list[Wanted],
     saved = {w.service: _SavedImage(w.tar) for w in plan.load}
     try:
         sizes = {(svc, i): saved[svc].layer_size(i) for svc, i in plan.send_layers}
+        if plan.load:
+            check_room(remote, node, plan, sum(sizes.values()))
         ops = preload_ops(plan, sizes, lambda r: _load_plan(r, node, plan, saved, rep))
         changed = apply_ops(remote, node, STEP, ops, dryrun=dryrun)
     finally:

@@ -125,6 +125,52 @@ def test_disk_threshold(cluster: Cluster) -> None:
     assert facts["pi3"].problems == ["disk: could not read free space (df)"]
 
 
+def test_disk_need_counts_only_the_images_a_node_lacks(cluster: Cluster) -> None:
+    """With the images' sizes known (manifest.json), a node holding them all needs only the
+    spare (a converged Pi with 1 GiB free is ready); one lacking an image needs its size too;
+    an image not built or pulled yet keeps the MIN_DISK_FREE estimate."""
+    mib = 1024**2
+    images = {"homeassistant": ("sha256:ha", 900 * mib), "mariadb": ("sha256:db", 300 * mib)}
+    facts = judge(cluster, good(cluster,
+                                pi1={"disk_free": 1024 * mib,
+                                     "image_ids": frozenset({"sha256:ha", "sha256:db"})},
+                                pi2={"disk_free": 1024 * mib,
+                                     "image_ids": frozenset({"sha256:db"})},
+                                pi3={"disk_free": 1500 * mib, "image_ids": frozenset()}), images)
+    assert facts["pi1"].problems == []
+    assert facts["pi2"].problems == [
+        "disk: only 1.0 GiB free in /var/lib/docker, 1.4 GiB needed (900 MiB for the 1 "
+        "image(s) it lacks + 512 MiB to spare): free some space (`docker image prune` removes "
+        "untagged images; not -a: it would remove the stack's preloaded images) or use a "
+        "bigger SD card/SSD"]
+    assert facts["pi3"].problems[0].startswith("disk: only 1.5 GiB free in /var/lib/docker, "
+                                               "1.7 GiB needed (1.2 GiB for the 2 image(s)")
+    unknown = judge(cluster, good(cluster, pi1={"disk_free": 1024 * mib,
+                                                "image_ids": frozenset({"sha256:ha"})}),
+                    {"homeassistant": ("sha256:ha", 900 * mib), "mariadb": None})
+    assert "2.0 GiB needed for the images" in unknown["pi1"].problems[0]
+
+
+def test_expected_images_reads_the_manifest_for_the_configured_refs(cluster: Cluster,
+                                                                    tmp_path: Path) -> None:
+    import json
+
+    from tasks.images.build import stack_images
+    from tasks.images.preload import expected_images
+
+    c = cluster.model_copy(update={"build_dir": tmp_path})
+    assert set(expected_images(c).values()) == {None}, "no manifest yet: nothing known"
+    imgs = stack_images(c)
+    records = {s: {"image": img.node_ref, "id": f"sha256:{s}", "size": 7}
+               for s, img in imgs.items()}
+    records["homeassistant"]["image"] = "someone/else:1"  # a stale record: another version
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "manifest.json").write_text(json.dumps(records))
+    got = expected_images(c)
+    assert got["homeassistant"] is None
+    assert got["mariadb"] == ("sha256:mariadb", 7)
+
+
 def test_clock(cluster: Cluster) -> None:
     facts = judge(cluster, good(cluster, pi1={"clock_skew": 7.3},
                                 pi2={"clock_skew": -5.4, "clock_error": 0.5},
@@ -146,8 +192,10 @@ def test_same_engine_twice(cluster: Cluster) -> None:
 
 def test_parse_facts() -> None:
     ok = ("machine=aarch64\ndocker=20.10.24+dfsg1 linux/arm64\n"
-          "engine_id=ABCD:EFGH\ndisk_free_kb=2097152\ndisk_path=/srv/docker\n")
+          "engine_id=ABCD:EFGH\ndisk_free_kb=2097152\ndisk_path=/srv/docker\n"
+          "image_ids=sha256:aa sha256:bb \n")
     f = parse_facts(Facts("pi1", "a"), ok)
+    assert f.image_ids == {"sha256:aa", "sha256:bb"}
     assert (f.machine, f.docker_version, f.docker_arch) == ("aarch64", "20.10.24+dfsg1", "arm64")
     assert (f.engine_id, f.disk_free, f.disk_path) == ("ABCD:EFGH", 2 * 1024**3, "/srv/docker")
     assert f.docker_error is None
@@ -156,6 +204,7 @@ def test_parse_facts() -> None:
             "disk_free_kb=123\ndisk_path=/\n")
     f = parse_facts(Facts("pi2", "a"), down)
     assert f.docker_version is None and f.docker_error and f.docker_error.startswith("Cannot")
+    assert f.image_ids is None
 
 
 def test_task_does_no_work_at_load_time(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -142,6 +142,29 @@ def test_a_failing_node_is_named_and_the_others_finish(lab, cluster, small_manif
     assert all(images.check_node(wanted, facts[n]) == [] for n in cluster.names)
 
 
+def test_a_node_without_room_is_refused_before_a_byte_is_sent(lab, cluster, small_manifest,
+                                                              monkeypatch):
+    """The node's real free space (df of its DockerRootDir) against what the load needs: with
+    the spare raised past any disk, every node lacking the app image is refused, named, with
+    the numbers, and is left without it; a node that lacks nothing is not asked."""
+    from tasks.images import preload as pre
+
+    _remove_on_nodes(cluster, [APP_TAG])
+    monkeypatch.setattr(pre, "DISK_SPARE", 2**60)
+    with pytest.raises(RemoteError) as e:
+        images.preload(cluster, small_manifest)
+    assert e.value.nodes == cluster.names
+    text = str(e.value)
+    assert f"not enough disk for {APP_TAG}:" in text
+    assert "GiB free where Docker keeps images" in text
+    facts = _facts(cluster)
+    assert all(APP_TAG not in facts[n].tags for n in cluster.names)
+    monkeypatch.undo()
+    images.preload(cluster, small_manifest)
+    monkeypatch.setattr(pre, "DISK_SPARE", 2**60)
+    assert all(r.bytes_sent == 0 for r in images.preload(cluster, small_manifest).values())
+
+
 def test_doit_preload_images_then_up_to_date_without_ssh(lab, cluster, small_manifest, tmp_path):
     """Through doit: the task preloads, stamps, and a second `doit preload-images` is up to
     date from files alone."""

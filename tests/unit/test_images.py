@@ -32,6 +32,7 @@ from tasks.images import (
     rewrite_froms,
     tar_stream,
 )
+from tasks.images.preload import DISK_FREE_CMD, DISK_SPARE
 from tasks.remote import Remote, RemoteError, Result
 
 ARM = Platform.parse("linux/arm/v7")
@@ -397,10 +398,11 @@ def test_load_stream_holds_every_image_and_only_the_missing_layers(tmp_path):
 class FakeEngine:
     """A node's Docker engine: images loaded from streams, inspect output for the facts."""
 
-    def __init__(self, fail: str | None = None):
+    def __init__(self, fail: str | None = None, free: int = 64 * 1024**3):
         self.images: dict[str, dict[str, Any]] = {}
         self.received = 0
         self.fail = fail
+        self.free = free  # bytes free where it keeps images
 
     def inspect_json(self) -> str:
         return json.dumps(list(self.images.values()))
@@ -427,6 +429,8 @@ def fake_remote(c, engines: dict[str, FakeEngine]) -> Remote:
             raise RemoteError([images_failure(c, name, e.fail)])
         if cmd == images.FACTS_CMD:
             return Result(e.inspect_json(), "", 0)
+        if cmd == DISK_FREE_CMD:
+            return Result(f"{e.free}\n", "", 0)
         if cmd.startswith("docker tag "):
             _, _, image_id, ref = cmd.split()
             e.images[image_id]["RepoTags"].append(ref)
@@ -504,6 +508,23 @@ def test_preload_failure_names_the_node_and_others_finish(tmp_path):
         images.preload(c, manifest, remote=fake_remote(c, engines))
     assert e.value.nodes == ["pi2"] and "no answer" in str(e.value)
     assert len(engines["pi1"].images) == 2 and len(engines["pi3"].images) == 2
+
+
+def test_preload_refuses_a_node_without_room_and_others_finish(tmp_path):
+    """A node whose disk cannot take the images plus DISK_SPARE is named with the numbers and
+    gets nothing; the one just big enough loads."""
+    c = load_cluster(LAB_CLUSTER_FILE)
+    manifest = saved_manifest(tmp_path)
+    engines = {n: FakeEngine() for n in c.names}
+    engines["pi1"].free = DISK_SPARE  # no room for the images on top of the spare
+    engines["pi3"].free = DISK_SPARE + 10**6
+    with pytest.raises(RemoteError) as e:
+        images.preload(c, manifest, remote=fake_remote(c, engines))
+    assert e.value.nodes == ["pi1"]
+    assert ("not enough disk for haswarm-lab/homeassistant:1, haswarm/mariadb-galera:1: "
+            "0.5 GiB free where Docker keeps images, 0.5 GiB needed") in str(e.value)
+    assert engines["pi1"].received == 0 and not engines["pi1"].images
+    assert len(engines["pi2"].images) == 2 and len(engines["pi3"].images) == 2
 
 
 def test_preload_refuses_a_manifest_for_another_platform(tmp_path):
