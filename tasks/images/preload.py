@@ -291,9 +291,10 @@ def node_facts(remote: Any, node: Node | str) -> NodeFacts:
         raise ImageError(f"unexpected `docker image inspect` output on {node}: {e}") from None
 
 
-# Free bytes where the node's engine keeps images (its DockerRootDir).
+# Free KiB where the node's engine keeps images (its DockerRootDir). In KiB: mawk (Debian's
+# awk) prints a product past 2^31 as 4.67752e+10.
 DISK_FREE_CMD = ("d=$(docker info --format '{{.DockerRootDir}}' 2>/dev/null); "
-                 "df -Pk \"${d:-/var/lib/docker}\" | awk 'NR==2 {print $4 * 1024}'")
+                 "df -Pk \"${d:-/var/lib/docker}\" | awk 'NR==2 {print $4}'")
 
 
 def check_room(remote: Any, node: Node, plan: Plan, size: int) -> None:
@@ -301,11 +302,14 @@ def check_room(remote: Any, node: Node, plan: Plan, size: int) -> None:
     bytes of `plan.load` and keep DISK_SPARE free (a load that fills the disk fails half-way
     and leaves the engine unable to write)."""
     out = remote.run(node, "images: disk free", DISK_FREE_CMD, check=False).stdout.strip()
-    if not out.isdigit() or int(out) >= size + DISK_SPARE:
+    if not out.isdigit():
         return  # unknown: the load itself will tell
+    free = int(out) * 1024
+    if free >= size + DISK_SPARE:
+        return
     gib = 1024**3
     raise ImageError(
-        f"not enough disk for {', '.join(w.ref for w in plan.load)}: {int(out) / gib:.1f} GiB "
+        f"not enough disk for {', '.join(w.ref for w in plan.load)}: {free / gib:.1f} GiB "
         f"free where Docker keeps images, {(size + DISK_SPARE) / gib:.1f} GiB needed "
         f"({size / gib:.1f} GiB to load + {DISK_SPARE / gib:.1f} GiB to spare); free some "
         "space on the node (`docker image prune` removes untagged images; images of other "

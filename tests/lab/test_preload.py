@@ -147,7 +147,9 @@ def test_a_node_without_room_is_refused_before_a_byte_is_sent(lab, cluster, smal
     """The node's real free space (df of its DockerRootDir) against what the load needs: with
     the spare raised past any disk, every node lacking the app image is refused, named, with
     the numbers, and is left without it; a node that lacks nothing is not asked."""
-    from tasks.images import preload as pre
+    import importlib
+
+    pre = importlib.import_module("tasks.images.preload")  # the module, not its function
 
     _remove_on_nodes(cluster, [APP_TAG])
     monkeypatch.setattr(pre, "DISK_SPARE", 2**60)

@@ -430,7 +430,7 @@ def fake_remote(c, engines: dict[str, FakeEngine]) -> Remote:
         if cmd == images.FACTS_CMD:
             return Result(e.inspect_json(), "", 0)
         if cmd == DISK_FREE_CMD:
-            return Result(f"{e.free}\n", "", 0)
+            return Result(f"{e.free // 1024}\n", "", 0)
         if cmd.startswith("docker tag "):
             _, _, image_id, ref = cmd.split()
             e.images[image_id]["RepoTags"].append(ref)
