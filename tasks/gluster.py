@@ -29,6 +29,7 @@ from __future__ import annotations
 import shlex
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from tasks import render
@@ -50,6 +51,7 @@ from tasks.gluster_facts import (
 )
 from tasks.gluster_plans import (
     START_GLUSTERD,
+    departed_peers,
     peers_not_ready,
     peers_to_probe,
     plan_brick_restarts,
@@ -63,7 +65,7 @@ from tasks.gluster_plans import (
     service_dirs,
     tolerant,
 )
-from tasks.gluster_replace import clean_replace, setup_replace
+from tasks.gluster_replace import clean_replace, setup_replace, wait_healed
 from tasks.ops import Op, StepError, apply_ops, on_nodes, remote_task, say
 
 if TYPE_CHECKING:
@@ -251,7 +253,8 @@ def setup_volume(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
 
     def one(first: Node) -> dict[str, Any]:
         before = _volume_on(r, first, c, step)
-        apply_ops(r, first, step, plan_volume(c, before), dryrun=dryrun)
+        healed = partial(wait_healed, c=c, via=first.name)
+        apply_ops(r, first, step, plan_volume(c, before, healed), dryrun=dryrun)
         if dryrun:
             if before is not None and before.status == "Started":
                 restart_bricks(c, r, first, step, dryrun=True)  # `doit plan` shows them too
@@ -261,9 +264,24 @@ def setup_volume(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
             raise StepError(f"volume {c.gluster.volume} is not started after setup.\n  what to "
                             f"do: see `gluster volume status {c.gluster.volume}` on the node")
         restart_bricks(c, r, first, step)
+        detach_departed(c, r, first, vol, step)
         return {"volume": vol.name, "type": vol.type, "bricks": list(vol.bricks)}
 
     return on_nodes(r, step, one, c.nodes[:1])[c.nodes[0].name]
+
+
+def detach_departed(c: Cluster, r: Remote, first: Node, vol: Volume, step: str) -> None:
+    """Take the peers that are no node of the cluster file and hold no brick (a replaced Pi,
+    once its brick moved) out of the pool (`force`: the old Pi may be dead)."""
+    peers = parse_peer_status(r.run(first, step, f"{GLUSTER} --xml peer status").stdout)
+    ops = [
+        Op(f"detach {p.names[0]} from the pool (no node of the cluster file, no brick)",
+           f"{GLUSTER} peer detach {shlex.quote(p.names[0])} force",
+           hint="a peer holding a brick of another volume cannot leave: move that brick first",
+           timeout=GLUSTER_CHANGE_TIMEOUT)
+        for p in departed_peers(c, peers, vol)]
+    if ops:
+        apply_ops(r, first, step, ops)
 
 
 def _brick_processes(c: Cluster, r: Remote, node: Node, step: str) -> dict[str, BrickProcess]:

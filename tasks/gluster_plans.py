@@ -26,8 +26,11 @@ from tasks.ops import Op, StepError
 from tasks.service import service
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tasks.config import Cluster, Node
     from tasks.facts_cluster import BrickProcess
+    from tasks.remote import Remote
 
 # The uid/gid the eclipse-mosquitto image (and the lab's) runs the broker as.
 MOSQUITTO_UID = 1883
@@ -123,8 +126,54 @@ def peers_not_ready(c: Cluster, peers: list[Peer]) -> list[str]:
     return [n.name for n in c.nodes[1:] if n.address not in ready and n.name not in ready]
 
 
-def plan_volume(c: Cluster, vol: Volume | None) -> list[Op]:
-    """Create (when absent), set options that differ, start (when not started).
+def brick_moves(c: Cluster, vol: Volume) -> list[tuple[str, str]]:
+    """(old brick, new brick) for each brick on a host the cluster file no longer lists, paired
+    in cluster order with the nodes that hold no brick: a Pi replaced by another one under a
+    new name and address (`nodes:` edited). Empty when the bricks match, or when the node count
+    changed (growing or shrinking is not a move)."""
+    want = bricks(c)
+    ours = {n.address for n in c.nodes}
+    gone = [b for b in vol.bricks if b not in want and b.rsplit(":", 1)[0] not in ours]
+    new = [b for b in want if b not in vol.bricks]
+    if not gone or len(gone) != len(new) or len(vol.bricks) != len(want):
+        return []
+    return list(zip(gone, new, strict=True))
+
+
+def move_ops(c: Cluster, moves: list[tuple[str, str]],
+             wait_healed: Callable[[Remote], None]) -> list[Op]:
+    """One brick at a time: `replace-brick ... commit force` (the old host may be dead: its
+    brick's data comes from the other copies), `heal full`, and `wait_healed` (the call that
+    polls heal info) before the next, so at most one copy is missing at any time."""
+    v = shlex.quote(c.gluster.volume)
+    ops = []
+    for old, new in moves:
+        ops += [
+            Op(f"move brick {old} to {new} (its old host is no longer in the cluster file)",
+               f"{GLUSTER} volume replace-brick {v} {shlex.quote(old)} {shlex.quote(new)} "
+               "commit force", timeout=GLUSTER_CHANGE_TIMEOUT,
+               hint="every other brick must be online (gluster volume status); the new "
+                    "brick dir must be empty"),
+            Op(f"heal the new brick {new} from the other copies",
+               f"{GLUSTER} volume heal {v} full", timeout=GLUSTER_CHANGE_TIMEOUT),
+            Op("wait until the heal is done (0 entries on every brick)", call=wait_healed),
+        ]
+    return ops
+
+
+def departed_peers(c: Cluster, peers: list[Peer], vol: Volume | None) -> list[Peer]:
+    """Peers of the pool that are no node of the cluster file and hold no brick of the volume
+    (a replaced Pi, once its brick moved): they leave the pool."""
+    ours = {n.address for n in c.nodes} | {n.name for n in c.nodes}
+    hosts = {b.rsplit(":", 1)[0] for b in (vol.bricks if vol else ())}
+    return [p for p in peers if not set(p.names) & ours and not set(p.names) & hosts]
+
+
+def plan_volume(c: Cluster, vol: Volume | None,
+                wait_healed: Callable[[Remote], None] | None = None) -> list[Op]:
+    """Create (when absent), set options that differ, move the bricks of a replaced Pi
+    (`brick_moves`, after the options: `auth.allow` must admit the new node's heal daemon),
+    start (when not started).
 
     Raises StepError when an existing volume has another shape: haswarm never reshapes one.
     """
@@ -133,6 +182,7 @@ def plan_volume(c: Cluster, vol: Volume | None) -> list[Op]:
     ops: list[Op] = []
     want_bricks = bricks(c)
     replica = replica_count(c)
+    moves: list[tuple[str, str]] = []
     if vol is None:
         ops.append(Op(
             f"create volume {name} (replica {replica}: {' '.join(want_bricks)})",
@@ -149,7 +199,8 @@ def plan_volume(c: Cluster, vol: Volume | None) -> list[Op]:
         if vol.type != "Replicate" or vol.replica != replica:
             problems.append(f"it is {vol.type} (replica {vol.replica}), haswarm needs Replicate "
                             f"with replica {replica}")
-        if sorted(vol.bricks) != sorted(want_bricks):
+        moves = brick_moves(c, vol)
+        if sorted(vol.bricks) != sorted(want_bricks) and not moves:
             problems.append(f"its bricks are {', '.join(vol.bricks)}; the cluster file gives "
                             f"{', '.join(want_bricks)}")
         if problems:
@@ -166,6 +217,8 @@ def plan_volume(c: Cluster, vol: Volume | None) -> list[Op]:
         pairs = " ".join(f"{shlex.quote(k)} {shlex.quote(val)}" for k, val in differ.items())
         ops.append(Op("set " + ", ".join(f"{k}={val}" for k, val in differ.items()),
                       f"{GLUSTER} volume set {v} {pairs}", timeout=GLUSTER_CHANGE_TIMEOUT))
+    if moves:
+        ops += move_ops(c, moves, wait_healed or (lambda r: None))
     if status != "Started":
         ops.append(Op(f"start volume {name} (about 2 s)", f"{GLUSTER} volume start {v}",
                       hint="`gluster volume status` on the node shows which brick failed; "

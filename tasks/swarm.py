@@ -52,6 +52,8 @@ INSIDE_SWARM = ("stack-objects", "stack")
 MEMBERSHIP_TIMEOUT = 60.0
 # Seconds to wait for a demoted manager to count as a worker (it leaves by force anyway).
 DEMOTION_TIMEOUT = 30.0
+# Seconds a departed node that still runs may take to hand its tasks over when drained.
+DRAIN_TIMEOUT = 120.0
 
 INFO_CMD = "docker info --format '{{json .Swarm}}'"
 LEAVE_CMD = "timeout 60 docker swarm leave --force"
@@ -236,6 +238,22 @@ def stale_entries(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str,
     return out
 
 
+def departed_entries(c: Cluster, addresses: dict[str, str],
+                     members: Sequence[SwarmNode]) -> list[SwarmNode]:
+    """Entries of the swarm's node list that stand for no node of the cluster file (by address,
+    raft address or hostname): a Pi replaced by another one under a new name and address, or
+    removed from `nodes:`. They leave the swarm (`stale_ops`)."""
+    ips = set(addresses.values())
+    names = set(c.names)
+    out = []
+    for e in members:
+        raft_ip = _host(e.manager_addr) if e.manager_addr else ""
+        if e.addr in ips or raft_ip in ips or e.host in names:
+            continue
+        out.append(e)
+    return out
+
+
 def stale_ops(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str],
               members: Sequence[SwarmNode], via: str) -> list[Op]:
     """Demote (a manager) and remove every stale entry (`stale_entries`), one at a time, from
@@ -247,6 +265,7 @@ def stale_ops(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str
     it syncs (2 of 4 is no majority). With no quorum now (2 of 3 dead), nothing can be changed:
     StepError saying how to recover (`docker swarm init --force-new-cluster`)."""
     stale = stale_entries(c, facts, addresses, members)
+    stale += [(e.host or e.addr, e) for e in departed_entries(c, addresses, members)]
     if not stale:
         return []
     raft = [e for e in members if e.in_raft]
@@ -265,6 +284,16 @@ def stale_ops(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str
     size = len(raft)
     for name, e in stale:
         ident = shlex.quote(e.id)
+        if e.state == "ready":  # a departed node that still runs: its tasks move first
+            ops.append(Op(f"drain {name} (no node of the cluster file, still Ready): its "
+                          "tasks move to the cluster's nodes", node=via,
+                          cmd=f"docker node update --availability drain {ident}"))
+            ops.append(Op(f"wait until no task runs on {name} (at most {DRAIN_TIMEOUT:g} s)",
+                          node=via, wait=DRAIN_TIMEOUT,
+                          cmd=f"[ -z \"$(docker node ps -q --filter desired-state=running "
+                              f"{ident})\" ]",
+                          hint=f"see `docker node ps {e.id}`: a task that cannot be placed "
+                               "elsewhere keeps it busy"))
         if e.role == "manager" or e.in_raft:
             ops.append(Op(
                 f"demote the swarm's old entry of {name} (ID {e.id[:12]}, {e.state}, manager "
@@ -278,14 +307,16 @@ def stale_ops(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str
                 hint="the swarm keeps a member only while a quorum stays reachable without it: "
                      "see `docker node ls`"))
             size -= 1
-        ops.append(Op(f"remove the swarm's old entry of {name} (ID {e.id[:12]})",
+        ops.append(Op(f"remove the swarm's old entry of {name} (ID {e.id[:12]})"
+                      + (" (it still runs: on it, `docker swarm leave --force`, or wipe it)"
+                         if e.state == "ready" else ""),
                       cmd=f"docker node rm --force {ident}", node=via))
     return ops
 
 
 def _this_swarm(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str]
                 ) -> tuple[list[str], list[str]]:
-    """(managers, workers) of "this swarm": the one whose managers are all cluster nodes.
+    """(managers, workers) of "this swarm": the one whose managers are mostly cluster nodes.
 
     A node in any other swarm, in a second swarm of cluster nodes, stuck (pending, locked,
     error), or a worker of a swarm with no manager answering, is a problem: RemoteError naming
@@ -298,7 +329,12 @@ def _this_swarm(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, s
     def managers_named(f: SwarmFacts) -> str:
         return ", ".join(by_ip.get(m, m) for m in f.managers) or "unknown"
 
-    # Candidate swarms: cluster IDs of managers whose manager list holds only our nodes.
+    def mostly_ours(managers: tuple[str, ...]) -> bool:
+        """More than half of the managers are nodes of the cluster file (the others are Pis
+        it no longer lists: they leave, `departed_entries`)."""
+        return not managers or len(set(managers) & ours_ips) * 2 > len(set(managers))
+
+    # Candidate swarms: cluster IDs of managers whose manager list holds mostly our nodes.
     candidates: dict[str, list[str]] = {}
     foreign: dict[str, SwarmFacts] = {}
     for n in c.nodes:
@@ -308,9 +344,9 @@ def _this_swarm(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, s
         if f.state in ("pending", "error", "locked"):
             problems.append((n.name, _stuck_hint(n.name, f)))
             continue
-        if f.manager and f.cluster_id and set(f.managers) <= ours_ips:
+        if f.manager and f.cluster_id and mostly_ours(f.managers):
             candidates.setdefault(f.cluster_id, []).append(n.name)
-        elif f.manager or not (set(f.managers) <= ours_ips):
+        elif f.manager or not mostly_ours(f.managers):
             foreign[n.name] = f
 
     cluster_id = next(iter(candidates), "")

@@ -18,17 +18,22 @@ the lab converged (its finalizer trusts pi3's key and runs setup if a step above
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+import yaml
 
+from lab.driver import Lab
 from tasks import status
+from tasks.config import LAB_CLUSTER_FILE, load_cluster
 from tasks.remote import Remote, RemoteError
 
-from .conftest import doit
+from .conftest import Tools, doit
 from .test_backup import publish_retained, retained, write_row
 from .test_stack import TEST_DB, service_versions
 
@@ -175,3 +180,106 @@ def test_a_reflashed_pi_comes_back_with_doit_setup_alone(lab, ready, tools, caps
         print(f"\n[replace] {NODE} wiped -> `doit setup` done {t_setup:.1f} s -> converged "
               f"{t_converged:.1f} s after the wipe (setup itself {setup.seconds:.1f} s; "
               f"second setup {again.seconds:.1f} s)")
+
+
+# -- case 2: a different Pi, under a new name and address -----------------------------------
+
+NEW, NEW_ADDRESS = "pi4", "10.77.0.14"
+
+
+def replaced_cluster_file() -> Path:
+    """lab.yml with pi3 replaced by pi4 at a new address (beside it: the same key paths)."""
+    data = yaml.safe_load(LAB_CLUSTER_FILE.read_text())
+    data["nodes"] = [n if n["name"] != NODE else {"name": NEW, "address": NEW_ADDRESS}
+                     for n in data["nodes"]]
+    path = LAB_CLUSTER_FILE.with_name(".test-replaced-lab.yml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def check_moved(c, tools, gone: str, gone_addr: str, new: str, token: str, topic: str) -> None:
+    """The cluster runs on `c`'s nodes, `new` in the place of `gone`: three Ready managers and
+    no entry of `gone`; the volume's bricks on c's nodes, `gone` out of the pool, nothing to
+    heal, the test file on `new`'s brick; `new`'s db Synced in a Galera of 3 with the row; the
+    retained message."""
+    brick = str(c.gluster.brick_dir)
+    nodes = sorted(x for x in tools.sh("pi1", "docker node ls --format '{{.Hostname}} "
+                                              "{{.Status}} {{.ManagerStatus}}'").split("\n") if x)
+    assert [x.split()[0] for x in nodes] == sorted(c.names), (gone, nodes)
+    assert all(re.fullmatch(r"pi\d Ready (Leader|Reachable)", x) for x in nodes), nodes
+    info = tools.sh("pi1", f"gluster --mode=script volume info {c.gluster.volume}")
+    assert sorted(re.findall(r"Brick\d+: (\S+)", info)) == sorted(
+        f"{n.address}:{brick}" for n in c.nodes), info
+    pool = tools.sh("pi1", "gluster --mode=script pool list")
+    assert gone_addr not in pool and pool.count("Connected") == 3, pool
+    heal = tools.sh("pi1", f"gluster --mode=script volume heal {c.gluster.volume} info")
+    assert heal.count("Number of entries: 0") == 3, heal
+    assert tools.sh(new, f"cat {brick}/{DIR}/{token}").strip() == token
+    cid = tools.containers("db")[new]
+    state = tools.sql(new, cid, "SHOW GLOBAL STATUS WHERE Variable_name IN "
+                                "('wsrep_local_state_comment', 'wsrep_cluster_size');")
+    assert dict(line.split("\t") for line in state.splitlines()) == {
+        "wsrep_cluster_size": "3", "wsrep_local_state_comment": "Synced"}, state
+    assert tools.sql(new, cid, f"SELECT v FROM {TEST_DB}.t WHERE v = '{token}';").split() \
+        == [token]
+    assert retained(c, topic) == [token]
+
+
+def test_a_dead_pi_replaced_by_another_pi_under_a_new_name(lab, ready, tools, capsys):
+    """pi3 dies; the user edits `nodes:` (pi3 -> pi4 at a new address) and runs `doit setup`:
+    pi3's brick moves to pi4 and heals, pi3 leaves the swarm and the pool, pi4 joins and gets
+    Galera by SST. Then the same the other way (pi3 re-flashed takes pi4's place), which also
+    leaves the lab as it was."""
+    c = ready
+    token = uuid.uuid4().hex
+    mp = str(c.gluster.mount_point)
+    topic = f"haswarm/test/moved-{token[:8]}"
+    node, cid = next((n, i) for n, i in tools.containers("db").items() if n != NODE)
+    write_row(tools, node, cid, token)
+    tools.sh("pi1", f"mkdir -p {mp}/{DIR} && echo {token} > {mp}/{DIR}/{token}")
+    publish_retained(c, topic, token)
+    time.sleep(c.mqtt.autosave_interval + 2)
+
+    cfg = replaced_cluster_file()
+    c4 = load_cluster(cfg)
+    lab4 = Lab(c4)
+    tools4 = Tools(lab4, c4)
+    moved = back = None
+    try:
+        say(f"{NODE} dies; the cluster file lists {NEW} ({NEW_ADDRESS}) in its place")
+        lab.kill(NODE)
+        t0 = time.monotonic()
+        moved = doit(f"config={cfg}", "setup")  # lab-up boots pi4 as a bare Pi first
+        assert moved.ok, moved.output[-6000:]
+        status.wait_converged(c4, 900, log=say)
+        t_moved = time.monotonic() - t0
+        out = moved.output
+        for needle in (f"move brick {lab.node(NODE).address}:", f"detach {lab.node(NODE).address}",
+                       f"demote the swarm's old entry of {NODE}", f"{NEW}: swarm: join as manager"):
+            assert needle in out, needle
+        check_moved(c4, tools4, NODE, lab.node(NODE).address, NEW, token, topic)
+        again = doit(f"config={cfg}", "setup")
+        assert again.ok, again.output[-4000:]
+        for step in QUIET:
+            assert f": {step}: nothing to do" in again.output, step
+    finally:
+        say(f"back: {NODE} re-flashed takes {NEW}'s place")
+        lab.wipe(NODE)
+        trust_new_key(lab, NODE)
+        lab4.kill(NEW)
+        t1 = time.monotonic()
+        back = doit("setup")
+        cfg.unlink()
+    assert back.ok, back.output[-6000:]
+    status.wait_converged(c, 900, log=say)
+    t_back = time.monotonic() - t1
+    check_moved(c, tools, NEW, NEW_ADDRESS, NODE, token, topic)
+    shutil.rmtree(lab4.node_dir(NEW), ignore_errors=True)
+    subprocess.run(["ssh-keygen", "-f", str(lab.known_hosts), "-R", NEW_ADDRESS],
+                   capture_output=True)
+    tools.sh("pi1", f"rm -rf {mp}/{DIR}")
+    publish_retained(c, topic, "")
+    with capsys.disabled():
+        print(f"\n[replace] {NODE} dead -> {NEW} in its place: converged {t_moved:.1f} s after "
+              f"`doit setup` started (setup {moved.seconds:.1f} s); back to {NODE} re-flashed: "
+              f"converged {t_back:.1f} s (setup {back.seconds:.1f} s)")

@@ -15,7 +15,7 @@ import pytest
 
 from tasks import avahi, gluster, gluster_facts, gluster_plans, homeassistant
 from tasks import facts as fact_lib
-from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
+from tasks.config import LAB_CLUSTER_FILE, Cluster, Node, load_cluster
 from tasks.ops import Op, StepError
 
 # `gluster --mode=script --xml volume info haswarm` on pi1 after setup
@@ -198,10 +198,40 @@ def test_plan_volume_refuses_a_distributed_volume(c: Cluster) -> None:
         gluster_plans.plan_volume(c, gluster_facts.parse_volume_info(distributed))
 
 
-def test_plan_volume_refuses_other_bricks(c: Cluster) -> None:
-    moved = VOLUME_INFO.replace("10.77.0.13:/srv", "10.77.0.99:/srv")
-    with pytest.raises(StepError, match="10.77.0.99"):
-        gluster_plans.plan_volume(c, gluster_facts.parse_volume_info(moved))
+def test_plan_volume_moves_the_brick_of_a_replaced_pi(c: Cluster) -> None:
+    """The volume has a brick on 10.77.0.99, a host the cluster file no longer lists, and pi3
+    has none: pi3 replaced that Pi. The options first (auth.allow admits pi3's heal daemon),
+    then replace-brick, heal full, and the wait; an unrelated brick change is still refused."""
+    old = CONVERGED.replace("10.77.0.13:/srv", "10.77.0.99:/srv").replace(
+        "10.77.0.11,10.77.0.12,10.77.0.13", "10.77.0.11,10.77.0.12,10.77.0.99")
+    waits = []
+    ops = gluster_plans.plan_volume(c, gluster_facts.parse_volume_info(old), waits.append)
+    assert [op.what.split(" (")[0] for op in ops] == [
+        "set auth.allow=10.77.0.11,10.77.0.12,10.77.0.13",
+        "move brick 10.77.0.99:/srv/gluster/haswarm to 10.77.0.13:/srv/gluster/haswarm",
+        "heal the new brick 10.77.0.13:/srv/gluster/haswarm from the other copies",
+        "wait until the heal is done"]
+    assert ops[1].cmd == ("gluster --mode=script volume replace-brick haswarm "
+                          "10.77.0.99:/srv/gluster/haswarm 10.77.0.13:/srv/gluster/haswarm "
+                          "commit force")
+    assert ops[2].cmd == "gluster --mode=script volume heal haswarm full"
+    ops[3].call("remote")
+    assert waits == ["remote"]
+    other_dir = VOLUME_INFO.replace("10.77.0.13:/srv/gluster/haswarm", "10.77.0.13:/data/b")
+    with pytest.raises(StepError, match="10.77.0.13:/data/b"):
+        gluster_plans.plan_volume(c, gluster_facts.parse_volume_info(other_dir))
+    grown = c.model_copy(update={"nodes": [*c.nodes, Node(name="pi4", address="10.77.0.14")]})
+    with pytest.raises(StepError, match="replica 4"):
+        gluster_plans.plan_volume(grown, gluster_facts.parse_volume_info(old))
+
+
+def test_departed_peers_are_no_node_and_hold_no_brick(c: Cluster) -> None:
+    peers = [gluster_facts.Peer(("10.77.0.12",), True, "Peer in Cluster"),
+             gluster_facts.Peer(("10.77.0.99", "pi9"), False, "Peer in Cluster"),
+             gluster_facts.Peer(("10.77.0.98",), False, "Peer in Cluster")]
+    vol = gluster_facts.parse_volume_info(
+        VOLUME_INFO.replace("10.77.0.13:/srv", "10.77.0.98:/srv"))
+    assert [p.names[0] for p in gluster_plans.departed_peers(c, peers, vol)] == ["10.77.0.99"]
 
 
 def test_plan_volume_clean(c: Cluster) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tasks import gluster, gluster_replace, plan, swarm
-from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
+from tasks.config import LAB_CLUSTER_FILE, Cluster, Node, load_cluster
 from tasks.facts import _SECTION
 from tasks.facts_cluster import NODES_PROBE, parse_node_inspect
 from tasks.failures import Result
@@ -500,6 +500,32 @@ def test_plan_after_a_join_that_kept_the_old_entry_only_removes_it(c):
     assert [(op.node, op.what) for op in swarm.plan(c, facts, ADDR, fresh)] == [
         ("pi1", "remove the swarm's old entry of pi3 (ID cs99sfr9mz3u)"),
         ("pi1", "wait until pi1, pi2, pi3 are Ready managers")]
+
+
+def test_a_pi_replaced_by_another_leaves_the_swarm_before_the_new_one_joins(c):
+    """`nodes:` edited, pi3 (dead, Down) replaced by pi4 at 10.77.0.14: pi3's entry is no node
+    of the cluster file, the swarm (2 of its 3 managers are ours) is still this cluster's;
+    pi3 is demoted and removed, then pi4 joins."""
+    c4 = c.model_copy(update={"nodes": [*c.nodes[:2], Node(name="pi4", address="10.77.0.14")]})
+    addr = {"pi1": ADDR["pi1"], "pi2": ADDR["pi2"], "pi4": "10.77.0.14"}
+    facts = {"pi1": swarm_facts()["pi1"], "pi2": swarm_facts()["pi2"],
+             "pi4": parse_swarm_info(INACTIVE)}
+    members = parse_node_inspect(NODE_INSPECT)
+    assert [e.host for e in swarm.departed_entries(c4, addr, members)] == ["pi3"]
+    ops = swarm.plan(c4, facts, addr, members)
+    assert [(op.node, op.what.split(" (")[0]) for op in ops] == [
+        ("pi1", "demote the swarm's old entry of pi3"),
+        ("pi1", "wait until it has left the managers' raft"),
+        ("pi1", "remove the swarm's old entry of pi3"),
+        ("pi4", "join as manager via pi1"),
+        ("pi1", "wait until pi1, pi2, pi4 are Ready managers")]
+    # pi3 still running (Ready): drained and its tasks gone before it is demoted
+    alive = parse_node_inspect(NODE_INSPECT.replace('"state":"down","addr":"10.77.0.13"',
+                                                    '"state":"ready","addr":"10.77.0.13"'))
+    ops = swarm.plan(c4, facts, addr, alive)
+    assert [op.what.split(" (")[0] for op in ops[:3]] == [
+        "drain pi3", "wait until no task runs on pi3", "demote the swarm's old entry of pi3"]
+    assert ops[0].cmd == "docker node update --availability drain cs99sfr9mz3u"
 
 
 def test_plan_without_quorum_changes_nothing_and_says_how_to_recover(c):
