@@ -243,15 +243,9 @@ def departed_entries(c: Cluster, addresses: dict[str, str],
     """Entries of the swarm's node list that stand for no node of the cluster file (by address,
     raft address or hostname): a Pi replaced by another one under a new name and address, or
     removed from `nodes:`. They leave the swarm (`stale_ops`)."""
-    ips = set(addresses.values())
-    names = set(c.names)
-    out = []
-    for e in members:
-        raft_ip = _host(e.manager_addr) if e.manager_addr else ""
-        if e.addr in ips or raft_ip in ips or e.host in names:
-            continue
-        out.append(e)
-    return out
+    ips, names = set(addresses.values()), set(c.names)
+    return [e for e in members if e.addr not in ips and e.host not in names
+            and not (e.manager_addr and _host(e.manager_addr) in ips)]
 
 
 def stale_ops(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str],
