@@ -25,15 +25,18 @@ if TYPE_CHECKING:
 
 
 def _lab() -> Lab:
-    """The lab the tasks act on: config/lab.yml, or with HASWARM_LAB_INSTANCE=NAME (and
-    optionally HASWARM_LAB_NODES=N) an independent second lab (see instance_lab)."""
+    """The lab the tasks act on: the cluster file in use when it is a lab's (`lab: true`: a
+    variant of config/lab.yml, e.g. with a node replaced), else config/lab.yml; or with
+    HASWARM_LAB_INSTANCE=NAME (and optionally HASWARM_LAB_NODES=N) an independent second lab
+    (see instance_lab)."""
     from lab.driver import Lab, instance_lab
-    from tasks.config import load_cluster
+    from tasks.config import current, load_cluster
     instance = os.environ.get("HASWARM_LAB_INSTANCE", "")
     if instance:
         count = int(os.environ.get("HASWARM_LAB_NODES", "3"))
         return instance_lab(instance, count, log=print)
-    return Lab(load_cluster(LAB_CLUSTER_FILE), log=print)
+    c = current()
+    return Lab(c if c.lab else load_cluster(LAB_CLUSTER_FILE), log=print)
 
 
 def _action(fn: Callable[..., str | None]) -> Callable[..., object]:

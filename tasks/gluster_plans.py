@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from tasks.facts_cluster import BrickProcess
     from tasks.remote import Remote
 
+# Seconds a moved brick may take to come online, and its node's self-heal daemon to take a heal.
+MOVE_WAIT = 60.0
 # The uid/gid the eclipse-mosquitto image (and the lab's) runs the broker as.
 MOSQUITTO_UID = 1883
 
@@ -154,8 +156,15 @@ def move_ops(c: Cluster, moves: list[tuple[str, str]],
                "commit force", timeout=GLUSTER_CHANGE_TIMEOUT,
                hint="every other brick must be online (gluster volume status); the new "
                     "brick dir must be empty"),
+            Op(f"wait until brick {new} is online (at most {MOVE_WAIT:g} s)",
+               f"{GLUSTER} --xml volume status {v} {shlex.quote(new)} 2>/dev/null "
+               "| grep -q '<status>1</status>'", wait=MOVE_WAIT,
+               hint="see /var/log/glusterfs/bricks/ on the new node"),
+            # retried: right after the move the new node's self-heal daemon may not run yet
+            # ("Commit failed on NEW")
             Op(f"heal the new brick {new} from the other copies",
-               f"{GLUSTER} volume heal {v} full", timeout=GLUSTER_CHANGE_TIMEOUT),
+               f"{GLUSTER} volume heal {v} full", wait=MOVE_WAIT,
+               timeout=GLUSTER_CHANGE_TIMEOUT),
             Op("wait until the heal is done (0 entries on every brick)", call=wait_healed),
         ]
     return ops

@@ -197,6 +197,14 @@ def replaced_cluster_file() -> Path:
     return path
 
 
+def forget_node(lab, name: str) -> None:
+    """Power `name` off and remove its disk and its known_hosts entry."""
+    lab.kill(name)
+    shutil.rmtree(lab.node_dir(name), ignore_errors=True)
+    subprocess.run(["ssh-keygen", "-f", str(lab.known_hosts), "-R", lab.node(name).address],
+                   capture_output=True)
+
+
 def check_moved(c, tools, gone: str, gone_addr: str, new: str, token: str, topic: str) -> None:
     """The cluster runs on `c`'s nodes, `new` in the place of `gone`: three Ready managers and
     no entry of `gone`; the volume's bricks on c's nodes, `gone` out of the pool, nothing to
@@ -244,6 +252,7 @@ def test_a_dead_pi_replaced_by_another_pi_under_a_new_name(lab, ready, tools, ca
     c4 = load_cluster(cfg)
     lab4 = Lab(c4)
     tools4 = Tools(lab4, c4)
+    forget_node(lab4, NEW)  # a bare Pi, whatever an earlier run left
     moved = back = None
     try:
         say(f"{NODE} dies; the cluster file lists {NEW} ({NEW_ADDRESS}) in its place")
@@ -266,7 +275,7 @@ def test_a_dead_pi_replaced_by_another_pi_under_a_new_name(lab, ready, tools, ca
         say(f"back: {NODE} re-flashed takes {NEW}'s place")
         lab.wipe(NODE)
         trust_new_key(lab, NODE)
-        lab4.kill(NEW)
+        forget_node(lab4, NEW)  # pi4 dies (and is gone for good)
         t1 = time.monotonic()
         back = doit("setup")
         cfg.unlink()
@@ -274,9 +283,6 @@ def test_a_dead_pi_replaced_by_another_pi_under_a_new_name(lab, ready, tools, ca
     status.wait_converged(c, 900, log=say)
     t_back = time.monotonic() - t1
     check_moved(c, tools, NEW, NEW_ADDRESS, NODE, token, topic)
-    shutil.rmtree(lab4.node_dir(NEW), ignore_errors=True)
-    subprocess.run(["ssh-keygen", "-f", str(lab.known_hosts), "-R", NEW_ADDRESS],
-                   capture_output=True)
     tools.sh("pi1", f"rm -rf {mp}/{DIR}")
     publish_retained(c, topic, "")
     with capsys.disabled():

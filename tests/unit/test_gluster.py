@@ -209,13 +209,14 @@ def test_plan_volume_moves_the_brick_of_a_replaced_pi(c: Cluster) -> None:
     assert [op.what.split(" (")[0] for op in ops] == [
         "set auth.allow=10.77.0.11,10.77.0.12,10.77.0.13",
         "move brick 10.77.0.99:/srv/gluster/haswarm to 10.77.0.13:/srv/gluster/haswarm",
+        "wait until brick 10.77.0.13:/srv/gluster/haswarm is online",
         "heal the new brick 10.77.0.13:/srv/gluster/haswarm from the other copies",
         "wait until the heal is done"]
     assert ops[1].cmd == ("gluster --mode=script volume replace-brick haswarm "
                           "10.77.0.99:/srv/gluster/haswarm 10.77.0.13:/srv/gluster/haswarm "
                           "commit force")
-    assert ops[2].cmd == "gluster --mode=script volume heal haswarm full"
-    ops[3].call("remote")
+    assert ops[3].cmd == "gluster --mode=script volume heal haswarm full" and ops[3].wait
+    ops[4].call("remote")
     assert waits == ["remote"]
     other_dir = VOLUME_INFO.replace("10.77.0.13:/srv/gluster/haswarm", "10.77.0.13:/data/b")
     with pytest.raises(StepError, match="10.77.0.13:/data/b"):
