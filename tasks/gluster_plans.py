@@ -167,6 +167,11 @@ def move_ops(c: Cluster, moves: list[tuple[str, str]],
                timeout=GLUSTER_CHANGE_TIMEOUT),
             Op("wait until the heal is done (0 entries on every brick)", call=wait_healed),
         ]
+    allow = allowed_clients(c)
+    ops.append(Op(f"set auth.allow={allow} again (replace-brick added a host to it, keeping "
+                  "the value before as old.auth.allow)",
+                  f"{GLUSTER} volume set {v} auth.allow {shlex.quote(allow)}",
+                  timeout=GLUSTER_CHANGE_TIMEOUT))
     return ops
 
 

@@ -211,7 +211,7 @@ def test_plan_volume_moves_the_brick_of_a_replaced_pi(c: Cluster) -> None:
         "move brick 10.77.0.99:/srv/gluster/haswarm to 10.77.0.13:/srv/gluster/haswarm",
         "wait until brick 10.77.0.13:/srv/gluster/haswarm is online",
         "heal the new brick 10.77.0.13:/srv/gluster/haswarm from the other copies",
-        "wait until the heal is done"]
+        "wait until the heal is done", "set auth.allow=10.77.0.11,10.77.0.12,10.77.0.13 again"]
     assert ops[1].cmd == ("gluster --mode=script volume replace-brick haswarm "
                           "10.77.0.99:/srv/gluster/haswarm 10.77.0.13:/srv/gluster/haswarm "
                           "commit force")
