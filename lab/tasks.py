@@ -30,13 +30,16 @@ def _lab() -> Lab:
     HASWARM_LAB_INSTANCE=NAME (and optionally HASWARM_LAB_NODES=N) an independent second lab
     (see instance_lab)."""
     from lab.driver import Lab, instance_lab
-    from tasks.config import current, load_cluster
+    from tasks.config import ConfigError, current, load_cluster
     instance = os.environ.get("HASWARM_LAB_INSTANCE", "")
     if instance:
         count = int(os.environ.get("HASWARM_LAB_NODES", "3"))
         return instance_lab(instance, count, log=print)
-    c = current()
-    return Lab(c if c.lab else load_cluster(LAB_CLUSTER_FILE), log=print)
+    try:
+        c = current()
+    except ConfigError:  # a broken cluster file of the user's must not stop `doit lab-down`
+        c = None
+    return Lab(c if c is not None and c.lab else load_cluster(LAB_CLUSTER_FILE), log=print)
 
 
 def _action(fn: Callable[..., str | None]) -> Callable[..., object]:
