@@ -76,6 +76,24 @@ def node_key(lab, node: str) -> str:
     return fingerprint((lab.node_dir(node) / "ssh_host_ed25519_key.pub").read_text())
 
 
+def plant_data(c, tools, what: str) -> tuple[str, str]:
+    """A row in Galera (through a db not on pi3), a file on the volume and a retained message,
+    all holding a new token; returns (token, topic)."""
+    token, mp = uuid.uuid4().hex, c.gluster.mount_point
+    topic = f"haswarm/test/{what}-{token[:8]}"
+    node, cid = next((n, i) for n, i in tools.containers("db").items() if n != NODE)
+    write_row(tools, node, cid, token)
+    tools.sh("pi1", f"mkdir -p {mp}/{DIR} && echo {token} > {mp}/{DIR}/{token}")
+    publish_retained(c, topic, token)
+    time.sleep(c.mqtt.autosave_interval + 2)  # in Mosquitto's store on the volume
+    return token, topic
+
+
+def remove_data(c, tools, topic: str) -> None:
+    tools.sh("pi1", f"rm -rf {c.gluster.mount_point}/{DIR}")
+    publish_retained(c, topic, "")
+
+
 @pytest.fixture(scope="module")
 def ready(lab, cluster, deployed):
     status.wait_converged(cluster, 600, log=say)
@@ -96,14 +114,8 @@ def ready(lab, cluster, deployed):
 
 def test_a_reflashed_pi_comes_back_with_doit_setup_alone(lab, ready, tools, capsys):
     c = ready
-    token = uuid.uuid4().hex
-    mp, brick = str(c.gluster.mount_point), str(c.gluster.brick_dir)
-    topic = f"haswarm/test/replace-{token[:8]}"
-    node, cid = next((n, i) for n, i in tools.containers("db").items() if n != NODE)
-    write_row(tools, node, cid, token)
-    tools.sh("pi1", f"mkdir -p {mp}/{DIR} && echo {token} > {mp}/{DIR}/{token}")
-    publish_retained(c, topic, token)
-    time.sleep(c.mqtt.autosave_interval + 2)  # in Mosquitto's store on the volume
+    brick = str(c.gluster.brick_dir)
+    token, topic = plant_data(c, tools, "replace")
     pool = tools.sh("pi1", "gluster --mode=script pool list")
     old_uuid = next(line.split()[0] for line in pool.splitlines()
                     if lab.node(NODE).address in line.split())
@@ -150,19 +162,7 @@ def test_a_reflashed_pi_comes_back_with_doit_setup_alone(lab, ready, tools, caps
         assert peers.count("State: Peer in Cluster (Connected)") == 2, (n, peers)
     assert tools.sh(NODE, "sed -n 's/^UUID=//p' /var/lib/glusterd/glusterd.info").strip() \
         == old_uuid
-    heal = tools.sh("pi1", f"gluster --mode=script volume heal {c.gluster.volume} info")
-    assert heal.count("Number of entries: 0") == 3, heal
-    assert tools.sh(NODE, f"cat {brick}/{DIR}/{token}").strip() == token
-    # Galera: pi3 Synced in a cluster of 3, with the row
-    cid3 = tools.containers("db")[NODE]
-    state = tools.sql(NODE, cid3, "SHOW GLOBAL STATUS WHERE Variable_name IN "
-                                  "('wsrep_local_state_comment', 'wsrep_cluster_size');")
-    assert dict(line.split("\t") for line in state.splitlines()) == {
-        "wsrep_cluster_size": "3", "wsrep_local_state_comment": "Synced"}, state
-    assert tools.sql(NODE, cid3, f"SELECT v FROM {TEST_DB}.t WHERE v = '{token}';").split() \
-        == [token]
-    # Mosquitto: the retained message
-    assert retained(c, topic) == [token]
+    check_data_back(c, tools, NODE, token, topic)
     assert not st.problems()
 
     # a second setup has nothing to do
@@ -174,8 +174,7 @@ def test_a_reflashed_pi_comes_back_with_doit_setup_alone(lab, ready, tools, caps
     assert " would " not in again.output and "no bootstrap" in again.output
     assert service_versions(tools, c) == before
 
-    tools.sh("pi1", f"rm -rf {mp}/{DIR}")
-    publish_retained(c, topic, "")
+    remove_data(c, tools, topic)
     with capsys.disabled():
         print(f"\n[replace] {NODE} wiped -> `doit setup` done {t_setup:.1f} s -> converged "
               f"{t_converged:.1f} s after the wipe (setup itself {setup.seconds:.1f} s; "
@@ -220,15 +219,21 @@ def check_moved(c, tools, gone: str, gone_addr: str, new: str, token: str, topic
         f"{n.address}:{brick}" for n in c.nodes), info
     pool = tools.sh("pi1", "gluster --mode=script pool list")
     assert gone_addr not in pool and pool.count("Connected") == 3, pool
+    check_data_back(c, tools, new, token, topic)
+
+
+def check_data_back(c, tools, node: str, token: str, topic: str) -> None:
+    """Nothing left to heal, the test file on `node`'s own brick, `node`'s db Synced in a
+    Galera of 3 with the row written before, and the retained message."""
     heal = tools.sh("pi1", f"gluster --mode=script volume heal {c.gluster.volume} info")
     assert heal.count("Number of entries: 0") == 3, heal
-    assert tools.sh(new, f"cat {brick}/{DIR}/{token}").strip() == token
-    cid = tools.containers("db")[new]
-    state = tools.sql(new, cid, "SHOW GLOBAL STATUS WHERE Variable_name IN "
-                                "('wsrep_local_state_comment', 'wsrep_cluster_size');")
+    assert tools.sh(node, f"cat {c.gluster.brick_dir}/{DIR}/{token}").strip() == token
+    cid = tools.containers("db")[node]
+    state = tools.sql(node, cid, "SHOW GLOBAL STATUS WHERE Variable_name IN "
+                                 "('wsrep_local_state_comment', 'wsrep_cluster_size');")
     assert dict(line.split("\t") for line in state.splitlines()) == {
         "wsrep_cluster_size": "3", "wsrep_local_state_comment": "Synced"}, state
-    assert tools.sql(new, cid, f"SELECT v FROM {TEST_DB}.t WHERE v = '{token}';").split() \
+    assert tools.sql(node, cid, f"SELECT v FROM {TEST_DB}.t WHERE v = '{token}';").split() \
         == [token]
     assert retained(c, topic) == [token]
 
@@ -239,14 +244,7 @@ def test_a_dead_pi_replaced_by_another_pi_under_a_new_name(lab, ready, tools, ca
     Galera by SST. Then the same the other way (pi3 re-flashed takes pi4's place), which also
     leaves the lab as it was."""
     c = ready
-    token = uuid.uuid4().hex
-    mp = str(c.gluster.mount_point)
-    topic = f"haswarm/test/moved-{token[:8]}"
-    node, cid = next((n, i) for n, i in tools.containers("db").items() if n != NODE)
-    write_row(tools, node, cid, token)
-    tools.sh("pi1", f"mkdir -p {mp}/{DIR} && echo {token} > {mp}/{DIR}/{token}")
-    publish_retained(c, topic, token)
-    time.sleep(c.mqtt.autosave_interval + 2)
+    token, topic = plant_data(c, tools, "moved")
 
     cfg = replaced_cluster_file()
     c4 = load_cluster(cfg)
@@ -284,8 +282,7 @@ def test_a_dead_pi_replaced_by_another_pi_under_a_new_name(lab, ready, tools, ca
     status.wait_converged(c, 900, log=say)
     t_back = time.monotonic() - t1
     check_moved(c, tools, NEW, NEW_ADDRESS, NODE, token, topic)
-    tools.sh("pi1", f"rm -rf {mp}/{DIR}")
-    publish_retained(c, topic, "")
+    remove_data(c, tools, topic)
     with capsys.disabled():
         print(f"\n[replace] {NODE} dead -> {NEW} in its place: converged {t_moved:.1f} s after "
               f"`doit setup` started (setup {moved.seconds:.1f} s); back to {NODE} re-flashed: "
