@@ -56,6 +56,9 @@ class Variant:
         self.fresh()
 
     def fresh(self) -> None:
+        if self.n:  # the saved images of the pair before are not used again (disk, in CI)
+            for tar in (self.build / "images").glob("*.tar"):
+                tar.unlink()
         self.n += 1
         self.build = self.tmp / f"build{self.n}"
         self.db = self.tmp / f"doit{self.n}.db"
