@@ -154,8 +154,9 @@ def move_ops(c: Cluster, moves: list[tuple[str, str]],
             Op(f"move brick {old} to {new} (its old host is no longer in the cluster file)",
                f"{GLUSTER} volume replace-brick {v} {shlex.quote(old)} {shlex.quote(new)} "
                "commit force", timeout=GLUSTER_CHANGE_TIMEOUT,
-               hint="every other brick must be online (gluster volume status); the new "
-                    "brick dir must be empty"),
+               hint="every other brick must be online (gluster volume status) and the new "
+                    "brick dir empty; an old Pi that still runs must be switched off first "
+                    "(its own firewall keeps the new node out: 'Host NEW not connected')"),
             Op(f"wait until brick {new} is online (at most {MOVE_WAIT:g} s)",
                f"{GLUSTER} --xml volume status {v} {shlex.quote(new)} 2>/dev/null "
                "| grep -q '<status>1</status>'", wait=MOVE_WAIT,
