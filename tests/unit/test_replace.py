@@ -654,3 +654,27 @@ def test_no_step_a_replaced_node_needs_trusts_doits_memory():
     for t in tasks:
         assert t["uptodate"] == [False], t.get("basename") or t.get("name")
         assert "targets" not in t, t.get("basename") or t.get("name")
+
+
+def test_lab_tasks_act_on_the_lab_cluster_file_in_use(tmp_path, monkeypatch):
+    """A lab variant in use (`lab: true`, pi3 replaced by pi4) is the lab `lab-up` starts;
+    a cluster file that is no lab's, or that does not load, leaves config/lab.yml's lab."""
+    import yaml
+
+    from lab.tasks import _lab
+    from tasks.config import ENV_VAR
+
+    data = yaml.safe_load(LAB_CLUSTER_FILE.read_text())
+    for key in ("key", "known_hosts"):
+        data["ssh"][key] = str((LAB_CLUSTER_FILE.parent / data["ssh"][key]).resolve())
+    data["nodes"][2] = {"name": "pi4", "address": "10.77.0.14"}
+    variant = tmp_path / "variant.yml"
+    variant.write_text(yaml.safe_dump(data))
+    monkeypatch.delenv("HASWARM_LAB_INSTANCE", raising=False)
+    monkeypatch.setenv(ENV_VAR, str(variant))
+    assert _lab().names == ["pi1", "pi2", "pi4"]
+    data["lab"] = False
+    variant.write_text(yaml.safe_dump(data))
+    assert _lab().names == ["pi1", "pi2", "pi3"]
+    variant.write_text("nodes: [")
+    assert _lab().names == ["pi1", "pi2", "pi3"]
