@@ -45,6 +45,7 @@ from tasks.gluster_facts import (
     GlusterOutputError,
     Peer,
     Volume,
+    brick_hosts,
     is_gluster,
     mount_facts,
     mount_probes,
@@ -274,17 +275,19 @@ def setup_volume(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
 
 
 def detach_departed(c: Cluster, r: Remote, first: Node, vol: Volume, step: str) -> None:
-    """Take the peers that are no node of the cluster file and hold no brick (a replaced Pi,
-    once its brick moved) out of the pool (`force`: the old Pi may be dead)."""
+    """Take the peers that are no node of the cluster file and hold no brick of any volume (a
+    replaced Pi, once its brick moved) out of the pool (`force`: the old Pi may be dead). A peer
+    with a brick of another volume of the user's stays."""
     peers = parse_peer_status(r.run(first, step, f"{GLUSTER} --xml peer status").stdout)
-    ops = [
-        Op(f"detach {p.names[0]} from the pool (no node of the cluster file, no brick)",
-           f"{GLUSTER} peer detach {shlex.quote(p.names[0])} force",
-           hint="a peer holding a brick of another volume cannot leave: move that brick first",
-           timeout=GLUSTER_CHANGE_TIMEOUT)
-        for p in departed_peers(c, peers, vol)]
-    if ops:
-        apply_ops(r, first, step, ops)
+    gone = departed_peers(c, peers, set(b.rsplit(":", 1)[0] for b in vol.bricks))
+    if gone:  # only then: the bricks of every volume
+        hosts = brick_hosts(r.run(first, step, f"{GLUSTER} --xml volume info").stdout)
+        gone = departed_peers(c, gone, hosts)
+    if gone:
+        apply_ops(r, first, step, [
+            Op(f"detach {p.names[0]} from the pool (no node of the cluster file, no brick)",
+               f"{GLUSTER} peer detach {shlex.quote(p.names[0])} force",
+               timeout=GLUSTER_CHANGE_TIMEOUT) for p in gone])
 
 
 def _brick_processes(c: Cluster, r: Remote, node: Node, step: str) -> dict[str, BrickProcess]:

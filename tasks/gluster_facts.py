@@ -131,6 +131,14 @@ def parse_volume_info(text: str) -> Volume | None:
     )
 
 
+def brick_hosts(text: str) -> set[str]:
+    """`gluster --xml volume info` (every volume) -> the hosts that hold a brick of any."""
+    if cli_error(text) is not None:
+        raise GlusterOutputError(f"volume info failed: {cli_error(text)}")
+    return {(b.findtext("name") or (b.text or "")).strip().rsplit(":", 1)[0]
+            for b in cli_xml(text).findall("volInfo/volumes/volume/bricks/brick")}
+
+
 # -- glusterd ------------------------------------------------------------------------------------
 
 DAEMON_PROBES = {

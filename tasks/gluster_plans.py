@@ -176,12 +176,11 @@ def move_ops(c: Cluster, moves: list[tuple[str, str]],
     return ops
 
 
-def departed_peers(c: Cluster, peers: list[Peer], vol: Volume | None) -> list[Peer]:
-    """Peers of the pool that are no node of the cluster file and hold no brick of the volume
-    (a replaced Pi, once its brick moved): they leave the pool."""
+def departed_peers(c: Cluster, peers: list[Peer], brick_hosts: set[str]) -> list[Peer]:
+    """Peers of the pool that are no node of the cluster file and none of `brick_hosts` (a
+    replaced Pi, once its brick moved): they leave the pool."""
     ours = {n.address for n in c.nodes} | {n.name for n in c.nodes}
-    hosts = {b.rsplit(":", 1)[0] for b in (vol.bricks if vol else ())}
-    return [p for p in peers if not set(p.names) & ours and not set(p.names) & hosts]
+    return [p for p in peers if not set(p.names) & (ours | brick_hosts)]
 
 
 def plan_volume(c: Cluster, vol: Volume | None,

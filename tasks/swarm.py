@@ -52,8 +52,6 @@ INSIDE_SWARM = ("stack-objects", "stack")
 MEMBERSHIP_TIMEOUT = 60.0
 # Seconds to wait for a demoted manager to count as a worker (it leaves by force anyway).
 DEMOTION_TIMEOUT = 30.0
-# Seconds a departed node that still runs may take to hand its tasks over when drained.
-DRAIN_TIMEOUT = 120.0
 
 INFO_CMD = "docker info --format '{{json .Swarm}}'"
 LEAVE_CMD = "timeout 60 docker swarm leave --force"
@@ -242,7 +240,8 @@ def departed_entries(c: Cluster, addresses: dict[str, str],
                      members: Sequence[SwarmNode]) -> list[SwarmNode]:
     """Entries of the swarm's node list that stand for no node of the cluster file (by address,
     raft address or hostname): a Pi replaced by another one under a new name and address, or
-    removed from `nodes:`. They leave the swarm (`stale_ops`)."""
+    removed from `nodes:`. A dead one leaves the swarm (`stale_ops`); one that still runs is
+    refused (switch it off first: its own firewall keeps the new node out of Gluster too)."""
     ips, names = set(addresses.values()), set(c.names)
     return [e for e in members if e.addr not in ips and e.host not in names
             and not (e.manager_addr and _host(e.manager_addr) in ips)]
@@ -258,8 +257,17 @@ def stale_ops(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str
     re-flashed node joins (3 of 3). Joining first would make 4 managers with 2 unreachable while
     it syncs (2 of 4 is no majority). With no quorum now (2 of 3 dead), nothing can be changed:
     StepError saying how to recover (`docker swarm init --force-new-cluster`)."""
+    departed = departed_entries(c, addresses, members)
+    running = [e for e in departed if e.state == "ready"]
+    if running:
+        raise StepError(
+            f"{', '.join(f'{e.host} ({e.addr})' for e in running)} is in the swarm but not in "
+            "the cluster file, and the swarm still sees it Ready: nothing was changed.\n  what "
+            "to do: switch it off (or run `docker swarm leave --force` on it; just switched "
+            "off: wait until `docker node ls` shows it Down), then run the task again; haswarm "
+            "does not log in to a Pi the cluster file no longer lists")
     stale = stale_entries(c, facts, addresses, members)
-    stale += [(e.host or e.addr, e) for e in departed_entries(c, addresses, members)]
+    stale += [(e.host or e.addr, e) for e in departed]
     if not stale:
         return []
     raft = [e for e in members if e.in_raft]
@@ -278,16 +286,6 @@ def stale_ops(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str
     size = len(raft)
     for name, e in stale:
         ident = shlex.quote(e.id)
-        if e.state == "ready":  # a departed node that still runs: its tasks move first
-            ops.append(Op(f"drain {name} (no node of the cluster file, still Ready): its "
-                          "tasks move to the cluster's nodes", node=via,
-                          cmd=f"docker node update --availability drain {ident}"))
-            ops.append(Op(f"wait until no task runs on {name} (at most {DRAIN_TIMEOUT:g} s)",
-                          node=via, wait=DRAIN_TIMEOUT,
-                          cmd=f"[ -z \"$(docker node ps -q --filter desired-state=running "
-                              f"{ident})\" ]",
-                          hint=f"see `docker node ps {e.id}`: a task that cannot be placed "
-                               "elsewhere keeps it busy"))
         if e.role == "manager" or e.in_raft:
             ops.append(Op(
                 f"demote the swarm's old entry of {name} (ID {e.id[:12]}, {e.state}, manager "
@@ -301,9 +299,7 @@ def stale_ops(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str
                 hint="the swarm keeps a member only while a quorum stays reachable without it: "
                      "see `docker node ls`"))
             size -= 1
-        ops.append(Op(f"remove the swarm's old entry of {name} (ID {e.id[:12]})"
-                      + (" (it still runs: on it, `docker swarm leave --force`, or wipe it)"
-                         if e.state == "ready" else ""),
+        ops.append(Op(f"remove the swarm's old entry of {name} (ID {e.id[:12]})",
                       cmd=f"docker node rm --force {ident}", node=via))
     return ops
 

@@ -135,7 +135,7 @@ def _drop_saved_images(config) -> int:
         return 0
     freed = 0
     for path in factory.getbasetemp().rglob("*.tar*"):
-        if path.is_file() and (path.suffix in (".tar", ".part") or ".tar.part" in path.name):
+        if path.is_file() and (path.suffix == ".tar" or ".tar.part" in path.name):
             freed += path.stat().st_size
             path.unlink()
     return freed

@@ -230,9 +230,10 @@ def test_departed_peers_are_no_node_and_hold_no_brick(c: Cluster) -> None:
     peers = [gluster_facts.Peer(("10.77.0.12",), True, "Peer in Cluster"),
              gluster_facts.Peer(("10.77.0.99", "pi9"), False, "Peer in Cluster"),
              gluster_facts.Peer(("10.77.0.98",), False, "Peer in Cluster")]
-    vol = gluster_facts.parse_volume_info(
-        VOLUME_INFO.replace("10.77.0.13:/srv", "10.77.0.98:/srv"))
-    assert [p.names[0] for p in gluster_plans.departed_peers(c, peers, vol)] == ["10.77.0.99"]
+    other_volume = VOLUME_INFO.replace("10.77.0.13:/srv", "10.77.0.98:/srv")
+    hosts = gluster_facts.brick_hosts(other_volume)
+    assert hosts == {"10.77.0.11", "10.77.0.12", "10.77.0.98"}
+    assert [p.names[0] for p in gluster_plans.departed_peers(c, peers, hosts)] == ["10.77.0.99"]
 
 
 def test_plan_volume_clean(c: Cluster) -> None:
