@@ -32,6 +32,7 @@ from lab.tasks import (  # noqa: E402
 from tasks import images  # noqa: E402
 from tasks.avahi import task_avahi  # noqa: E402
 from tasks.backup import backup_task, restore_task  # noqa: E402
+from tasks.depart import task_depart  # noqa: E402
 from tasks.drill import drill_task  # noqa: E402
 from tasks.firewall import task_firewall  # noqa: E402
 from tasks.galera import stack_task  # noqa: E402
@@ -58,7 +59,8 @@ DOIT_CONFIG = {
 
 __all__ = [
     "task_base_image", "task_buildx", "task_images", "task_preload_images",
-    "task_avahi", "task_firewall", "task_gluster", "task_ha_files", "task_ha_onboard",
+    "task_avahi", "task_depart", "task_firewall", "task_gluster", "task_ha_files",
+    "task_ha_onboard",
     "task_preflight", "task_render", "task_secrets", "task_setup", "task_swarm",
     "task_stack_objects", "task_stack",
     "task_vip", "task_leader_guard", "task_status", "task_drill", "task_plan",
@@ -124,9 +126,9 @@ def _lab_faults(c):
 
 
 # `doit setup`, in order; `doit plan` runs the remote steps of the same list dry.
-SETUP = [*LAB_UP, "preflight", "firewall", "secrets", "render", "images", "preload-images",
-         "gluster", "ha-files", "avahi", "swarm", "leader-guard", "stack-objects", "stack", "vip",
-         "ha-onboard"]
+SETUP = [*LAB_UP, "preflight", "depart", "firewall", "secrets", "render", "images",
+         "preload-images", "gluster", "ha-files", "avahi", "swarm", "leader-guard", "stack-objects",
+         "stack", "vip", "ha-onboard"]
 
 
 def task_setup():

@@ -128,20 +128,6 @@ def peers_not_ready(c: Cluster, peers: list[Peer]) -> list[str]:
     return [n.name for n in c.nodes[1:] if n.address not in ready and n.name not in ready]
 
 
-def brick_moves(c: Cluster, vol: Volume) -> list[tuple[str, str]]:
-    """(old brick, new brick) for each brick on a host the cluster file no longer lists, paired
-    in cluster order with the nodes that hold no brick: a Pi replaced by another one under a
-    new name and address (`nodes:` edited). Empty when the bricks match, or when the node count
-    changed (growing or shrinking is not a move)."""
-    want = bricks(c)
-    ours = {n.address for n in c.nodes}
-    gone = [b for b in vol.bricks if b not in want and b.rsplit(":", 1)[0] not in ours]
-    new = [b for b in want if b not in vol.bricks]
-    if not gone or len(gone) != len(new) or len(vol.bricks) != len(want):
-        return []
-    return list(zip(gone, new, strict=True))
-
-
 def move_ops(c: Cluster, moves: list[tuple[str, str]],
              wait_healed: Callable[[Remote], None]) -> list[Op]:
     """One brick at a time: `replace-brick ... commit force` (the old host may be dead: its
@@ -157,16 +143,7 @@ def move_ops(c: Cluster, moves: list[tuple[str, str]],
                hint="every other brick must be online (gluster volume status) and the new "
                     "brick dir empty; an old Pi that still runs must be switched off first "
                     "(its own firewall keeps the new node out: 'Host NEW not connected')"),
-            Op(f"wait until brick {new} is online (at most {MOVE_WAIT:g} s)",
-               f"{GLUSTER} --xml volume status {v} {shlex.quote(new)} 2>/dev/null "
-               "| grep -q '<status>1</status>'", wait=MOVE_WAIT,
-               hint="see /var/log/glusterfs/bricks/ on the new node"),
-            # retried: right after the move the new node's self-heal daemon may not run yet
-            # ("Commit failed on NEW")
-            Op(f"heal the new brick {new} from the other copies",
-               f"{GLUSTER} volume heal {v} full", wait=MOVE_WAIT,
-               timeout=GLUSTER_CHANGE_TIMEOUT),
-            Op("wait until the heal is done (0 entries on every brick)", call=wait_healed),
+            *_heal_ops(c, new, wait_healed),
         ]
     allow = allowed_clients(c)
     ops.append(Op(f"set auth.allow={allow} again (replace-brick added a host to it, keeping "
@@ -183,11 +160,73 @@ def departed_peers(c: Cluster, peers: list[Peer], brick_hosts: set[str]) -> list
     return [p for p in peers if not set(p.names) & (ours | brick_hosts)]
 
 
+def brick_changes(c: Cluster, vol: Volume) -> tuple[list[str], list[str]]:
+    """(bricks to remove, bricks to add) to make the volume one full copy per node of the
+    cluster file: bricks on hosts it no longer lists go, its nodes without a brick get one.
+    A brick on a listed host at another path is neither (plan_volume refuses it)."""
+    want = bricks(c)
+    ours = {n.address for n in c.nodes}
+    gone = [b for b in vol.bricks if b not in want and b.rsplit(":", 1)[0] not in ours]
+    new = [b for b in want if b not in vol.bricks]
+    return gone, new
+
+
+def grow_ops(c: Cluster, replica: int, new: list[str],
+             wait_healed: Callable[[Remote], None]) -> list[Op]:
+    """One brick at a time (a node added to `nodes:`): `add-brick ... replica R+1`, wait for
+    it online, `heal full` (it starts empty), `wait_healed` before the next."""
+    v = shlex.quote(c.gluster.volume)
+    ops = []
+    for i, b in enumerate(new, start=1):
+        r = replica + i
+        ops += [
+            Op(f"add brick {b}: replica {r - 1} -> {r} (its node is new in the cluster file)",
+               f"{GLUSTER} volume add-brick {v} replica {r} {shlex.quote(b)} force",
+               timeout=GLUSTER_CHANGE_TIMEOUT,
+               hint="every brick of the volume must be online (gluster volume status) and "
+                    "the new node in the pool (gluster:peers)"),
+            *_heal_ops(c, b, wait_healed),
+        ]
+    return ops
+
+
+def shrink_ops(c: Cluster, replica: int, gone: list[str]) -> list[Op]:
+    """`remove-brick ... replica R-1 BRICK force` for each brick on a host the cluster file no
+    longer lists (a node taken out of `nodes:`): the other bricks hold full copies, nothing to
+    migrate; the brick's files stay on its old host."""
+    v = shlex.quote(c.gluster.volume)
+    return [Op(f"remove brick {b}: replica {replica - i + 1} -> {replica - i} (its host is "
+               "no longer in the cluster file; its files stay there)",
+               f"{GLUSTER} volume remove-brick {v} replica {replica - i} {shlex.quote(b)} force",
+               timeout=GLUSTER_CHANGE_TIMEOUT,
+               hint="the other bricks must be online (gluster volume status)")
+            for i, b in enumerate(gone, start=1)]
+
+
+def _heal_ops(c: Cluster, new: str, wait_healed: Callable[[Remote], None]) -> list[Op]:
+    v = shlex.quote(c.gluster.volume)
+    return [
+        Op(f"wait until brick {new} is online (at most {MOVE_WAIT:g} s)",
+           f"{GLUSTER} --xml volume status {v} {shlex.quote(new)} 2>/dev/null "
+           "| grep -q '<status>1</status>'", wait=MOVE_WAIT,
+           hint="see /var/log/glusterfs/bricks/ on the new node"),
+        # retried: right after the change the new node's self-heal daemon may not run yet
+        # ("Commit failed on NEW")
+        Op(f"heal the new brick {new} from the other copies",
+           f"{GLUSTER} volume heal {v} full", wait=MOVE_WAIT, timeout=GLUSTER_CHANGE_TIMEOUT),
+        Op("wait until the heal is done (0 entries on every brick)", call=wait_healed),
+    ]
+
+
 def plan_volume(c: Cluster, vol: Volume | None,
                 wait_healed: Callable[[Remote], None] | None = None) -> list[Op]:
-    """Create (when absent), set options that differ, move the bricks of a replaced Pi
-    (`brick_moves`, after the options: `auth.allow` must admit the new node's heal daemon),
-    start (when not started).
+    """Create (when absent), set options that differ, follow `nodes:` (after the options:
+    `auth.allow` must admit a new node's heal daemon), start (when not started).
+
+    The volume is one full copy per node (replica N). When `nodes:` changed:
+    - a Pi replaced by another (as many bricks gone as nodes without one): `move_ops`;
+    - nodes added: `grow_ops`; nodes taken out: `shrink_ops` (the replica count follows);
+    - both at once with different counts: refused, one change per setup.
 
     Raises StepError when an existing volume has another shape: haswarm never reshapes one.
     """
@@ -196,7 +235,8 @@ def plan_volume(c: Cluster, vol: Volume | None,
     ops: list[Op] = []
     want_bricks = bricks(c)
     replica = replica_count(c)
-    moves: list[tuple[str, str]] = []
+    changes: list[Op] = []
+    healed = wait_healed or (lambda r: None)
     if vol is None:
         ops.append(Op(
             f"create volume {name} (replica {replica}: {' '.join(want_bricks)})",
@@ -210,13 +250,18 @@ def plan_volume(c: Cluster, vol: Volume | None,
         status = "Created"
     else:
         problems = []
-        if vol.type != "Replicate" or vol.replica != replica:
+        if vol.type != "Replicate" or vol.replica != len(vol.bricks):
             problems.append(f"it is {vol.type} (replica {vol.replica}), haswarm needs Replicate "
-                            f"with replica {replica}")
-        moves = brick_moves(c, vol)
-        if sorted(vol.bricks) != sorted(want_bricks) and not moves:
+                            f"with replica {replica} (one full copy per node)")
+        gone, new = brick_changes(c, vol)
+        stray = [b for b in vol.bricks if b not in want_bricks and b not in gone]
+        if stray:
             problems.append(f"its bricks are {', '.join(vol.bricks)}; the cluster file gives "
                             f"{', '.join(want_bricks)}")
+        elif gone and new and len(gone) != len(new):
+            problems.append(f"the cluster file both drops {len(gone)} node(s) and adds "
+                            f"{len(new)}: one change per setup (replace one Pi by another, or "
+                            "add nodes, or take nodes out), then `doit setup` again")
         if problems:
             raise StepError(
                 f"volume {name} exists but " + "; ".join(problems) + ".\n  what to do: haswarm "
@@ -224,6 +269,12 @@ def plan_volume(c: Cluster, vol: Volume | None,
                 "`doit clean` (bricks are kept) and `doit setup`; or fix it by hand (gluster "
                 "volume replace-brick / add-brick ... replica N) and re-run setup."
             )
+        if gone and new:
+            changes = move_ops(c, list(zip(gone, new, strict=True)), healed)
+        elif new:
+            changes = grow_ops(c, vol.replica, new, healed)
+        elif gone:
+            changes = shrink_ops(c, vol.replica, gone)
         current_options = vol.options
         status = vol.status
     differ = {k: val for k, val in volume_options(c).items() if current_options.get(k) != val}
@@ -231,8 +282,7 @@ def plan_volume(c: Cluster, vol: Volume | None,
         pairs = " ".join(f"{shlex.quote(k)} {shlex.quote(val)}" for k, val in differ.items())
         ops.append(Op("set " + ", ".join(f"{k}={val}" for k, val in differ.items()),
                       f"{GLUSTER} volume set {v} {pairs}", timeout=GLUSTER_CHANGE_TIMEOUT))
-    if moves:
-        ops += move_ops(c, moves, wait_healed or (lambda r: None))
+    ops += changes
     if status != "Started":
         ops.append(Op(f"start volume {name} (about 2 s)", f"{GLUSTER} volume start {v}",
                       hint="`gluster volume status` on the node shows which brick failed; "

@@ -52,7 +52,9 @@ class Op:
     timeout: float = COMMAND_TIMEOUT  # seconds `cmd` may take (its deadline; tasks.remote)
     wait: float | None = None  # seconds: poll `cmd` until it exits 0, else fail naming `what`
     call: Callable[[Remote], None] | None = None  # run with the Remote when applied
-    node: str | None = None  # where it runs and is shown; None: the node given to apply_ops
+    # where it runs and is shown; None: the node given to apply_ops; a Node for one the cluster
+    # file does not list (tasks/depart.py)
+    node: str | Node | None = None
 
 
 def apply_ops(r: Remote, node: Node, step: str, ops: list[Op], *, dryrun: bool = False) -> bool:

@@ -14,7 +14,19 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from tasks import avahi, firewall, galera, gluster, guard, homeassistant, onboard, stack, swarm, vip
+from tasks import (
+    avahi,
+    depart,
+    firewall,
+    galera,
+    gluster,
+    guard,
+    homeassistant,
+    onboard,
+    stack,
+    swarm,
+    vip,
+)
 from tasks.config import Cluster, current
 from tasks.errors import HaswarmError
 from tasks.images.preload import setup_preload
@@ -23,6 +35,7 @@ from tasks.images.preload import setup_preload
 # setup function each runs; it takes (cluster, remote, dryrun) and only reads with dryrun=True.
 # The controller's tasks (preflight, secrets, render, images) change no node: none here.
 REMOTE_STEPS: dict[str, list[tuple[str, Callable[..., Any]]]] = {
+    "depart": [("depart", depart.setup)],
     "preload-images": [("preload-images", setup_preload)],
     "gluster": [("gluster:daemon", gluster.setup_daemon),
                 ("gluster:replace", gluster.setup_replace),

@@ -222,8 +222,51 @@ def test_plan_volume_moves_the_brick_of_a_replaced_pi(c: Cluster) -> None:
     with pytest.raises(StepError, match="10.77.0.13:/data/b"):
         gluster_plans.plan_volume(c, gluster_facts.parse_volume_info(other_dir))
     grown = c.model_copy(update={"nodes": [*c.nodes, Node(name="pi4", address="10.77.0.14")]})
-    with pytest.raises(StepError, match="replica 4"):
+    with pytest.raises(StepError, match="drops 1 node.*adds 2: one change per setup"):
         gluster_plans.plan_volume(grown, gluster_facts.parse_volume_info(old))
+
+
+def five(c: Cluster) -> Cluster:
+    return c.model_copy(update={"nodes": [*c.nodes, Node(name="pi4", address="10.77.0.14"),
+                                          Node(name="pi5", address="10.77.0.15")]})
+
+
+def test_plan_volume_grows_one_brick_at_a_time(c: Cluster) -> None:
+    """Two nodes added to `nodes:`: auth.allow first, then per new node add-brick with the
+    replica count one up, wait online, heal full, wait healed."""
+    waits = []
+    ops = gluster_plans.plan_volume(five(c), gluster_facts.parse_volume_info(CONVERGED),
+                                    waits.append)
+    b4, b5 = "10.77.0.14:/srv/gluster/haswarm", "10.77.0.15:/srv/gluster/haswarm"
+    assert [op.what.split(" (")[0] for op in ops] == [
+        "set auth.allow=10.77.0.11,10.77.0.12,10.77.0.13,10.77.0.14,10.77.0.15",
+        f"add brick {b4}: replica 3 -> 4", f"wait until brick {b4} is online",
+        f"heal the new brick {b4} from the other copies", "wait until the heal is done",
+        f"add brick {b5}: replica 4 -> 5", f"wait until brick {b5} is online",
+        f"heal the new brick {b5} from the other copies", "wait until the heal is done"]
+    assert ops[1].cmd == f"gluster --mode=script volume add-brick haswarm replica 4 {b4} force"
+    assert ops[5].cmd == f"gluster --mode=script volume add-brick haswarm replica 5 {b5} force"
+    ops[4].call("remote")
+    assert waits == ["remote"]
+
+
+def test_plan_volume_shrinks_to_the_nodes_listed(c: Cluster) -> None:
+    """A volume of five bricks, pi4 and pi5 taken out of `nodes:`: their bricks are removed,
+    the replica count following (5 -> 4 -> 3), then auth.allow admits only the three."""
+    b4, b5 = "10.77.0.14:/srv/gluster/haswarm", "10.77.0.15:/srv/gluster/haswarm"
+    wide = five(c)
+    xml = CONVERGED
+    vol = gluster_facts.parse_volume_info(xml)
+    vol = vol.__class__(**{**vol.__dict__, "replica": 5, "bricks": (*vol.bricks, b4, b5),
+                           "options": {**vol.options,
+                                       **gluster_plans.volume_options(wide)}})
+    assert gluster_plans.plan_volume(wide, vol) == []
+    ops = gluster_plans.plan_volume(c, vol)
+    assert cmds(ops) == [
+        "gluster --mode=script volume set haswarm auth.allow 10.77.0.11,10.77.0.12,10.77.0.13",
+        f"gluster --mode=script volume remove-brick haswarm replica 4 {b4} force",
+        f"gluster --mode=script volume remove-brick haswarm replica 3 {b5} force"]
+    assert "replica 5 -> 4" in ops[1].what and "replica 4 -> 3" in ops[2].what
 
 
 def test_departed_peers_are_no_node_and_hold_no_brick(c: Cluster) -> None:
@@ -569,7 +612,7 @@ def test_every_step_has_a_dry_run() -> None:
     from tasks import plan
 
     steps = plan.steps(dodo.SETUP)  # every task of setup is known to `doit plan`
-    assert [name for name, _ in steps][:3] == ["firewall:script", "firewall:rules",
+    assert [name for name, _ in steps][:4] == ["depart", "firewall:script", "firewall:rules",
                                                "preload-images"]
     for name, fn in steps:
         assert "dryrun" in inspect.signature(fn).parameters, name
