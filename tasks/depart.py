@@ -62,15 +62,17 @@ def leavers(c: Cluster, members: list[SwarmNode], peers: list[Peer], vol: Volume
     from tasks.gluster_plans import departed_peers
     from tasks.swarm import advertise_address, departed_entries
 
+    def node(name: str, address: str) -> Node:  # as the cluster knew it: not validated again
+        return Node.model_construct(name=name or address, address=address)
+
     addresses = {n.name: advertise_address(n) for n in c.nodes}
     out: dict[str, Leaver] = {}
     for e in departed_entries(c, addresses, members):
         if e.addr and e.addr != "0.0.0.0":
-            out[e.addr] = Leaver(Node(name=e.host or e.addr, address=e.addr), entry=e)
+            out[e.addr] = Leaver(node(e.host, e.addr), entry=e)
     for p in departed_peers(c, peers, set()):
-        address = p.names[0]
-        host = next((n for n in p.names[1:] if n not in out), address)
-        got = out.get(address) or Leaver(Node(name=host, address=address))
+        address = p.names[0]  # as probed: the node's address
+        got = out.get(address) or Leaver(node(next(iter(p.names[1:]), address), address))
         out[address] = Leaver(got.node, got.entry, peer=address)
     bricks = vol.bricks if vol is not None else ()
     return [Leaver(x.node, x.entry, x.peer,

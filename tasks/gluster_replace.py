@@ -319,28 +319,22 @@ def _brick_ops(c: Cluster, facts: dict[str, NodeFacts], via: Node, vol: Volume,
 
 
 def heal_left(c: Cluster, summary: dict[str, tuple[str, int | None, int]] | None) -> list[str]:
-    """What `heal info summary` (tasks.facts_cluster.parse_heal_summary) still shows, per node:
-    [] when every brick is connected with nothing to heal."""
-    if summary is None:
+    """What `heal info summary` (tasks.facts_cluster.parse_heal_summary) still shows, per
+    brick of the volume (a node being added has none yet): [] when every brick is connected with
+    nothing to heal."""
+    if not summary:
         return ["heal info did not answer"]
+    names = {f"{n.address}:{c.gluster.brick_dir}": n.name for n in c.nodes}
     left = []
-    for n in c.nodes:
-        got = summary.get(f"{n.address}:{c.gluster.brick_dir}")
-        if got is None:
-            left.append(f"{n.name}: brick not listed")
-            continue
-        status, pending, split = got
+    for brick, (status, pending, split) in summary.items():
+        who = names.get(brick, brick)
         if status != "Connected":
-            left.append(f"{n.name}: {status or 'no status'}")
+            left.append(f"{who}: {status or 'no status'}")
         elif pending:
-            left.append(f"{n.name}: {pending} entries")
+            left.append(f"{who}: {pending} entries")
         if split:
-            left.append(f"{n.name}: {split} in split-brain")
+            left.append(f"{who}: {split} in split-brain")
     return left
-
-
-# ---------------------------------------------------------------------------------------------
-# Waits made when applied (the Ops' `call`)
 
 
 def wait_in_cluster(r: Remote, *, c: Cluster, node: str, sees: list[str], seen_by: list[str],
@@ -393,11 +387,12 @@ def wait_in_cluster(r: Remote, *, c: Cluster, node: str, sees: list[str], seen_b
 def only_in_use(c: Cluster, text: str) -> bool:
     """Every brick connected, and all that `heal info summary` lists is "possibly undergoing
     heal" (nothing pending, no split-brain)."""
-    from tasks.facts_cluster import parse_possibly_healing
+    from tasks.facts_cluster import parse_heal_summary, parse_possibly_healing
 
     counts = parse_possibly_healing(text) or {}
-    got = [counts.get(f"{n.address}:{c.gluster.brick_dir}") for n in c.nodes]
-    return all(x is not None and x[0] == 0 for x in got) and any(x and x[1] for x in got)
+    got = [counts.get(b) for b in parse_heal_summary(text) or {}]
+    return bool(got) and all(x is not None and x[0] == 0 for x in got) and \
+        any(x and x[1] for x in got)
 
 
 def wait_healed(r: Remote, *, c: Cluster, via: str, timeout: float = HEAL_TIMEOUT,
