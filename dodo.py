@@ -142,7 +142,7 @@ def task_plan():
 
 
 def task_swarm():
-    """Form the Docker swarm: every node a manager, the dispatcher heartbeat applied."""
+    """Form the Docker swarm: an odd count of managers, the dispatcher heartbeat applied."""
     return swarm_task(CLUSTER, after=["gluster", "avahi", "preload-images"])
 
 

@@ -388,6 +388,14 @@ class Cluster(_Strict):
         return [n.name for n in self.nodes]
 
     @property
+    def manager_names(self) -> list[str]:
+        """The swarm's managers: every node, but the last one listed when there are an even
+        number of them, four or more (that one is a worker). An odd raft: 4 managers survive one
+        dead like 3, but a 2/2 split of 4 stops both halves where 3 + a worker keep a quorum."""
+        n = len(self.nodes)
+        return self.names if n % 2 or n < 4 else self.names[:-1]
+
+    @property
     def ha_standby(self) -> bool:
         """A Home Assistant container waits on every node (see HomeAssistant.standby)."""
         if self.homeassistant.standby is None:

@@ -268,6 +268,7 @@ def outputs(c: Cluster) -> list[Output]:
     if c.swarm.leader_guard:
         outs.append(Output("leader-guard.sh", "leader-guard.sh.j2",
                            {"name": c.name, "interval": LEADER_GUARD_INTERVAL,
+                            "managers": " ".join(c.manager_names),
                             "window": 60 - LEADER_GUARD_INTERVAL}, mode=0o755))
         outs.append(Output("leader-guard.cron", "leader-guard.cron.j2", {}))
     if c.mdns.restart_cron:

@@ -1,4 +1,5 @@
-"""The Docker swarm: every node a manager, the dispatcher heartbeat from the cluster file.
+"""The Docker swarm: an odd count of managers (`Cluster.manager_names`: every node, but the
+last one listed when there are 4, 6, ...), the dispatcher heartbeat from the cluster file.
 
 Setup reads a *fact* from every node first (`docker info`: swarm state, node ID, cluster ID,
 managers, heartbeat), a pure `plan` turns the facts into `Op`s (tasks/ops.py), and `apply_ops`
@@ -11,9 +12,10 @@ says or does them, in one ordered list over the nodes:
   2 of 3 reachable is a quorum; demoting the dead one first makes it 2 of 2, the join 3 of 3.
   Joining first would make 4 managers, the dead one and the joining one (until it has caught
   up) unreachable: 2 of 4 is no majority, and the dead entry would stay forever;
-- every node not yet in it joins **as a manager**, one at a time (the manager join token is
-  read when the join is applied, after init, and travels through the Docker API, never on a
-  command line); a worker of this swarm is promoted; then wait until all are Ready managers;
+- every node not yet in it joins **as a manager** (the last one of an even count as a worker),
+  one at a time (the join token is read when the join is applied, after init, and travels
+  through the Docker API, never on a command line); a worker of this swarm that should manage
+  is promoted, a manager that should not is demoted; then wait until all have their roles;
 - `docker swarm update --dispatcher-heartbeat` only when the value differs.
 
 A converged swarm gives no ops: "nothing to do". A node in a *different* swarm (its managers are
@@ -194,12 +196,17 @@ def plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str],
                           f"--listen-addr 0.0.0.0:{SWARM_PORT}"))
     else:
         ops += stale_ops(c, facts, addresses, members, leader)
+    wanted = c.manager_names
     # one at a time: each join is a raft membership change
-    ops += [_join_op(c, n.name, leader, addresses) for n in c.nodes
+    ops += [_join_op(c, n.name, leader, addresses, manager=n.name in wanted) for n in c.nodes
             if n.name != leader and facts[n.name].state == "inactive"]
     ops += [Op(f"promote {name} (a worker) to manager", node=leader,
                cmd=f"docker node promote {shlex.quote(facts[name].node_id)}")
-            for name in workers]
+            for name in workers if name in wanted]
+    ops += [Op(f"demote {name} to a worker ({len(c.nodes)} nodes: {len(wanted)} managers keep "
+               "the raft odd)", node=leader,
+               cmd=f"docker node demote {shlex.quote(facts[name].node_id)}")
+            for name in managers if name not in wanted]
     membership_changes = bool(ops)
     want, have = heartbeat_ns(c), facts[leader].heartbeat_ns
     if not managers or have != want:
@@ -207,7 +214,10 @@ def plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str],
         ops.append(Op(f"set the dispatcher heartbeat {old} {want / 1e9:g} s", node=leader,
                       cmd=f"docker swarm update --dispatcher-heartbeat {_duration(want)}"))
     if membership_changes:
-        ops.append(Op(f"wait until {', '.join(c.names)} are Ready managers", node=leader,
+        others = [n for n in c.names if n not in wanted]
+        ops.append(Op(f"wait until {', '.join(wanted)} are Ready managers"
+                      + (f" and {', '.join(others)} a Ready worker" if others else ""),
+                      node=leader,
                       cmd=managers_ready_check(c, addresses), wait=MEMBERSHIP_TIMEOUT,
                       hint="check the missing nodes' dockerd (`journalctl -u docker`) and that "
                            f"they reach each other on TCP {SWARM_PORT} and 7946"))
@@ -392,18 +402,23 @@ def _problem(c: Cluster, name: str, msg: str) -> Failure:
 
 
 def managers_ready_check(c: Cluster, addresses: dict[str, str]) -> str:
-    """A shell check for a manager: exits 0 when every cluster node is a Ready and reachable
-    manager (the leader counts as reachable), matched by its advertised address; else it
-    prints the nodes that are not, and the swarm's view."""
+    """A shell check for a manager: exits 0 when every node of `c.manager_names` is a Ready and
+    reachable manager (the leader counts as reachable), matched by its raft address, and every
+    other node a Ready worker, matched by its address; else it prints the nodes that are not,
+    and the swarm's view."""
     node_ls = ("ids=$(timeout 10 docker node ls -q) && timeout 10 docker node inspect --format "
-               "'{{.Status.State}}/{{with .ManagerStatus}}{{.Reachability}}@{{.Addr}}{{end}}' "
-               "$ids 2>&1")
+               "'{{.Status.State}}/{{with .ManagerStatus}}{{.Reachability}}@{{.Addr}}"
+               "{{else}}worker@{{.Status.Addr}}{{end}}' $ids 2>&1")
     lines = [f"t=$({node_ls})", "ok=0"]
     for n in c.nodes:
         ip = addresses[n.name]
-        want = f"ready/reachable@{f'[{ip}]' if ':' in ip else ip}:{SWARM_PORT}"
+        if n.name in c.manager_names:
+            want = f"ready/reachable@{f'[{ip}]' if ':' in ip else ip}:{SWARM_PORT}"
+            role = "manager"
+        else:
+            want, role = f"ready/worker@{ip}", "worker"
         lines.append(f"echo \"$t\" | grep -qxF {shlex.quote(want)} || "
-                     f"{{ echo {shlex.quote(f'{n.name} is not a Ready manager yet')}; ok=1; }}")
+                     f"{{ echo {shlex.quote(f'{n.name} is not a Ready {role} yet')}; ok=1; }}")
     lines += ["[ $ok = 0 ] || printf 'the swarm sees (state/reachability@address):\\n%s\\n' \"$t\"",
               "exit $ok"]
     return "; ".join(lines)
@@ -451,17 +466,19 @@ def leave_plan(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, st
 # Changes made with values known only when applied (the Ops' `call`)
 
 
-def _join_op(c: Cluster, name: str, leader: str, addresses: dict[str, str]) -> Op:
-    """`name` joins as a manager via `leader`, with the manager join token read when applied
-    (the swarm may not exist before then)."""
+def _join_op(c: Cluster, name: str, leader: str, addresses: dict[str, str], *,
+             manager: bool = True) -> Op:
+    """`name` joins as a manager (or a worker) via `leader`, with the join token read when
+    applied (the swarm may not exist before then)."""
+    role = "manager" if manager else "worker"
 
     def join(r: Remote) -> None:
-        token = r.run(leader, "swarm: join token", "docker swarm join-token -q manager"
+        token = r.run(leader, "swarm: join token", f"docker swarm join-token -q {role}"
                       ).stdout.strip()
         r.redact(token)
         _join(r, c.node(name), addresses[name], addresses[leader], token)
 
-    return Op(f"join as manager via {leader}", call=join, node=name)
+    return Op(f"join as {role} via {leader}", call=join, node=name)
 
 
 def _join(r: Remote, node: Node, addr: str, leader_addr: str, token: str) -> None:
@@ -526,10 +543,13 @@ def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     if changed:
         facts = read_facts(r)
     managers = [n for n in c.names if facts[n].active and facts[n].manager]
+    workers = [n for n in c.names if facts[n].active and not facts[n].manager]
     first = facts[managers[0]]
     heartbeat = f"dispatcher heartbeat {(first.heartbeat_ns or 0) / 1e9:g} s"
-    progress(managers[0], f"swarm: {len(managers)} managers ({', '.join(managers)}), {heartbeat}"
-             if changed else f"swarm: all {len(managers)} nodes are managers already, {heartbeat}")
+    roles = f"{len(managers)} managers ({', '.join(managers)})" + (
+        f", worker {', '.join(workers)}" if workers else "")
+    progress(managers[0], f"swarm: {roles}, {heartbeat}" if changed
+             else f"swarm: managers already as wanted: {roles}, {heartbeat}")
     return {"cluster_id": first.cluster_id, "managers": managers}
 
 

@@ -1,10 +1,12 @@
 """Grow and shrink (issue "Day two"; README "Add or remove a Pi"), end to end on the shared lab:
-the cluster file lists two more Pis (pi4, pi5: bare, booted by lab-up), `doit setup`; then the
-two are taken out of `nodes:` again while they still run, `doit setup`.
+the cluster file lists one more Pi (pi4: bare, booted by lab-up), `doit setup`; then a fifth
+(pi5), `doit setup`; then the two are taken out of `nodes:` again while they still run, `doit
+setup`.
 
-- grown: 5 Ready managers; the volume a replica 5 with a brick on each, nothing to heal, a file
-  written before on pi5's brick; pi5's db Synced in a Galera of 5 with a row written before;
-  the retained message; a second setup has nothing to do;
+- four nodes: three managers and pi4 a worker (an odd raft);
+- grown to five: pi4 promoted, 5 Ready managers; the volume a replica 5 with a brick on each,
+  nothing to heal, a file written before on pi5's brick; pi5's db Synced in a Galera of 5 with
+  a row written before; the retained message; a second setup has nothing to do;
 - shrunk: the leavers drained and cleaned by `depart` (no stack container, no mount, no fstab
   line, out of the swarm, detached from the pool), the volume a replica 3 on pi1-pi3, a Galera
   of 3, the data all there.
@@ -37,11 +39,11 @@ def say(msg: str) -> None:
     print(f"  [grow] {msg}", flush=True)
 
 
-def grown_cluster_file():
-    """lab.yml with pi4 and pi5 added (beside it: the same key paths)."""
+def grown_cluster_file(count: int = len(NEW)):
+    """lab.yml with the first `count` of pi4 and pi5 added (beside it: the same key paths)."""
     data = yaml.safe_load(LAB_CLUSTER_FILE.read_text())
-    data["nodes"] += [{"name": n, "address": a} for n, a in NEW.items()]
-    path = LAB_CLUSTER_FILE.with_name(".test-grown-lab.yml")
+    data["nodes"] += [{"name": n, "address": a} for n, a in list(NEW.items())[:count]]
+    path = LAB_CLUSTER_FILE.with_name(f".test-grown{count}-lab.yml")
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -49,6 +51,12 @@ def grown_cluster_file():
 def swarm_nodes(tools) -> list[str]:
     return sorted(x for x in tools.sh("pi1", "docker node ls --format '{{.Hostname}} "
                                              "{{.Status}} {{.ManagerStatus}}'").split("\n") if x)
+
+
+def check_roles(tools) -> dict[str, str]:
+    out = tools.sh("pi1", "docker node ls -q | xargs docker node inspect --format "
+                          "'{{.Description.Hostname}} {{.Spec.Role}}'")
+    return dict(line.split() for line in out.splitlines() if line.strip())
 
 
 def bricks(c, tools) -> list[str]:
@@ -67,14 +75,31 @@ def test_grow_to_five_nodes_and_shrink_back_to_three(lab, ready, tools, capsys):
     for n in NEW:
         forget_node(lab5, n)  # bare Pis, whatever an earlier run left
     grow = shrink = None
+    cfg4 = grown_cluster_file(1)
     try:
-        say(f"the cluster file lists {', '.join(NEW)} too")
+        say("the cluster file lists pi4 too")
         t0 = time.monotonic()
-        grow = doit(f"config={cfg}", "setup")  # lab-up boots pi4 and pi5 bare first
+        four = doit(f"config={cfg4}", "setup")  # lab-up boots pi4 bare first
+        assert four.ok, four.output[-6000:]
+        c4 = load_cluster(cfg4)
+        status.wait_converged(c4, 900, log=say)
+        t_four = time.monotonic() - t0
+        for needle in ("add brick 10.77.0.14:", "replica 3 -> 4", "pi4: swarm: join as worker"):
+            assert needle in four.output, needle
+        nodes = swarm_nodes(tools5)
+        assert [x.split()[:2] for x in nodes] == [[f"pi{i}", "Ready"] for i in range(1, 5)], \
+            nodes
+        assert check_roles(tools5) == {"pi1": "manager", "pi2": "manager", "pi3": "manager",
+                                       "pi4": "worker"}
+
+        say("and pi5")
+        t0 = time.monotonic()
+        grow = doit(f"config={cfg}", "setup")  # lab-up boots pi5 bare first
         assert grow.ok, grow.output[-6000:]
         status.wait_converged(c5, 900, log=say)
         t_grow = time.monotonic() - t0
-        for needle in ("add brick 10.77.0.14:", "replica 4 -> 5", "pi5: swarm: join as manager"):
+        for needle in ("add brick 10.77.0.15:", "replica 4 -> 5", "pi5: swarm: join as manager",
+                       "promote pi4 (a worker) to manager"):
             assert needle in grow.output, needle
         nodes = swarm_nodes(tools5)
         assert [x.split()[0] for x in nodes] == sorted(c5.names), nodes
@@ -117,11 +142,13 @@ def test_grow_to_five_nodes_and_shrink_back_to_three(lab, ready, tools, capsys):
         for n in NEW:
             forget_node(lab5, n)
         cfg.unlink()
+        cfg4.unlink()
         if shrink is None or not shrink.ok:  # leave the shared lab as it was
             doit("setup")
             status.wait_converged(c, 900, log=say)
     remove_data(c, tools, topic)
     with capsys.disabled():
-        print(f"\n[grow] 3 -> 5 nodes: converged {t_grow:.1f} s after `doit setup` started "
+        print(f"\n[grow] 3 -> 4 nodes: converged {t_four:.1f} s after `doit setup` started "
+              f"(setup {four.seconds:.1f} s); 4 -> 5: converged {t_grow:.1f} s "
               f"(setup {grow.seconds:.1f} s; second setup {again.seconds:.1f} s); 5 -> 3 (the "
               f"two still running): converged {t_shrink:.1f} s (setup {shrink.seconds:.1f} s)")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tasks import galera, render, secrets, stack, stack_facts, swarm
-from tasks.config import LAB_CLUSTER_FILE, Cluster, load_cluster
+from tasks.config import LAB_CLUSTER_FILE, Cluster, Node, load_cluster
 from tasks.failures import Result
 from tasks.galera import BOOTSTRAP, STEADY, GaleraFacts, Member, decide
 from tasks.ops import Op
@@ -116,6 +116,38 @@ def test_plan_half_joined_joins_the_rest_via_a_member(c):
     assert whats(plan(c, facts, ADDRS)) == [
         ("pi1", "join as manager via pi2"),
         ("pi2", "wait until pi1, pi2, pi3 are Ready managers")]
+
+
+def four(c):
+    return c.model_copy(update={"nodes": [*c.nodes, Node(name="pi4", address="10.77.0.14")]})
+
+
+def test_four_nodes_three_managers_and_a_worker(c):
+    """An even count of four or more: the last node listed joins as a worker (an odd raft);
+    one that is a manager is demoted; the wait checks the roles by address."""
+    c4 = four(c)
+    addrs = {**ADDRS, "pi4": "10.77.0.14"}
+    assert c4.manager_names == ["pi1", "pi2", "pi3"] and c.manager_names == c.names
+    ops = plan(c4, converged() | {"pi4": parse_swarm_info(INACTIVE)}, addrs)
+    assert whats(ops) == [("pi4", "join as worker via pi1"),
+                          ("pi1", "wait until pi1, pi2, pi3 are Ready managers and pi4 a Ready "
+                                  "worker")]
+    assert "ready/worker@10.77.0.14" in ops[1].cmd and "ready/reachable@10.77.0.13:2377" \
+        in ops[1].cmd
+    four_managers = ALL + ["10.77.0.14"]
+    facts = {n: parse_swarm_info(manager_info(f"id-{n}", a, "clu", four_managers,
+                                              2_000_000_000)) for n, a in addrs.items()}
+    ops = plan(c4, facts, addrs)
+    assert whats(ops)[0] == ("pi1", "demote pi4 to a worker (4 nodes: 3 managers keep the raft "
+                                    "odd)")
+    assert ops[0].cmd == "docker node demote id-pi4"
+    worker = facts | {"pi4": parse_swarm_info(worker_info("id-pi4", "10.77.0.14", ALL))}
+    assert plan(c4, worker, addrs) == []  # not promoted
+    five = c4.model_copy(update={"nodes": [*c4.nodes, Node(name="pi5", address="10.77.0.15")]})
+    ops = plan(five, worker | {"pi5": parse_swarm_info(INACTIVE)},
+               {**addrs, "pi5": "10.77.0.15"})
+    assert whats(ops)[:2] == [("pi5", "join as manager via pi1"),
+                              ("pi1", "promote pi4 (a worker) to manager")]
 
 
 def test_plan_promotes_a_worker_of_this_swarm(c):
@@ -318,7 +350,8 @@ def test_setup_converged_says_nothing_to_do(c, capsys):
     assert r.log == []
     assert capsys.readouterr().out.splitlines() == [
         "pi1: swarm: nothing to do",
-        "pi1: swarm: all 3 nodes are managers already, dispatcher heartbeat 2 s"]
+        "pi1: swarm: managers already as wanted: 3 managers (pi1, pi2, pi3), dispatcher "
+        "heartbeat 2 s"]
 
 
 def test_setup_dry_run_only_reads(c, capsys):
