@@ -60,7 +60,8 @@ def leavers(c: Cluster, members: list[SwarmNode], peers: list[Peer], vol: Volume
     """The swarm entries and pool peers that are no node of `c` (by address or name), one
     Leaver per address, in the order the swarm lists them (pure)."""
     from tasks.gluster_plans import departed_peers
-    from tasks.swarm import advertise_address, departed_entries
+    from tasks.swarm import departed_entries
+    from tasks.swarm_facts import advertise_address
 
     def node(name: str, address: str) -> Node:  # as the cluster knew it: not validated again
         return Node.model_construct(name=name or address, address=address)
@@ -163,7 +164,7 @@ def _read(c: Cluster, r: Remote) -> tuple[str, list[SwarmNode], list[Peer], Volu
     first listed node whose swarm lists nodes (a manager), else the first that answers."""
     from tasks.gluster_facts import parse_peer_status, parse_volume_info
     from tasks.remote import RemoteError
-    from tasks.swarm import read_members
+    from tasks.swarm_facts import read_members
 
     via, members = "", []
     for n in c.nodes:

@@ -29,25 +29,29 @@ the last manager leaves with `--force`. The facts are read first, so a second cl
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import shlex
-import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
 from tasks.ops import Op, StepError, apply_ops, remote_task
 from tasks.remote import Failure, Kind, Remote, RemoteError, progress
 from tasks.state import forget
+from tasks.swarm_facts import (
+    SWARM_PORT,
+    SwarmFacts,
+    advertise_address,
+    host_part,
+    read_facts,
+    read_facts_reachable,
+    read_members,
+)
 
 if TYPE_CHECKING:
     from tasks.facts_cluster import SwarmNode
 
 STEP = "swarm"
-SWARM_PORT = 2377
 # Stamps of steps whose objects live inside the swarm: leaving the swarm deletes them too.
 INSIDE_SWARM = ("stack-objects", "stack")
 # Seconds to wait for joined managers to show up Ready and Reachable.
@@ -55,108 +59,8 @@ MEMBERSHIP_TIMEOUT = 60.0
 # Seconds to wait for a demoted manager to count as a worker (it leaves by force anyway).
 DEMOTION_TIMEOUT = 30.0
 
-INFO_CMD = "docker info --format '{{json .Swarm}}'"
 LEAVE_CMD = "timeout 60 docker swarm leave --force"
 LEAVE_DEADLINE = 75.0  # seconds: LEAVE_CMD's own limit and a margin
-
-
-# ---------------------------------------------------------------------------------------------
-# Facts
-
-
-@dataclass(frozen=True)
-class SwarmFacts:
-    """One node's view of its swarm membership (`docker info` .Swarm)."""
-
-    state: str  # inactive | pending | active | error | locked
-    node_id: str = ""
-    node_addr: str = ""
-    manager: bool = False  # ControlAvailable: this node is a manager
-    cluster_id: str = ""  # only managers know it
-    managers: tuple[str, ...] = ()  # manager addresses (host part of RemoteManagers)
-    heartbeat_ns: int | None = None  # only managers know it
-    error: str = ""
-
-    @property
-    def active(self) -> bool:
-        """The node is a working member of a swarm."""
-        return self.state == "active"
-
-
-def parse_swarm_info(text: str) -> SwarmFacts:
-    """Parse `docker info --format '{{json .Swarm}}'`."""
-    data = json.loads(text.strip() or "{}")
-    cluster = data.get("Cluster") or {}
-    spec = cluster.get("Spec") or {}
-    heartbeat = (spec.get("Dispatcher") or {}).get("HeartbeatPeriod")
-    managers = tuple(_host(m.get("Addr", "")) for m in data.get("RemoteManagers") or [])
-    return SwarmFacts(
-        state=str(data.get("LocalNodeState") or "inactive"),
-        node_id=str(data.get("NodeID") or ""),
-        node_addr=str(data.get("NodeAddr") or ""),
-        manager=bool(data.get("ControlAvailable")),
-        cluster_id=str(cluster.get("ID") or ""),
-        managers=tuple(sorted(m for m in managers if m)),
-        heartbeat_ns=int(heartbeat) if heartbeat is not None else None,
-        error=str(data.get("Error") or ""),
-    )
-
-
-def _host(addr: str) -> str:
-    """'10.0.0.1:2377' -> '10.0.0.1'; '[fe80::1]:2377' -> 'fe80::1'."""
-    if addr.startswith("["):
-        return addr[1:].split("]", 1)[0]
-    return addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr
-
-
-def advertise_address(node: Node) -> str:
-    """The IP address the node advertises to the swarm: its address in the cluster file, a
-    host name resolved here (the controller reaches the node at that address)."""
-    try:
-        return str(ipaddress.ip_address(node.address))
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(node.address, SWARM_PORT, socket.AF_INET, socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ValueError(f"{node.name}: cannot resolve {node.address!r} ({e}): put the Pi's IP "
-                         "address in the cluster file") from None
-    return str(infos[0][4][0])
-
-
-def read_facts(r: Remote, nodes: Sequence[Node] | None = None) -> dict[str, SwarmFacts]:
-    """`docker info` on every node (in parallel); RemoteError naming each node that failed."""
-    res = r.run_all("swarm: read state", INFO_CMD, nodes)
-    return {name: parse_swarm_info(out.stdout) for name, out in res.items()}
-
-
-def read_facts_reachable(r: Remote, nodes: Sequence[Node] | None = None
-                         ) -> tuple[dict[str, SwarmFacts], list[Failure]]:
-    """Like `read_facts`, but unreachable nodes are returned as failures instead of raised."""
-
-    def one(n: Node) -> SwarmFacts | Failure:
-        try:
-            return parse_swarm_info(r.run(n, "swarm: read state", INFO_CMD).stdout)
-        except RemoteError as e:
-            return e.failures[0]
-
-    got = r.on_all("swarm: read state", one, nodes)
-    retry = [k for k, v in got.items() if isinstance(v, Failure)]
-    if retry:  # once more: a busy node may just have been slow to answer
-        time.sleep(2)
-        got |= r.on_all("swarm: read state", one, retry)
-    facts = {k: v for k, v in got.items() if isinstance(v, SwarmFacts)}
-    failures = [v for v in got.values() if isinstance(v, Failure)]
-    return facts, failures
-
-
-def read_members(r: Remote, manager: str) -> list[SwarmNode]:
-    """The swarm's node list as `manager` sees it (`docker node inspect` of every node); []
-    when it cannot tell (a swarm without a leader: the changes that follow fail, saying so)."""
-    from tasks.facts_cluster import NODES_PROBE, parse_node_inspect  # not at `doit list`
-
-    return parse_node_inspect(r.run(manager, "swarm: read the node list", NODES_PROBE,
-                                    check=False).stdout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +140,7 @@ def stale_entries(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str,
     for e in members:
         if e.id in live or e.state == "ready":
             continue
-        raft_ip = _host(e.manager_addr) if e.manager_addr else ""
+        raft_ip = host_part(e.manager_addr) if e.manager_addr else ""
         addr = "" if e.addr in ("", "0.0.0.0") else e.addr
         for n in c.nodes:
             ip = addresses[n.name]
@@ -254,7 +158,7 @@ def departed_entries(c: Cluster, addresses: dict[str, str],
     refused (switch it off first: its own firewall keeps the new node out of Gluster too)."""
     ips, names = set(addresses.values()), set(c.names)
     return [e for e in members if e.addr not in ips and e.host not in names
-            and not (e.manager_addr and _host(e.manager_addr) in ips)]
+            and not (e.manager_addr and host_part(e.manager_addr) in ips)]
 
 
 def stale_ops(c: Cluster, facts: dict[str, SwarmFacts], addresses: dict[str, str],

@@ -31,7 +31,8 @@ from tasks.gluster_facts import (
 )
 from tasks.gluster_replace import NodeFacts, heal_left, node_facts, plan_replace, pool_view
 from tasks.ops import Op, StepError
-from tasks.swarm import parse_swarm_info, stale_entries
+from tasks.swarm import stale_entries
+from tasks.swarm_facts import INFO_CMD, parse_swarm_info
 
 
 def recorded(name: str) -> str:
@@ -548,7 +549,7 @@ def test_setup_removes_the_stale_entry_then_joins(c, capsys):
 
         def run(self, node, step, cmd, **kw):
             name = node if isinstance(node, str) else node.name
-            if cmd == swarm.INFO_CMD:
+            if cmd == INFO_CMD:
                 return Result(infos[name], "", 0)
             if cmd == NODES_PROBE:
                 return Result(NODE_INSPECT, "", 0)

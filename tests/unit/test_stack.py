@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import galera, render, secrets, stack, stack_facts, swarm
+from tasks import galera, render, secrets, stack, stack_facts, swarm, swarm_facts
 from tasks.config import LAB_CLUSTER_FILE, Cluster, Node, load_cluster
 from tasks.failures import Result
 from tasks.galera import BOOTSTRAP, STEADY, GaleraFacts, Member, decide
 from tasks.ops import Op
-from tasks.swarm import SwarmFacts, leave_plan, parse_swarm_info, plan
+from tasks.swarm import leave_plan, plan
+from tasks.swarm_facts import SwarmFacts, parse_swarm_info
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +293,7 @@ class SwarmRemote:
         from tasks.facts_cluster import NODES_PROBE
 
         name = node if isinstance(node, str) else node.name
-        if cmd == swarm.INFO_CMD:
+        if cmd == swarm_facts.INFO_CMD:
             return Result(self.infos[name], "", 0)
         if cmd == NODES_PROBE:
             return Result(self.nodes, "", 0)
