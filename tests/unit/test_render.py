@@ -129,6 +129,7 @@ def test_stack_shape(rendered):
     assert svc["db"]["deploy"]["placement"]["max_replicas_per_node"] == 1
     assert svc["db"]["deploy"]["replicas"] == len(c.nodes)
     ha = svc["homeassistant"]["deploy"]
+    assert svc["homeassistant"]["working_dir"] == "/"  # off the Gluster mount (see the template)
     assert svc["db-seed"]["deploy"]["replicas"] == 0
     if c.ha_standby:  # host mode (the lab): a waiting HA on every node, one per node
         assert (ha["replicas"], ha["placement"]["max_replicas_per_node"]) == (len(c.nodes), 1)
