@@ -81,3 +81,73 @@ def test_plan_drain_leave_and_pool(c: Cluster) -> None:
     assert leave[2].node == x.node and "docker swarm leave" in leave[2].cmd
     worker = depart.Leaver(x.node, entry("pi4", "10.77.0.14", role="worker", reach=""))
     assert [o.what for o in depart.plan_leave(worker, "pi1")][0] == "pi4 leaves the swarm"
+
+
+class DepartRemote:
+    """A Remote for `depart.setup`: pi1 answers the node list and the pool; the leavers in
+    `alive` answer, the others fail to connect; every other command is logged (node, cmd) and
+    succeeds."""
+
+    def __init__(self, c: Cluster, members: str, pool: str, alive: set[str]):
+        self.cluster, self.members, self.pool, self.alive = c, members, pool, alive
+        self.log: list[tuple[str, str]] = []
+
+    def run(self, node, step, cmd, **kw):
+        from tasks.facts_cluster import NODES_PROBE
+        from tasks.failures import Result
+        from tasks.remote import Failure, Kind, RemoteError
+
+        n = self.cluster.node(node) if isinstance(node, str) else node
+        if n.name not in self.cluster.names and n.name not in self.alive:
+            raise RemoteError([Failure(node=n.name, address=n.address, step=step,
+                                       kind=Kind.UNREACHABLE, detail="no route to host",
+                                       hint="")])
+        if cmd == NODES_PROBE:
+            return Result(self.members if n.name == "pi1" else "", "", 0)
+        if "peer status" in cmd:
+            return Result(self.pool, "", 0)
+        self.log.append((n.name, cmd))
+        return Result("", "", 0)
+
+
+def inspect_line(host: str, addr: str, role: str = "manager") -> str:
+    import json
+
+    manager = {"Leader": host == "pi1", "Reachability": "reachable", "Addr": f"{addr}:2377"}
+    return json.dumps({"id": f"id-{host}", "host": host, "state": "ready", "addr": addr,
+                       "availability": "active", "role": role,
+                       "manager": manager if role == "manager" else None})
+
+
+def test_setup_drains_and_cleans_a_leaver_that_answers_and_leaves_a_dead_one(
+        c: Cluster, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from tests.unit.test_gluster import PEER_STATUS, VOLUME_INFO
+
+    members = "\n".join([inspect_line(f"pi{i}", f"10.77.0.1{i}") for i in (1, 2, 3)]
+                        + [inspect_line("pi4", "10.77.0.14"),
+                           inspect_line("pi5", "10.77.0.15", "worker")])
+    block = PEER_STATUS[PEER_STATUS.rindex("<peer>"):PEER_STATUS.rindex("</peer>") + 7]
+    with_pi4 = PEER_STATUS.replace(block, block + block.replace("10.77.0.13", "10.77.0.14"))
+    cleaned: list[str] = []
+    monkeypatch.setattr(depart, "_unmount", lambda c, x, dryrun: cleaned.append(
+        f"unmount {x.node.name}"))
+    monkeypatch.setattr(depart, "_clean_node", lambda c, x, dryrun: cleaned.append(
+        f"clean {x.node.name}"))
+    # setup asks peer status and volume info in one command, split at <!--cut-->
+    r = DepartRemote(c, members, with_pi4 + "<!--cut-->" + VOLUME_INFO, alive={"pi4"})
+    out = depart.setup(c, r)
+    assert out == {"left": ["pi4"]}
+    assert cleaned == ["unmount pi4", "clean pi4"]
+    cmds = [(n, cmd.split(" 2>")[0]) for n, cmd in r.log if cmd != "true"]
+    assert cmds[0] == ("pi1", "docker node update --availability drain id-pi4")
+    assert cmds[1][0] == "pi4" and "com.docker.stack.namespace=haswarm" in cmds[1][1]
+    assert [c for n, c in cmds[2:]] == [
+        "gluster --mode=script peer detach 10.77.0.14",
+        "docker node demote id-pi4",
+        "[ -z \"$(docker node inspect --format '{{if .ManagerStatus}}m{{end}}' id-pi4)\" ]",
+        "docker info --format '{{.Swarm.LocalNodeState}}' | grep -qx inactive || timeout 60 "
+        "docker swarm leave",
+        "docker node inspect --format '{{.Status.State}}' id-pi4 | grep -qx down",
+        "docker node rm --force id-pi4"]
+    said = capsys.readouterr().out
+    assert "pi5 (10.77.0.15) left the cluster file and does not answer" in said
