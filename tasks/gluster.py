@@ -10,9 +10,11 @@ undoes exactly it, so `doit clean` runs them in the reverse order):
     gluster:peers   the first node probes the others       clean: peers detached
     gluster:bricks  brick dirs exist on every node         clean: kept; `purge=yes` removes them
     gluster:volume  replica N volume, options, started;    clean: stopped and deleted
-                    the brick of a Pi no longer listed
-                    moved to its replacement, healed,
-                    and that Pi detached from the pool
+                    it follows `nodes:`: a new node's brick
+                    added (replica N+1) and healed, the
+                    brick of a Pi no longer listed removed
+                    (N-1) or moved to its replacement, and
+                    that Pi detached from the pool
     gluster:mount   fstab line + FUSE mount on every node  clean: unmounted, haswarm's line removed
     gluster:dirs    service dirs created on the volume     clean: kept (user data, on the bricks)
 
