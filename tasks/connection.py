@@ -6,6 +6,7 @@ connections and turns the explanations into `Failure`s.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import socket
 import threading
@@ -40,6 +41,38 @@ COMMAND_TIMEOUT = 60.0
 # the command's deadline instead.
 KEEPALIVE_INTERVAL = 5
 DEAD_AFTER = 60
+
+
+# The connections kept for the whole process by `Remote(c, shared=True)` (tasks.remote): one
+# `doit setup` runs ~20 steps, each with its own Remote; without this each would open (key
+# exchange, authentication) every node's connection again. Keyed by `shared_key`; a connection
+# found broken is opened again. Closed when the process ends.
+_SHARED_CONNS: dict[tuple[str, ...], Connection] = {}
+_SHARED_LOCKS: dict[tuple[str, ...], threading.Lock] = {}
+_SHARED_GUARD = threading.Lock()
+
+
+def shared_key(cluster: Cluster, n: Node) -> tuple[str, ...]:
+    """What identifies `n`'s shared connection: its name and how it is reached (another
+    cluster file may give the same name to another machine)."""
+    ssh = cluster.ssh_for(n)
+    return (n.name, n.address, str(ssh.port), ssh.user, str(ssh.key),
+            str(cluster.ssh.known_hosts), str(cluster.ssh.connect_timeout))
+
+
+def close_shared() -> None:
+    """Close the connections kept for the process (at its exit; tests call it)."""
+    with _SHARED_GUARD:
+        conns = list(_SHARED_CONNS.values())
+        _SHARED_CONNS.clear()
+    for conn in conns:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a dead connection may raise anything
+            pass
+
+
+atexit.register(close_shared)
 
 
 class UnknownHostKey(Exception):

@@ -134,7 +134,7 @@ def run_step(c: Cluster, step: str, fn: Callable[..., dict[str, Any] | None]
 
     started = time.monotonic()
     try:
-        with Remote(c) as r:
+        with Remote(c, shared=True) as r:
             facts = fn(c, r) or {}
     except (RemoteError, HaswarmError, OSError) as e:
         return TaskFailed(f"{step} failed:\n{e}")
@@ -151,7 +151,7 @@ def clean_step(c: Cluster, step: str, fn: Callable[[Cluster, Remote, bool], None
     from tasks.remote import Remote, RemoteError
 
     try:
-        with Remote(c) as r:
+        with Remote(c, shared=True) as r:
             fn(c, r, dryrun)
     except (RemoteError, HaswarmError, OSError) as e:
         return record_failure(task or step, f"{step} (clean) failed:\n{e}")

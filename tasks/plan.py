@@ -71,7 +71,7 @@ def plan(c: Cluster, order: list[str]) -> list[str]:
     from tasks.remote import Remote, RemoteError
 
     unknown = []
-    with Remote(c) as r:
+    with Remote(c, shared=True) as r:
         for name, fn in steps(order):
             print(f"-- {name}", flush=True)
             try:

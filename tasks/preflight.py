@@ -289,7 +289,7 @@ def report(c: Cluster, facts: dict[str, Facts]) -> str | None:
 def preflight(c: Cluster) -> TaskFailed | None:
     """Check every node of `c`, print the table, and return TaskFailed if any is not ready."""
     t0 = time.monotonic()
-    with Remote(c) as r:
+    with Remote(c, shared=True) as r:
         facts = judge(c, gather(r), expected_images(c))
     print(table(c, facts), flush=True)
     message = report(c, facts)

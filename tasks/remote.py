@@ -45,13 +45,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tasks.config import Cluster, Node
 from tasks.connection import (  # noqa: F401  (the exceptions are re-exported for callers)
+    _SHARED_CONNS,
+    _SHARED_GUARD,
+    _SHARED_LOCKS,
     COMMAND_TIMEOUT,
     KeyFileProblem,
     UnknownHostKey,
     _RejectUnknown,
+    close_shared,
     explain,
     load_key,
     open_connection,
+    shared_key,
 )
 from tasks.docker_relay import _DockerRelay
 from tasks.failures import (  # noqa: F401  (re-exported: callers import them from here)
@@ -97,13 +102,16 @@ _MISSING = 77
 class Remote:
     """Connections to the cluster's nodes, opened on first use; a context manager closing them.
 
-    Thread-safe: `on_all` calls its function for every node at once.
+    `shared=True`: the SSH connections outlive this Remote and serve every later shared Remote
+    of the process (the steps of one `doit setup` or `doit clean`); `close` then leaves them
+    open. Thread-safe: `on_all` calls its function for every node at once.
     """
 
-    def __init__(self, cluster: Cluster):
+    def __init__(self, cluster: Cluster, shared: bool = False):
         self.cluster = cluster
-        self._conns: dict[str, Connection] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self.shared = shared
+        self._conns: dict[Any, Connection] = _SHARED_CONNS if shared else {}
+        self._locks: dict[Any, threading.Lock] = _SHARED_LOCKS if shared else {}
         self._keys: dict[Path, paramiko.PKey] = {}
         self._guard = threading.Lock()
         self._secrets: set[str] = set()
@@ -128,7 +136,9 @@ class Remote:
         with self._guard:
             relays, self._relays = self._relays, []
             self._docker = {}
-            conns, self._conns = list(self._conns.values()), {}
+            conns = []
+            if not self.shared:
+                conns, self._conns = list(self._conns.values()), {}
         for relay in relays:
             relay.close()
         for conn in conns:
@@ -324,7 +334,7 @@ class Remote:
         import docker as docker_sdk
 
         n = self._node(node)
-        with self._lock(n.name):  # one client per node and timeout, even from many threads
+        with self._lock(n):  # one client per node and timeout, even from many threads
             client = self._docker.get((n.name, timeout))
             if client is not None:
                 return client
@@ -353,9 +363,14 @@ class Remote:
     def _node(self, node: Node | str) -> Node:
         return self.cluster.node(node) if isinstance(node, str) else node
 
-    def _lock(self, name: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(name, threading.Lock())
+    def _key_of(self, n: Node) -> Any:
+        """What identifies `n`'s connection: its name; in the shared pool, also how it is
+        reached (another cluster file may name another machine alike)."""
+        return shared_key(self.cluster, n) if self.shared else n.name
+
+    def _lock(self, n: Node) -> threading.Lock:
+        with _SHARED_GUARD if self.shared else self._guard:
+            return self._locks.setdefault(self._key_of(n), threading.Lock())
 
     def _wrap(self, n: Node, cmd: str, sudo: bool) -> str:
         """Always /bin/sh (login shells differ); as root via sudo -n when needed."""
@@ -392,8 +407,8 @@ class Remote:
         return self.cluster.ssh_for(n).user != "root"
 
     def _forget(self, n: Node) -> None:
-        with self._lock(n.name):
-            conn = self._conns.pop(n.name, None)
+        with self._lock(n):
+            conn = self._conns.pop(self._key_of(n), None)
         if conn is not None:
             try:
                 conn.close()
@@ -402,8 +417,8 @@ class Remote:
 
     def _connection(self, n: Node, step: str, shown: str | None) -> Connection:
         """The open connection to `n` (opened now if needed); RemoteError if that fails."""
-        with self._lock(n.name):
-            conn = self._conns.get(n.name)
+        with self._lock(n):
+            conn = self._conns.get(self._key_of(n))
             if conn is not None and conn.is_connected:
                 return conn
             if conn is not None:
@@ -412,7 +427,7 @@ class Remote:
                 conn = self._open(n)
             except Exception as e:
                 raise RemoteError([self._from_exception(n, step, shown, e)]) from e
-            self._conns[n.name] = conn
+            self._conns[self._key_of(n)] = conn
             return conn
 
     def _open(self, n: Node) -> Connection:
@@ -432,7 +447,7 @@ class Remote:
     def _upload(self, n: Node, step: str, content: bytes, tmp: str) -> None:
         conn = self._connection(n, step, None)
         try:
-            with self._lock(n.name):
+            with self._lock(n):
                 sftp = conn.sftp()
                 sftp.get_channel().settimeout(SFTP_IO_TIMEOUT)
                 sftp.putfo(io.BytesIO(content), tmp, confirm=True)

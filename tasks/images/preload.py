@@ -438,7 +438,7 @@ def preload(c: Cluster, manifest: Path, nodes: Iterable[str] | None = None,
 
     if remote is not None:
         return one(remote)
-    with Remote(c) as r:
+    with Remote(c, shared=True) as r:
         return one(r)
 
 

@@ -64,8 +64,8 @@ class FakeRemote(Remote):
     """A Remote whose connections are FakeConns; `broken` maps node -> exception on connect."""
 
     def __init__(self, cluster: Cluster, handler: Handler,
-                 broken: dict[str, BaseException] | None = None):
-        super().__init__(cluster)
+                 broken: dict[str, BaseException] | None = None, shared: bool = False):
+        super().__init__(cluster, shared=shared)
         self.handler = handler
         self.broken = broken or {}
         self.log: list[tuple[str, str, str]] = []
@@ -109,6 +109,29 @@ def test_nothing_opens_before_use(cluster: Cluster) -> None:
     r.run("pi2", "x", "true")
     r.run("pi2", "y", "true")
     assert r.opened == ["pi2"], "one connection per node, reused"
+
+
+def test_shared_remotes_keep_one_connection_per_node_for_the_process(cluster: Cluster) -> None:
+    remote.close_shared()
+    try:
+        with FakeRemote(cluster, ok(), shared=True) as first:  # one step of `doit setup`
+            first.run_all("x", "true")
+        kept = dict(remote._SHARED_CONNS)
+        assert sorted(first.opened) == ["pi1", "pi2", "pi3"]
+        assert all(conn.is_connected for conn in kept.values()), "closing a step keeps them"
+        with FakeRemote(cluster, ok(), shared=True) as second:  # the next step
+            second.run_all("y", "true")
+        assert second.opened == [], "the next step reuses every node's connection"
+        next(c for k, c in kept.items() if k[0] == "pi2").close()  # as if pi2 rebooted
+        with FakeRemote(cluster, ok(), shared=True) as third:
+            third.run_all("z", "true")
+        assert third.opened == ["pi2"], "a broken one is opened again"
+        with FakeRemote(cluster, ok()) as private:  # not shared: its own, closed with it
+            private.run("pi1", "x", "true")
+        assert private.opened == ["pi1"] and not private._conns
+    finally:
+        remote.close_shared()
+    assert not remote._SHARED_CONNS and not any(c.is_connected for c in kept.values())
 
 
 def test_every_failure_is_collected_others_finish(cluster: Cluster) -> None:
