@@ -190,6 +190,11 @@ class Images(_Strict):
     portainer_agent: Image | None = None
 
 
+class Preload(_Strict):
+    relay: bool = Field(True, description="the nodes pass the images on to each other over SSH, "
+                        "so the controller's link carries each layer once (tasks/images/relay.py)")
+
+
 class Gluster(_Strict):
     volume: str = "haswarm"
     brick_dir: Path = Path("/srv/gluster/haswarm")
@@ -357,6 +362,7 @@ class Cluster(_Strict):
     ssh: SSHDefaults = Field(default_factory=SSHDefaults)
     nodes: list[Node]
     images: Images
+    preload: Preload = Field(default_factory=Preload)
     gluster: Gluster = Field(default_factory=Gluster)
     swarm: Swarm = Field(default_factory=Swarm)
     homeassistant: HomeAssistant = Field(default_factory=HomeAssistant)

@@ -273,6 +273,7 @@ class NodeReport:
     upload_seconds: float = 0.0  # until the last byte was handed to SSH (then the node unpacks)
     seconds: float = 0.0
     retried_full: bool = False
+    relayed: bool = False  # in the relay's chain (tasks/images/relay.py) before its own check
 
 
 # One SSH round trip: every image's inspect entry (a failing engine fails the command).
@@ -335,12 +336,13 @@ def preload_ops(plan: Plan, layer_sizes: dict[tuple[str, int], int],
     return ops
 
 
-def preload_node(remote: Any, node: Node, wanted: list[Wanted],
-                 dryrun: bool = False) -> NodeReport:
+def preload_node(remote: Any, node: Node, wanted: list[Wanted], dryrun: bool = False,
+                 facts: NodeFacts | None = None) -> NodeReport:
     """Put every wanted image on `node`, sending only what it lacks (facts, `plan_node`,
-    `preload_ops`, `apply_ops`); verify afterwards. With `dryrun`, only say what it would do."""
+    `preload_ops`, `apply_ops`); verify afterwards. With `dryrun`, only say what it would do.
+    `facts`: the node's, when just read (else read now)."""
     t0 = time.monotonic()
-    facts = node_facts(remote, node)
+    facts = facts or node_facts(remote, node)
     plan = plan_node(wanted, facts)
     rep = NodeReport(node.name, present=len(plan.present))
     if plan.nothing_to_do and (problems := check_node(wanted, facts)):
@@ -410,10 +412,13 @@ def _load(remote: Any, node: Node, entries: list[TarEntry], rep: NodeReport) -> 
 
 def preload(c: Cluster, manifest: Path, nodes: Iterable[str] | None = None,
             remote: Any = None, dryrun: bool = False) -> dict[str, NodeReport]:
-    """Preload every manifest image onto `nodes` (default: all) in parallel.
+    """Preload every manifest image onto `nodes` (default: all) in parallel: first through the
+    nodes' relay (tasks/images/relay.py) when several lack the same images and the cluster
+    file allows it, then straight from here to each node for whatever it still lacks.
 
     Every node runs to its end; failed nodes are raised together as one RemoteError naming
-    each node and its reason. Returns node -> NodeReport."""
+    each node and its reason. Returns node -> NodeReport (the relay's bytes are the first
+    relaying node's `bytes_sent`)."""
     from tasks.remote import Failure, Kind, Remote, RemoteError
 
     wanted = read_manifest(manifest)
@@ -426,9 +431,19 @@ def preload(c: Cluster, manifest: Path, nodes: Iterable[str] | None = None,
     targets = list(nodes) if nodes is not None else c.names
 
     def one(r: Any) -> dict[str, NodeReport]:
+        from tasks.images.relay import Relayed, relay
+
+        done = Relayed()
+        if c.preload.relay and len(targets) > 1:
+            done = relay(r, c, [c.node(t) for t in targets], wanted, dryrun)
+
         def fn(n: Node) -> NodeReport:
             try:
-                return preload_node(r, n, wanted, dryrun)
+                rep = preload_node(r, n, wanted, dryrun, done.facts.get(n.name))
+                rep.relayed = n.name in done.chain
+                if done.chain and n.name == done.chain[0]:
+                    rep.bytes_sent += done.sent
+                return rep
             except ImageError as e:
                 raise RemoteError([Failure(
                     node=n.name, address=n.address, step="images: preload", kind=Kind.ERROR,

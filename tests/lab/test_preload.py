@@ -90,11 +90,17 @@ def test_preload_puts_every_image_on_every_node_then_sends_nothing(lab, cluster,
     _remove_on_nodes(cluster, [APP_TAG, BASE_TAG])
 
     t0 = time.monotonic()
-    first = images.preload(cluster, small_manifest)
+    first = images.preload(cluster, small_manifest)  # through the relay (the default)
     first_s = time.monotonic() - t0
-    for rep in first.values():
-        assert rep.loaded + rep.retagged == 2, rep
-        assert rep.loaded == 0 or rep.bytes_sent > 0
+    head, *rest = cluster.names
+    assert all(rep.relayed for rep in first.values()), first
+    sizes = sum(p.stat().st_size for p in small_manifest.parent.glob("*.tar"))
+    assert 0 < first[head].bytes_sent <= sizes, "the images left the controller once"
+    assert all(first[n].bytes_sent == 0 and first[n].loaded == 0 for n in rest), first
+    with Remote(cluster) as r:  # nothing of the relay is left on any node
+        left = r.run_all("test: relay leftovers", "ls -d /var/tmp/haswarm-relay-* 2>/dev/null; "
+                         "grep -c haswarm-relay /root/.ssh/authorized_keys; true")
+    assert {n: x.stdout.split() for n, x in left.items()} == {n: ["0"] for n in cluster.names}
     facts = _facts(cluster)
     for name in cluster.names:
         assert images.check_node(wanted, facts[name]) == [], name
@@ -117,9 +123,13 @@ def test_preload_puts_every_image_on_every_node_then_sends_nothing(lab, cluster,
 
 
 def test_the_base_layer_is_not_resent_for_an_image_built_on_it(lab, cluster, small_manifest):
-    """Only the app's own layer travels when the node already holds the base."""
+    """Only the app's own layer travels when the node already holds the base (each node's
+    own stream: the relay off)."""
     _remove_on_nodes(cluster, [APP_TAG])
-    reports = images.preload(cluster, small_manifest)
+    direct = cluster.model_copy(update={
+        "preload": cluster.preload.model_copy(update={"relay": False})})
+    reports = images.preload(direct, small_manifest)
+    assert all(rep.loaded == 1 and not rep.relayed for rep in reports.values()), reports
     app_tar = small_manifest.parent / "app.tar"
     for rep in reports.values():
         if rep.loaded:  # the app image went (its base layer stayed behind)

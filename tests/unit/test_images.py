@@ -446,6 +446,13 @@ def fake_remote(c, engines: dict[str, FakeEngine]) -> Remote:
     return r
 
 
+def direct_cluster():
+    """The lab's cluster with the relay off: each node gets its stream from here (the relay
+    has its own tests: test_relay.py)."""
+    c = load_cluster(LAB_CLUSTER_FILE)
+    return c.model_copy(update={"preload": c.preload.model_copy(update={"relay": False})})
+
+
 def images_failure(c, name, why):
     from tasks.remote import Failure, Kind
     n = c.node(name)
@@ -453,7 +460,7 @@ def images_failure(c, name, why):
 
 
 def test_preload_sends_what_is_missing_then_nothing(tmp_path, capsys):
-    c = load_cluster(LAB_CLUSTER_FILE)
+    c = direct_cluster()
     manifest = saved_manifest(tmp_path)
     engines = {n: FakeEngine() for n in c.names}
     first = images.preload(c, manifest, remote=fake_remote(c, engines))
@@ -467,7 +474,7 @@ def test_preload_sends_what_is_missing_then_nothing(tmp_path, capsys):
 
 
 def test_preload_dry_run_says_what_it_would_load_and_sends_nothing(tmp_path, capsys):
-    c = load_cluster(LAB_CLUSTER_FILE)
+    c = direct_cluster()
     manifest = saved_manifest(tmp_path)
     engines = {n: FakeEngine() for n in c.names}
     reports = images.preload(c, manifest, remote=fake_remote(c, engines), dryrun=True)
@@ -480,7 +487,7 @@ def test_preload_dry_run_says_what_it_would_load_and_sends_nothing(tmp_path, cap
 
 
 def test_preload_retags_and_loads_then_reports_sizes_and_times(tmp_path, capsys):
-    c = load_cluster(LAB_CLUSTER_FILE)
+    c = direct_cluster()
     manifest = saved_manifest(tmp_path)
     w = read_manifest(manifest)
     engines = {n: FakeEngine() for n in c.names}
@@ -500,7 +507,7 @@ def test_preload_retags_and_loads_then_reports_sizes_and_times(tmp_path, capsys)
 
 
 def test_preload_failure_names_the_node_and_others_finish(tmp_path):
-    c = load_cluster(LAB_CLUSTER_FILE)
+    c = direct_cluster()
     manifest = saved_manifest(tmp_path)
     engines = {n: FakeEngine() for n in c.names}
     engines["pi2"].fail = "no answer from 10.77.0.12 port 22 within 5 s"
@@ -513,7 +520,7 @@ def test_preload_failure_names_the_node_and_others_finish(tmp_path):
 def test_preload_refuses_a_node_without_room_and_others_finish(tmp_path):
     """A node whose disk cannot take the images plus DISK_SPARE is named with the numbers and
     gets nothing; the one just big enough loads."""
-    c = load_cluster(LAB_CLUSTER_FILE)
+    c = direct_cluster()
     manifest = saved_manifest(tmp_path)
     engines = {n: FakeEngine() for n in c.names}
     engines["pi1"].free = DISK_SPARE  # no room for the images on top of the spare
