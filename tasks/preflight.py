@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from doit.exceptions import TaskFailed
 
 from tasks.config import Cluster
-from tasks.images.preload import DISK_SPARE, expected_images
+from tasks.images.layers import DISK_SPARE, expected_images
 from tasks.remote import Remote, RemoteError, key_values
 
 # Free space needed where Docker keeps images, when the size of an image the node lacks is not

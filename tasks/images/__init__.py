@@ -53,12 +53,20 @@ that changes a node (tasks/ops.py), the plan becomes `Op`s (`preload_ops`: a `do
 retag, one `call` for the load stream) that `apply_ops` applies or, in `doit plan`, only tells
 ("pi1: preload-images: would load 2 image(s): ... (3 layer(s), 1 shared, 120 MB)").
 
+Before that, when two nodes or more lack the same images, the relay (relay.py, `preload.relay`
+in the cluster file, on by default) sends them once, to the first of those nodes, which loads
+them and passes the same bytes on to the next over SSH as they arrive, and so on: the
+controller's link (a Pi's 100 Mbit, often) carries the image set once, not once per node. The
+per-node pass above then finds those nodes complete, and sends what the chain missed.
+
 The package, one job per module:
     core.py     platforms, the local Docker engine, QEMU emulation (binfmt), ImageError
     base.py     FROM lines, the local Debian bases (mmdebstrap + docker load), tar streams
     build.py    buildx, build, platform check, save, manifest
     pull.py     pull by tag or digest, why a pull failed, the local stand-in rule
-    preload.py  per node facts, the plan of what is missing, its Ops, one docker load stream
+    layers.py   a node's image facts, the plan of what it lacks, the tar of only those layers
+    relay.py    what several nodes lack sent once, passed from node to node over SSH
+    preload.py  per node: its Ops, one docker load stream; preload(): the relay, then each node
     here        the doit task creators (no Docker, no SSH at load time: `doit list` is instant)
 """
 
@@ -117,7 +125,7 @@ from tasks.images.core import (
     local_image,
     verify_local,
 )
-from tasks.images.preload import (
+from tasks.images.layers import (
     FACTS_CMD,
     NodeFacts,
     Plan,
@@ -125,16 +133,18 @@ from tasks.images.preload import (
     _SavedImage,
     chain_ids,
     check_node,
-    clean_preload,
-    clean_saved,
     load_entries,
     node_facts,
     plan_node,
+    read_manifest,
+)
+from tasks.images.preload import (
+    clean_preload,
+    clean_saved,
     preload,
     preload_action,
     preload_node,
     preload_ops,
-    read_manifest,
 )
 from tasks.images.pull import (
     classify_pull_error,

@@ -24,7 +24,7 @@ from tasks.config import Cluster, Node
 from tasks.failures import _host_pattern
 from tasks.images.base import tar_stream
 from tasks.images.core import LOAD_TIMEOUT, ImageError
-from tasks.images.preload import (
+from tasks.images.layers import (
     STEP,
     NodeFacts,
     Plan,

@@ -156,7 +156,7 @@ def test_expected_images_reads_the_manifest_for_the_configured_refs(cluster: Clu
     import json
 
     from tasks.images.build import stack_images
-    from tasks.images.preload import expected_images
+    from tasks.images.layers import expected_images
 
     c = cluster.model_copy(update={"build_dir": tmp_path})
     assert set(expected_images(c).values()) == {None}, "no manifest yet: nothing known"

@@ -159,7 +159,7 @@ def test_a_node_without_room_is_refused_before_a_byte_is_sent(lab, cluster, smal
     the numbers, and is left without it; a node that lacks nothing is not asked."""
     import importlib
 
-    pre = importlib.import_module("tasks.images.preload")  # the module, not its function
+    pre = importlib.import_module("tasks.images.layers")  # where check_room reads it
 
     _remove_on_nodes(cluster, [APP_TAG])
     monkeypatch.setattr(pre, "DISK_SPARE", 2**60)

@@ -32,7 +32,7 @@ from tasks.images import (
     rewrite_froms,
     tar_stream,
 )
-from tasks.images.preload import DISK_FREE_CMD, DISK_SPARE
+from tasks.images.layers import DISK_FREE_CMD, DISK_SPARE
 from tasks.remote import Remote, RemoteError, Result
 
 ARM = Platform.parse("linux/arm/v7")

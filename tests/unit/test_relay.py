@@ -14,7 +14,7 @@ import tasks.images as images
 import tasks.images.relay as relay_module
 import tasks.remote_stream
 from tasks.config import LAB_CLUSTER_FILE, load_cluster
-from tasks.images.preload import NodeFacts, plan_node, read_manifest
+from tasks.images.layers import NodeFacts, plan_node, read_manifest
 from tasks.images.relay import (
     MARK,
     Hop,
