@@ -32,9 +32,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import re
 import selectors
 import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -89,6 +91,7 @@ def _ssh() -> Any:
 
     return paramiko
 
+_TRACE = bool(os.environ.get("HASWARM_TRACE"))
 # Seconds an SFTP read/write may stall before the upload is given up (not a limit on its length).
 SFTP_IO_TIMEOUT = 60.0
 # Exit code `read` uses for "no such file" (unlikely to come from `cat`, which exits 1).
@@ -170,9 +173,13 @@ class Remote:
         n = self._node(node)
         shown = HIDDEN if secret else cmd
         secrets = [*self._secrets, *([stdin] if stdin else [])]
+        started = time.monotonic()
         conn = self._connection(n, step, shown)
         try:
             res = self._exec(conn, self._wrap(n, cmd, sudo), stdin, timeout)
+            if _TRACE:  # HASWARM_TRACE=1: every command's time, to find where a run goes
+                print(f"[trace] {time.monotonic() - started:6.3f} s {n.name} {step}: "
+                      f"{shown[:100]!r}", file=sys.stderr, flush=True)
         except _CommandTimeout:
             raise RemoteError([self._timeout_failure(n, step, shown, timeout, hint)]) from None
         except Exception as e:  # connection lost in the middle, channel refused...

@@ -104,6 +104,22 @@ def hop_script(hop: Hop, after: Hop | None) -> str:
             "exit $st\n")
 
 
+def source_address(node: Node) -> str:
+    """The address `node`'s hop connects from, for the next node's `from=`: its address, or
+    what its host name resolves to here (sshd matches `from=` names only with UseDNS, off by
+    default)."""
+    import ipaddress
+    import socket
+
+    try:
+        return str(ipaddress.ip_address(node.address))
+    except ValueError:
+        try:
+            return socket.gethostbyname(node.address)
+        except OSError:
+            return node.address  # the hop's login fails; the direct preload follows
+
+
 def known_hosts_line(c: Cluster, hop: Hop) -> str:
     """The lines of the controller's known_hosts for `hop`'s node (what the previous node
     trusts); ImageError when it lists none (then there is no safe hop to it)."""
@@ -158,7 +174,7 @@ def prepare_command(hop: Hop, script: str, before: Hop | None, after: Hop | None
     if after is not None:
         parts += [f"printf %s {shlex.quote(known_hosts)} >{d}/known_hosts", f"cat >{d}/key"]
     if before is not None:
-        line = (f'restrict,from="{before.node.address}",command="{hop.command()}" '
+        line = (f'restrict,from="{source_address(before.node)}",command="{hop.command()}" '
                 f"{public} {MARK}-{run}")
         parts += [_authorized_keys(hop.user).rstrip("; "),
                   "[ -e \"$f\" ] || install -m 600 -o " + shlex.quote(hop.user) + ' /dev/null "$f"',
