@@ -182,6 +182,7 @@ def preload(c: Cluster, manifest: Path, nodes: Iterable[str] | None = None,
                 rep.relayed = n.name in done.chain
                 if done.chain and n.name == done.chain[0]:
                     rep.bytes_sent += done.sent
+                    rep.upload_seconds += done.upload
                 return rep
             except ImageError as e:
                 raise RemoteError([Failure(

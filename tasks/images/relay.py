@@ -187,11 +187,13 @@ class _Stream:
 
     def __init__(self, blocks: Any):
         self.blocks, self.buf, self.sent = iter(blocks), b"", 0
+        self.started, self.ended = time.monotonic(), 0.0  # ended: the last byte handed over
 
     def read(self, size: int = -1) -> bytes:
         while size < 0 or len(self.buf) < size:
             block = next(self.blocks, None)
             if block is None:
+                self.ended = self.ended or time.monotonic()
                 break
             self.buf += block
         out, self.buf = (self.buf, b"") if size < 0 else (self.buf[:size], self.buf[size:])
@@ -207,6 +209,7 @@ class Relayed:
     facts: dict[str, NodeFacts] = field(default_factory=dict)
     chain: list[str] = field(default_factory=list)
     sent: int = 0
+    upload: float = 0.0  # seconds until the last byte left this computer
 
 
 def relay(r: Remote, c: Cluster, targets: list[Node], wanted: list[Wanted],
@@ -239,15 +242,17 @@ def relay(r: Remote, c: Cluster, targets: list[Node], wanted: list[Wanted],
                 chain.remove(name)  # the direct preload says why
         if len(chain) < 2:
             return Relayed()
-        return Relayed({}, chain, _run_chain(r, c, chain, plan, saved, size, names, stream))
+        source = _run_chain(r, c, chain, plan, saved, size, names, stream)
+        return Relayed({}, chain, source.sent,
+                       (source.ended or time.monotonic()) - source.started)
     finally:
         for s in saved.values():
             s.close()
 
 
 def _run_chain(r: Remote, c: Cluster, chain: list[str], plan: Plan,
-               saved: dict[str, _SavedImage], size: int, names: str, stream: Any) -> int:
-    """Put the hops in place, stream into the first, remove the hops; the bytes sent."""
+               saved: dict[str, _SavedImage], size: int, names: str, stream: Any) -> _Stream:
+    """Put the hops in place, stream into the first, remove the hops; what was streamed."""
     from tasks.remote import RemoteError
 
     run = secrets.token_hex(6)
@@ -286,4 +291,4 @@ def _run_chain(r: Remote, c: Cluster, chain: list[str], plan: Plan,
                                      cleanup_command(c.ssh_for(n).user), check=False), chain)
         except RemoteError:
             pass  # a node gone now: its lines go with the next run's cleanup
-    return source.sent
+    return source
