@@ -191,8 +191,7 @@ class Images(_Strict):
 
 
 class Preload(_Strict):
-    relay: bool = Field(True, description="the nodes pass the images on to each other over SSH, "
-                        "so the controller's link carries each layer once (tasks/images/relay.py)")
+    relay: bool = Field(True, description="nodes pass images on over SSH (tasks/images/relay.py)")
 
 
 class Gluster(_Strict):
