@@ -60,16 +60,21 @@ def shared_key(cluster: Cluster, n: Node) -> tuple[str, ...]:
             str(cluster.ssh.known_hosts), str(cluster.ssh.connect_timeout))
 
 
+def close_all(conns: list[Connection]) -> None:
+    """Close each connection; one already dead may raise anything on close: ignored."""
+    for conn in conns:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def close_shared() -> None:
     """Close the connections kept for the process (at its exit; tests call it)."""
     with _SHARED_GUARD:
         conns = list(_SHARED_CONNS.values())
         _SHARED_CONNS.clear()
-    for conn in conns:
-        try:
-            conn.close()
-        except Exception:  # noqa: BLE001 - closing a dead connection may raise anything
-            pass
+    close_all(conns)
 
 
 atexit.register(close_shared)

@@ -54,6 +54,7 @@ from tasks.connection import (  # noqa: F401  (the exceptions are re-exported fo
     KeyFileProblem,
     UnknownHostKey,
     _RejectUnknown,
+    close_all,
     close_shared,
     explain,
     load_key,
@@ -144,11 +145,7 @@ class Remote:
                 conns, self._conns = list(self._conns.values()), {}
         for relay in relays:
             relay.close()
-        for conn in conns:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - closing a dead connection may raise anything
-                pass
+        close_all(conns)
 
     def redact(self, *values: str) -> None:
         """Register secret values: they are replaced by *** in every error this Remote raises."""
