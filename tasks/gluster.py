@@ -260,12 +260,12 @@ def setup_volume(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     def one(first: Node) -> dict[str, Any]:
         before = _volume_on(r, first, c, step)
         healed = partial(wait_healed, c=c, via=first.name)
-        apply_ops(r, first, step, plan_volume(c, before, healed), dryrun=dryrun)
+        changed = apply_ops(r, first, step, plan_volume(c, before, healed), dryrun=dryrun)
         if dryrun:
             if before is not None and before.status == "Started":
                 restart_bricks(c, r, first, step, dryrun=True)  # `doit plan` shows them too
             return {}
-        vol = _volume_on(r, first, c, step)
+        vol = _volume_on(r, first, c, step) if changed else before  # unchanged: as just read
         if vol is None or vol.status != "Started":
             raise StepError(f"volume {c.gluster.volume} is not started after setup.\n  what to "
                             f"do: see `gluster volume status {c.gluster.volume}` on the node")
