@@ -7,14 +7,17 @@ connections and turns the explanations into `Failure`s.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
+import selectors
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node
-from tasks.failures import Kind, _host_pattern
+from tasks.failures import Kind, Result, _host_pattern
 
 if TYPE_CHECKING:
     import paramiko
@@ -244,3 +247,82 @@ def explain(cluster: Cluster, n: Node, e: BaseException) -> tuple[str, str, str]
     return (Kind.ERROR, f"{type(e).__name__}: {e}",
             "unexpected: run the task again with `doit -v 2`; if it persists, report "
             "it with this message")
+
+
+# ---------------------------------------------------------------------------------------------
+# One command on one channel (tasks.remote runs them; tasks.remote_stream reuses the deadline)
+
+
+class _CommandTimeout(Exception):
+    pass
+
+
+class _ChannelRefused(Exception):
+    """Opening a channel for a command failed: the command did not start (`error` says why)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _collect(conn: Connection, chan: paramiko.Channel, command: str,
+             stdin: str | None) -> Result:
+    """Start `command` on the open channel `chan`, send `stdin` (then EOF), collect stdout and
+    stderr until it exits (or the channel is closed: see `_deadline`)."""
+    chan.exec_command(command)
+    if stdin:
+        threading.Thread(target=_feed, args=(chan, stdin.encode()), daemon=True,
+                         name="remote-stdin").start()
+    else:
+        chan.shutdown_write()
+    out, err = bytearray(), bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(chan, selectors.EVENT_READ)  # readable: stdout, stderr or EOF
+        while True:
+            while chan.recv_ready():
+                out += chan.recv(65536)
+            while chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+            if chan.eof_received or chan.closed:
+                if not (chan.recv_ready() or chan.recv_stderr_ready()):
+                    break
+                continue
+            sel.select(timeout=1.0)
+    # The exit status follows EOF (a command may also close its output and go on).
+    while not chan.status_event.wait(1.0):
+        if not conn.transport.is_active():
+            break
+    if not chan.exit_status_ready() and not conn.transport.is_active():
+        raise EOFError("the connection closed before the command ended")
+    return Result(out.decode(errors="replace"), err.decode(errors="replace"),
+                  chan.recv_exit_status())
+
+
+@contextlib.contextmanager
+def _deadline(chan: paramiko.Channel, timeout: float) -> Iterator[threading.Event]:
+    """A watchdog that closes `chan` after `timeout` s (a command's deadline) unless the block
+    ends first; yields the event it sets when it did. Closing the channel also ends paramiko's
+    own waits, which have no limit (`exec_command` waits for the node's answer forever)."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        chan.close()
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
+
+
+def _feed(chan: paramiko.Channel, data: bytes) -> None:
+    """Send `data` to a command's stdin, then EOF; a command that exits without reading all
+    of it is no error."""
+    try:
+        chan.sendall(data)
+        chan.shutdown_write()
+    except (OSError, EOFError, _ssh().SSHException):
+        pass

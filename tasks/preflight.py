@@ -288,7 +288,10 @@ def report(c: Cluster, facts: dict[str, Facts]) -> str | None:
 
 def preflight(c: Cluster) -> TaskFailed | None:
     """Check every node of `c`, print the table, and return TaskFailed if any is not ready."""
+    from tasks.connection import close_shared
+
     t0 = time.monotonic()
+    close_shared()  # a check of reachability opens its connections anew; the later steps keep them
     with Remote(c, shared=True) as r:
         facts = judge(c, gather(r), expected_images(c))
     print(table(c, facts), flush=True)

@@ -29,17 +29,15 @@ Opening one connection (host keys, key file, timeouts) and explaining why one fa
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
 import re
-import selectors
 import shlex
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -53,6 +51,10 @@ from tasks.connection import (  # noqa: F401  (the exceptions are re-exported fo
     COMMAND_TIMEOUT,
     KeyFileProblem,
     UnknownHostKey,
+    _ChannelRefused,
+    _collect,
+    _CommandTimeout,
+    _deadline,
     _RejectUnknown,
     close_all,
     close_shared,
@@ -93,6 +95,9 @@ def _ssh() -> Any:
     return paramiko
 
 _TRACE = bool(os.environ.get("HASWARM_TRACE"))
+# Set on the transport of a connection that ran a command already: a failure to open a channel
+# on one of those means the node went away since (`run` tries once more on a new connection).
+_USED = "_haswarm_used"
 # Seconds an SFTP read/write may stall before the upload is given up (not a limit on its length).
 SFTP_IO_TIMEOUT = 60.0
 # Exit code `read` uses for "no such file" (unlikely to come from `cat`, which exits 1).
@@ -173,15 +178,29 @@ class Remote:
         started = time.monotonic()
         conn = self._connection(n, step, shown)
         try:
-            res = self._exec(conn, self._wrap(n, cmd, sudo), stdin, timeout)
+            try:
+                res = self._exec(conn, self._wrap(n, cmd, sudo), stdin, timeout)
+            except _ChannelRefused as e:
+                if not getattr(getattr(conn, "transport", None), _USED, False):
+                    raise e.error from None
+                # A kept connection (shared) to a node that vanished since its last command: the
+                # command never started. Once more on a new connection, which says why.
+                self._forget(n)
+                conn = self._connection(n, step, shown)
+                res = self._exec(conn, self._wrap(n, cmd, sudo), stdin, timeout)
+            if (transport := getattr(conn, "transport", None)) is not None:
+                setattr(transport, _USED, True)
             if _TRACE:  # HASWARM_TRACE=1: every command's time, to find where a run goes
                 print(f"[trace] {time.monotonic() - started:6.3f} s {n.name} {step}: "
                       f"{shown[:100]!r}", file=sys.stderr, flush=True)
         except _CommandTimeout:
             raise RemoteError([self._timeout_failure(n, step, shown, timeout, hint)]) from None
+        except RemoteError:  # the new connection could not be opened: it says why
+            raise
         except Exception as e:  # connection lost in the middle, channel refused...
             self._forget(n)
-            raise RemoteError([self._from_exception(n, step, shown, e)]) from e
+            cause = e.error if isinstance(e, _ChannelRefused) else e
+            raise RemoteError([self._from_exception(n, step, shown, cause)]) from cause
         if check and not res.ok:
             raise RemoteError([self._command_failure(n, step, shown, res, secrets, hint)])
         return res
@@ -392,7 +411,10 @@ class Remote:
         (Not Fabric's `run`: invoke feeds stdin at ~100 KB/s and fails when a command exits
         without reading it.)
         """
-        chan = conn.transport.open_session(timeout=self.cluster.ssh.connect_timeout)
+        try:
+            chan = conn.transport.open_session(timeout=self.cluster.ssh.connect_timeout)
+        except Exception as e:  # noqa: BLE001 - the node did not take a new channel
+            raise _ChannelRefused(e) from e
         try:
             with _deadline(chan, timeout) as expired:
                 try:
@@ -505,73 +527,6 @@ class Remote:
         """A Failure explaining a connection-level (or unexpected) exception for node `n`."""
         kind, detail, hint = explain(self.cluster, n, e)
         return self._failure(n, step, kind, detail, hint=hint, command=shown)
-
-
-class _CommandTimeout(Exception):
-    pass
-
-
-def _collect(conn: Connection, chan: paramiko.Channel, command: str,
-             stdin: str | None) -> Result:
-    """Start `command` on the open channel `chan`, send `stdin` (then EOF), collect stdout and
-    stderr until it exits (or the channel is closed: see `_deadline`)."""
-    chan.exec_command(command)
-    if stdin:
-        threading.Thread(target=_feed, args=(chan, stdin.encode()), daemon=True,
-                         name="remote-stdin").start()
-    else:
-        chan.shutdown_write()
-    out, err = bytearray(), bytearray()
-    with selectors.DefaultSelector() as sel:
-        sel.register(chan, selectors.EVENT_READ)  # readable: stdout, stderr or EOF
-        while True:
-            while chan.recv_ready():
-                out += chan.recv(65536)
-            while chan.recv_stderr_ready():
-                err += chan.recv_stderr(65536)
-            if chan.eof_received or chan.closed:
-                if not (chan.recv_ready() or chan.recv_stderr_ready()):
-                    break
-                continue
-            sel.select(timeout=1.0)
-    # The exit status follows EOF (a command may also close its output and go on).
-    while not chan.status_event.wait(1.0):
-        if not conn.transport.is_active():
-            break
-    if not chan.exit_status_ready() and not conn.transport.is_active():
-        raise EOFError("the connection closed before the command ended")
-    return Result(out.decode(errors="replace"), err.decode(errors="replace"),
-                  chan.recv_exit_status())
-
-
-@contextlib.contextmanager
-def _deadline(chan: paramiko.Channel, timeout: float) -> Iterator[threading.Event]:
-    """A watchdog that closes `chan` after `timeout` s (a command's deadline) unless the block
-    ends first; yields the event it sets when it did. Closing the channel also ends paramiko's
-    own waits, which have no limit (`exec_command` waits for the node's answer forever)."""
-    expired = threading.Event()
-
-    def expire() -> None:
-        expired.set()
-        chan.close()
-
-    timer = threading.Timer(timeout, expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield expired
-    finally:
-        timer.cancel()
-
-
-def _feed(chan: paramiko.Channel, data: bytes) -> None:
-    """Send `data` to a command's stdin, then EOF; a command that exits without reading all
-    of it is no error."""
-    try:
-        chan.sendall(data)
-        chan.shutdown_write()
-    except (OSError, EOFError, _ssh().SSHException):
-        pass
 
 
 def _meta_ok(state: list[str], mode: int, owner: str | None) -> bool:

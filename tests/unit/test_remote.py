@@ -55,6 +55,7 @@ class FakeConn:
     def __init__(self, node: str, fails: BaseException | None = None):
         self.node, self.fails = node, fails
         self.is_connected = True
+        self.transport = types.SimpleNamespace()
 
     def close(self) -> None:
         self.is_connected = False
@@ -132,6 +133,27 @@ def test_shared_remotes_keep_one_connection_per_node_for_the_process(cluster: Cl
     finally:
         remote.close_shared()
     assert not remote._SHARED_CONNS and not any(c.is_connected for c in kept.values())
+
+
+def test_a_kept_connection_to_a_node_gone_since_is_opened_again(cluster: Cluster) -> None:
+    """A command that cannot get a channel on a connection that ran one before (the node went
+    away since) never started: it runs once more on a new connection, whose opening says why
+    it fails. On a connection just opened, the refusal is the answer."""
+    remote.close_shared()
+    refused = remote._ChannelRefused(SSHException("Timeout opening channel."))
+    try:
+        r = FakeRemote(cluster, ok(), shared=True)
+        r.run("pi1", "x", "true")
+        next(c for k, c in remote._SHARED_CONNS.items() if k[0] == "pi1").fails = refused
+        assert r.run("pi1", "y", "true").ok
+        assert r.opened == ["pi1", "pi1"]
+        fresh = FakeRemote(cluster, ok())
+        fresh._open = lambda n: FakeConn(n.name, fails=refused)  # type: ignore[method-assign]
+        with pytest.raises(RemoteError) as ei:
+            fresh.run("pi2", "x", "true")
+        assert "Timeout opening channel" in ei.value.failures[0].detail
+    finally:
+        remote.close_shared()
 
 
 def test_every_failure_is_collected_others_finish(cluster: Cluster) -> None:
