@@ -125,7 +125,7 @@ def main() -> int:
     c = c.model_copy(update={"preload": c.preload.model_copy(update={"relay": True})})
     t0 = time.monotonic()
     lab.up()
-    print(f"lab {'(shared)' if args.shared_lab else f'{INSTANCE!r}'} up in "
+    print(f"lab {'(shared)' if args.shared_lab else repr(INSTANCE + str(args.nodes))} up in "
           f"{time.monotonic() - t0:.1f} s: {', '.join(f'{n.name}={n.address}' for n in c.nodes)}")
     tmp = Path(tempfile.mkdtemp(prefix="haswarm-bench-"))
     try:
