@@ -137,26 +137,30 @@ def plan_leave(x: Leaver, via: str) -> list[Op]:
     return ops
 
 
-def _clean_node(c: Cluster, x: Leaver, dryrun: bool) -> None:
-    """The per-node part of `doit clean`, on the leaver alone: the volume's mount, Avahi, the
-    leader guard, the VIP, the firewall (the firewall last: it is what lets the node talk)."""
-    from tasks import avahi, firewall, guard, vip
+def _clean_alone(c: Cluster, x: Leaver, cleans: list[Any], dryrun: bool) -> None:
+    """Run clean steps (`fn(cluster, remote, dryrun)`) on the leaver alone, as a cluster of
+    that one node."""
     from tasks.remote import Remote
 
     one = c.model_copy(update={"nodes": [x.node]})
     with Remote(one) as rx:
-        for clean in (avahi.clean_cron, avahi.clean_hostname, guard.clean, vip.remove,
-                      firewall.clean_rules):
+        for clean in cleans:
             clean(one, rx, dryrun)
+
+
+def _clean_node(c: Cluster, x: Leaver, dryrun: bool) -> None:
+    """The per-node part of `doit clean`, on the leaver alone: Avahi, the leader guard, the
+    VIP, the firewall (the firewall last: it is what lets the node talk)."""
+    from tasks import avahi, firewall, guard, vip
+
+    _clean_alone(c, x, [avahi.clean_cron, avahi.clean_hostname, guard.clean, vip.remove,
+                        firewall.clean_rules], dryrun)
 
 
 def _unmount(c: Cluster, x: Leaver, dryrun: bool) -> None:
     from tasks.gluster import clean_mount
-    from tasks.remote import Remote
 
-    one = c.model_copy(update={"nodes": [x.node]})
-    with Remote(one) as rx:
-        clean_mount(one, rx, dryrun)
+    _clean_alone(c, x, [clean_mount], dryrun)
 
 
 def _read(c: Cluster, r: Remote) -> tuple[str, list[SwarmNode], list[Peer], Volume | None]:

@@ -95,9 +95,6 @@ def _ssh() -> Any:
     return paramiko
 
 _TRACE = bool(os.environ.get("HASWARM_TRACE"))
-# Set on the transport of a connection that ran a command already: a failure to open a channel
-# on one of those means the node went away since (`run` tries once more on a new connection).
-_USED = "_haswarm_used"
 # Seconds an SFTP read/write may stall before the upload is given up (not a limit on its length).
 SFTP_IO_TIMEOUT = 60.0
 # Exit code `read` uses for "no such file" (unlikely to come from `cat`, which exits 1).
@@ -176,20 +173,20 @@ class Remote:
         shown = HIDDEN if secret else cmd
         secrets = [*self._secrets, *([stdin] if stdin else [])]
         started = time.monotonic()
+        kept = self._conns.get(self._key_of(n))
+        reused = kept is not None and kept.is_connected  # it ran a command before
         conn = self._connection(n, step, shown)
         try:
             try:
                 res = self._exec(conn, self._wrap(n, cmd, sudo), stdin, timeout)
             except _ChannelRefused as e:
-                if not getattr(getattr(conn, "transport", None), _USED, False):
+                if not reused:
                     raise e.error from None
                 # A kept connection (shared) to a node that vanished since its last command: the
                 # command never started. Once more on a new connection, which says why.
                 self._forget(n)
                 conn = self._connection(n, step, shown)
                 res = self._exec(conn, self._wrap(n, cmd, sudo), stdin, timeout)
-            if (transport := getattr(conn, "transport", None)) is not None:
-                setattr(transport, _USED, True)
             if _TRACE:  # HASWARM_TRACE=1: every command's time, to find where a run goes
                 print(f"[trace] {time.monotonic() - started:6.3f} s {n.name} {step}: "
                       f"{shown[:100]!r}", file=sys.stderr, flush=True)

@@ -55,7 +55,6 @@ class FakeConn:
     def __init__(self, node: str, fails: BaseException | None = None):
         self.node, self.fails = node, fails
         self.is_connected = True
-        self.transport = types.SimpleNamespace()
 
     def close(self) -> None:
         self.is_connected = False
