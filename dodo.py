@@ -39,6 +39,7 @@ from tasks.galera import stack_task  # noqa: E402
 from tasks.gluster import task_gluster  # noqa: E402
 from tasks.guard import task_leader_guard  # noqa: E402
 from tasks.homeassistant import task_ha_files  # noqa: E402
+from tasks.members import task_members  # noqa: E402
 from tasks.onboard import task_ha_onboard  # noqa: E402
 from tasks.plan import plan_task  # noqa: E402
 from tasks.preflight import task_preflight  # noqa: E402
@@ -60,7 +61,7 @@ DOIT_CONFIG = {
 __all__ = [
     "task_base_image", "task_buildx", "task_images", "task_preload_images",
     "task_avahi", "task_depart", "task_firewall", "task_gluster", "task_ha_files",
-    "task_ha_onboard",
+    "task_ha_onboard", "task_members",
     "task_preflight", "task_render", "task_secrets", "task_setup", "task_swarm",
     "task_stack_objects", "task_stack",
     "task_vip", "task_leader_guard", "task_status", "task_drill", "task_plan",
@@ -127,8 +128,8 @@ def _lab_faults(c):
 
 # `doit setup`, in order; `doit plan` runs the remote steps of the same list dry.
 SETUP = [*LAB_UP, "preflight", "depart", "firewall", "secrets", "render", "images",
-         "preload-images", "gluster", "ha-files", "avahi", "swarm", "leader-guard", "stack-objects",
-         "stack", "vip", "ha-onboard"]
+         "preload-images", "gluster", "ha-files", "avahi", "members", "swarm", "leader-guard",
+         "stack-objects", "stack", "vip", "ha-onboard"]
 
 
 def task_setup():
@@ -153,4 +154,4 @@ def task_stack_objects():
 
 def task_stack():
     """Deploy the stack (bootstraps Galera when fresh) and wait until Home Assistant answers."""
-    return stack_task(CLUSTER, after=["render", "ha-files"])
+    return stack_task(CLUSTER, after=["render", "ha-files", "members"])

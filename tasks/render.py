@@ -27,6 +27,7 @@ from doit.tools import config_changed
 
 from tasks import secrets
 from tasks.config import PROJECT_ROOT, Cluster
+from tasks.members import MEMBERS_DIR, MEMBERS_FILE
 
 if TYPE_CHECKING:
     import jinja2
@@ -202,7 +203,8 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
         "publish_mode": c.swarm.publish_mode,
         "host_publish": c.swarm.publish_mode == "host",
         "restart_delay": _seconds(c.swarm.restart_delay),
-        "node_count": n,
+        "members_dir": MEMBERS_DIR,
+        "members_file": MEMBERS_FILE,
         "replicas": replicas,
         "ha_standby": c.ha_standby,
         "mqtt_standby": c.mqtt_standby,
@@ -210,7 +212,6 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
         "lock_hang": lock_hang(c),
         "lock_hang_probed": lock_hang_probed(c),
         "isolated_after": ISOLATED_AFTER,
-        "node_addresses": " ".join(n.address for n in c.nodes),
         "lock_settle": lock_settle(c),
         "db_name": DB_NAME,
         "db_user": DB_USER,

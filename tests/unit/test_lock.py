@@ -17,6 +17,15 @@ from tasks.render import TEMPLATES
 SCRIPT = TEMPLATES / "haswarm-lock.py.j2"
 
 
+@pytest.fixture(autouse=True)
+def one_node(tmp_path, monkeypatch):
+    """The node list every keeper reads (tasks/members.py): this host alone, which answers
+    (a refused connection is an answer)."""
+    members = tmp_path / "members"
+    members.write_text("127.0.0.1\n")
+    monkeypatch.setenv("HASWARM_MEMBERS", str(members))
+
+
 def start(lock: Path, ready: Path, image: str = "") -> subprocess.Popen:
     env = {**os.environ, "HASWARM_IMAGE": image} if image else None
     return subprocess.Popen([sys.executable, str(SCRIPT), str(lock), str(ready)], env=env,
@@ -166,7 +175,7 @@ def container(script: Path, isolated: bool = False) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HASWARM_LOCK_HANG": "3",
                                  "HASWARM_LOCK_SETTLE": "2", "TMPDIR": str(tmp),
-                                 **(NODES_ENV if isolated else {})})
+                                 **(nodes_env(script.parent) if isolated else {})})
 
 
 def stop(proc: subprocess.Popen) -> str:
@@ -300,7 +309,14 @@ def test_a_mosquitto_starts_at_once_after_an_old_unclean_end(tmp_path):
 # with its loopback down nothing answers (cut off); with it up, 127.0.0.x refuses at once, which
 # counts as an answer for Home Assistant's keeper (Mosquitto's nc -z counts only a connection).
 
-NODES_ENV = {"HASWARM_NODES": "127.0.0.2 127.0.0.3 127.0.0.4", "HASWARM_ISOLATED_AFTER": "1"}
+NODES = "127.0.0.2\n127.0.0.3\n127.0.0.4\n"
+
+
+def nodes_env(where: Path, nodes: str = NODES) -> dict[str, str]:
+    """The environment of a keeper whose node list (a file in `where`) holds `nodes`."""
+    members = where / "members"
+    members.write_text(nodes)
+    return {"HASWARM_MEMBERS": str(members), "HASWARM_ISOLATED_AFTER": "1"}
 
 
 def isolated_keeper(tmp_path: Path, lo_up: bool, isolated_after: str = "1") -> subprocess.Popen:
@@ -312,7 +328,7 @@ def isolated_keeper(tmp_path: Path, lo_up: bool, isolated_after: str = "1") -> s
          f'{up}exec "$0" "$@"', sys.executable, str(SCRIPT), str(tmp_path / "lock"),
          str(tmp_path / "ready")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **NODES_ENV,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **nodes_env(tmp_path),
              "HASWARM_ISOLATED_AFTER": isolated_after})
 
 
@@ -345,6 +361,59 @@ def test_the_ha_keeper_stays_while_the_nodes_answer(tmp_path):
     finally:
         end(proc)
     assert "FENCING" not in proc.stdout.read()
+
+
+def test_the_ha_keeper_follows_the_node_list(tmp_path):
+    """The list is read while the keeper runs (a node added or removed restarts nothing): three
+    nodes that answer, then two more that cannot (no route): 3 of 5 is a majority, it stays;
+    then a list of one that answers and four that do not: it fences, naming 1 of 5."""
+    needs_root_unshare_flock()
+    proc = isolated_keeper(tmp_path, lo_up=True)
+    members = tmp_path / "members"
+    try:
+        assert wait_file(tmp_path / "ready", 10)
+        members.write_text(NODES + "10.255.0.1\n10.255.0.2\n")
+        time.sleep(5.0)
+        assert proc.poll() is None
+        members.write_text("127.0.0.2\n10.255.0.1\n10.255.0.2\n10.255.0.3\n10.255.0.4\n")
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        end(proc)
+    assert "the node list changed: 127.0.0.2 127.0.0.3 127.0.0.4 -> 127.0.0.2 127.0.0.3 " \
+           "127.0.0.4 10.255.0.1 10.255.0.2" in out
+    assert "FENCING: this node reached 1 of 5 nodes" in out
+
+
+def test_the_ha_keeper_refuses_to_run_without_a_node_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("HASWARM_MEMBERS", str(tmp_path / "absent"))
+    proc = start(tmp_path / "lock", tmp_path / "ready")
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode != 0
+    assert f"no node list in {tmp_path / 'absent'}" in out
+    assert not (tmp_path / "ready").exists()
+
+
+def test_the_mosquitto_keeper_follows_the_node_list(tmp_path):
+    import shutil
+
+    needs_root_unshare_flock()
+    if not shutil.which("nc"):
+        pytest.skip("needs nc (netcat-openbsd)")
+    lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
+    script, _, running = mosquitto_entrypoint(tmp_path, "a", lock)
+    proc = container(script, isolated=True)
+    try:
+        assert wait_file(running, 10)
+        # (its namespace's loopback is down: nothing answers, but a node list of one that is
+        # replaced within its grace keeps it; the new list is judged from then on)
+        (script.parent / "members").write_text("10.255.0.1\n10.255.0.2\n10.255.0.3\n")
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        end(proc)
+    assert "the node list changed: 127.0.0.2 127.0.0.3 127.0.0.4 -> 10.255.0.1 10.255.0.2 " \
+           "10.255.0.3" in out
+    assert "this node reached 0 of 3 nodes" in out
+    assert "10.255.0.1 " in out.split("this node reached 0 of 3 nodes")[1]
 
 
 def test_the_mosquitto_keeper_fences_a_node_that_reaches_no_majority(tmp_path):

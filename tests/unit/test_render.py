@@ -17,6 +17,7 @@ import yaml
 
 from tasks import render, secrets
 from tasks.config import LAB_CLUSTER_FILE, PROJECT_ROOT, Cluster, load_cluster
+from tasks.members import MEMBERS_DIR, MEMBERS_FILE, members_text
 
 EXAMPLE = PROJECT_ROOT / "config" / "cluster.example.yml"
 
@@ -305,9 +306,27 @@ def test_the_lock_keeper_fences_before_the_bricks_release_its_lock(rendered):
     if mq:  # the standby's keeper (not with ingress)
         assert mq["HASWARM_LOCK_HANG"] == str(hang)
         assert mq["HASWARM_LOCK_HANG_PROBED"] == env["HASWARM_LOCK_HANG"]
-        assert mq["HASWARM_NODES"] == env["HASWARM_NODES"]
-    assert env["HASWARM_NODES"].split() == [n.address for n in c.nodes]
+        assert mq["HASWARM_MEMBERS"] == env["HASWARM_MEMBERS"]
+    assert env["HASWARM_MEMBERS"] == MEMBERS_FILE
     assert env["HASWARM_ISOLATED_AFTER"] == str(render.ISOLATED_AFTER)
+
+
+def test_no_service_spec_names_the_nodes(rendered):
+    """A node added or removed must change no service's spec (that would restart every Home
+    Assistant, broker and Galera member): the node list reaches them as a file on each node,
+    mounted read-only, which they read while they run."""
+    c, _ = rendered
+    text = (render.build_dir(c) / "stack.yml").read_text()
+    for n in c.nodes:
+        assert n.address not in text
+    assert "GALERA_EXPECTED_NODES:" not in text and "HASWARM_NODES" not in text
+    services = stack(c)["services"]
+    for name in ("homeassistant", "mosquitto", "db", "db-seed"):
+        mounts = services[name]["volumes"]
+        assert {"type": "bind", "source": MEMBERS_DIR, "target": MEMBERS_DIR,
+                "read_only": True} in mounts, name
+    assert services["db"]["environment"]["GALERA_EXPECTED_NODES_FILE"] == MEMBERS_FILE
+    assert members_text(c).split() == [n.address for n in c.nodes]
 
 
 def test_a_secret_in_use_is_never_made_again(tmp_path):
