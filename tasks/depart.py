@@ -13,7 +13,8 @@ each one that still answers over SSH, one node at a time:
     brick       its brick removed, `remove-brick ... replica R-1 force` (every other node holds
                 a full copy), while it is still connected; the files stay in its brick dir
     detach      `gluster peer detach` from a node that stays
-    clean       the per-node part of `doit clean` there: avahi, leader guard, VIP, firewall
+    clean       the per-node part of `doit clean` there: avahi, the node list, leader guard,
+                VIP, firewall
     leave       demoted (a manager), `docker swarm leave` on it, its entry removed
 
 Its data (brick dir, database volume, images) stays on it, as `doit clean` without purge leaves
@@ -149,12 +150,12 @@ def _clean_alone(c: Cluster, x: Leaver, cleans: list[Any], dryrun: bool) -> None
 
 
 def _clean_node(c: Cluster, x: Leaver, dryrun: bool) -> None:
-    """The per-node part of `doit clean`, on the leaver alone: Avahi, the leader guard, the
-    VIP, the firewall (the firewall last: it is what lets the node talk)."""
-    from tasks import avahi, firewall, guard, vip
+    """The per-node part of `doit clean`, on the leaver alone: Avahi, the node list, the
+    leader guard, the VIP, the firewall (the firewall last: it is what lets the node talk)."""
+    from tasks import avahi, firewall, guard, members, vip
 
-    _clean_alone(c, x, [avahi.clean_cron, avahi.clean_hostname, guard.clean, vip.remove,
-                        firewall.clean_rules], dryrun)
+    _clean_alone(c, x, [avahi.clean_cron, avahi.clean_hostname, members.clean_members,
+                        guard.clean, vip.remove, firewall.clean_rules], dryrun)
 
 
 def _unmount(c: Cluster, x: Leaver, dryrun: bool) -> None:

@@ -66,9 +66,20 @@ def bricks(c, tools) -> list[str]:
     return sorted(re.findall(r"Brick\d+: (\S+)", info))
 
 
+def stack_containers(c, tools) -> dict[str, list[str]]:
+    """{node: the stack's running containers on it, 'service id'} for the nodes of `c`."""
+    out = {}
+    for n in c.names:
+        lines = tools.sh(n, f"docker ps --filter label=com.docker.stack.namespace={c.name} "
+                            "--format '{{.Label \"com.docker.swarm.service.name\"}} {{.ID}}'")
+        out[n] = sorted(x for x in lines.splitlines() if x.strip())
+    return out
+
+
 def test_grow_to_four_nodes_and_shrink_back_to_three(lab, ready, tools, capsys):
     c = ready
     token, topic = plant_data(c, tools, "grow")
+    before = stack_containers(c, tools)  # a grow or shrink must restart none of them
     cfg = grown_cluster_file(1)
     c4 = load_cluster(cfg)
     lab4 = Lab(c4)
@@ -100,6 +111,10 @@ def test_grow_to_four_nodes_and_shrink_back_to_three(lab, ready, tools, capsys):
         assert bricks(c4, tools4) == sorted(f"{x.address}:{c4.gluster.brick_dir}"
                                             for x in c4.nodes)
         check_data_back(c4, tools4, n, token, topic)
+        # the node list is a file the keepers read, not a part of the services' specs
+        assert {k: v for k, v in stack_containers(c4, tools4).items() if k != n} == before
+        assert tools4.sh(n, "cat /etc/haswarm/members/nodes").split() == [
+            x.address for x in c4.nodes]
         again = doit(f"config={cfg}", "setup")
         assert again.ok, again.output[-4000:]
         for step in ("depart", *QUIET):
@@ -119,15 +134,20 @@ def test_grow_to_four_nodes_and_shrink_back_to_three(lab, ready, tools, capsys):
                             "docker ps -q | wc -l; "
                             f"grep -c ' {c.gluster.mount_point} ' /proc/mounts; "
                             f"grep -c haswarm /etc/fstab; "
-                            "gluster --mode=script pool list | grep -c Connected",  # localhost
+                            "gluster --mode=script pool list | grep -c Connected; "  # localhost
+                            "ls /etc/haswarm/members 2>/dev/null | wc -l",
                          check=False).split()
-        assert left == ["inactive", "0", "0", "0", "1"], left
+        assert left == ["inactive", "0", "0", "0", "1", "0"], left
         nodes = swarm_nodes(tools)
         assert [x.split()[0] for x in nodes] == sorted(c.names), nodes
         assert bricks(c, tools) == sorted(f"{x.address}:{c.gluster.brick_dir}" for x in c.nodes)
         pool = tools.sh("pi1", "gluster --mode=script pool list")
         assert pool.count("Connected") == 3 and a not in pool, pool
         check_data_back(c, tools, "pi3", token, topic)
+        assert stack_containers(c, tools) == before
+        for node in c.names:
+            assert tools.sh(node, "cat /etc/haswarm/members/nodes").split() == [
+                x.address for x in c.nodes]
     finally:
         forget_node(lab4, n)
         cfg.unlink()
