@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURE = re.compile(r"\[sensor\] (\w+) of (\w+)'s node (\w+): HA without a new state for "
-                    r"([\d.]+) s")
+                    r"([\d.]+) s at most( \(it ran both\))?")
 
 
 def main() -> int:
@@ -41,15 +41,16 @@ def main() -> int:
             cwd=ROOT, env={**os.environ, "HASWARM_SENSOR_FAULTS": args.faults},
             capture_output=True, text=True)
         for m in FIGURE.finditer(proc.stdout):
-            figures.append((m[1], m[2], m[3], float(m[4])))
+            role = "both" if m[5] else m[2]  # Mosquitto's node ran Home Assistant too
+            figures.append((m[1], role, m[3], float(m[4])))
             print(f"  {m[1]:4} of {m[2]}'s node {m[3]}: {float(m[4]):5.1f} s without a new "
-                  "state", flush=True)
+                  f"state{' (it ran both)' if m[5] else ''}", flush=True)
         if proc.returncode:
             status = 1
             print(proc.stdout[-3000:], proc.stderr[-2000:], sep="\n")
     print("\nfault  node running    HA without a new state (s)")
     for fault in args.faults.split(","):
-        for role in ("homeassistant", "mosquitto"):
+        for role in ("homeassistant", "mosquitto", "both"):
             got = [f for x, r, _, f in figures if x == fault and r == role]
             if got:
                 print(f"{fault:6} {role:14} {', '.join(f'{g:.1f}' for g in got)}")

@@ -512,3 +512,53 @@ def test_the_store_lives_in_the_container_and_follows_the_lock_through_the_volum
         assert (tmp_path / "b-store" / "mosquitto.db").read_text() == "b from a-final\n"
     finally:
         end(*procs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Home Assistant's connection to a broker that went silent (the keeper ends it)
+
+
+def keeper_module():
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("haswarm_lock", str(SCRIPT))
+    spec = importlib.util.spec_from_loader("haswarm_lock", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_the_mqtt_peers_come_from_the_kernels_table(tmp_path):
+    table = tmp_path / "tcp"
+    table.write_text(
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt\n"
+        "   0: 0B00000A:A2C4 0500000A:075B 01 00000000:00000000 00:00000000 00000000\n"
+        "   1: 0B00000A:A2C6 0600000A:075B 06 00000000:00000000 00:00000000 00000000\n"
+        "   2: 0B00000A:A2C8 0700000A:0CEA 01 00000000:00000000 00:00000000 00000000\n")
+    # established to 1883 only (10.0.0.6 is in TIME_WAIT, 10.0.0.7 is the database)
+    assert keeper_module().mqtt_peers(1883, str(table)) == {"10.0.0.5"}
+
+
+def test_the_keeper_ends_a_connection_as_ss_k_does():
+    """The client end of a connection to a port is ended by SOCK_DESTROY: the process holding
+    it sees the connection aborted at once (needs root, as CAP_NET_ADMIN)."""
+    import socket
+
+    if os.geteuid() != 0:
+        pytest.skip("needs CAP_NET_ADMIN")
+    lock = keeper_module()
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    try:
+        assert "127.0.0.1" in lock.mqtt_peers(port)
+        assert lock.end_connections("127.0.0.1", port) == 1
+        client.settimeout(2)
+        with pytest.raises(OSError):
+            client.recv(1)
+        assert "127.0.0.1" not in lock.mqtt_peers(port)
+    finally:
+        for s in (client, accepted, server):
+            s.close()
