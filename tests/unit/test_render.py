@@ -517,3 +517,16 @@ def test_portainer_is_https_only_with_a_generated_admin_password(tmp_path):
     assert secrets.path(c, secrets.PORTAINER_ADMIN_PASSWORD).stat().st_mode & 0o777 == 0o600
     off = load_cluster(cluster_in(tmp_path))
     assert secrets.PORTAINER_ADMIN_PASSWORD not in secrets.names(off)
+
+
+def test_only_a_host_published_home_assistant_watches_its_broker(rendered):
+    """With host publishing HA's MQTT client talks to the broker container's own address, which
+    its keeper probes (and ends the connections to when it went silent: NET_ADMIN); behind the
+    routing mesh the address is a virtual one that answers nothing else: no watch."""
+    c, _ = rendered
+    ha = stack(c)["services"]["homeassistant"]
+    if c.swarm.publish_mode == "host":
+        assert ha["cap_add"] == ["NET_ADMIN"]
+        assert ha["environment"]["HASWARM_MQTT_PORT"] == "1883"
+    else:
+        assert "cap_add" not in ha and "HASWARM_MQTT_PORT" not in ha["environment"]
