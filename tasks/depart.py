@@ -224,13 +224,16 @@ def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
             continue
         say(via, f"{STEP}: {x.node.name} ({x.node.address}) left the cluster file and still "
                  "answers: drained and cleaned (its data stays on it)")
-        apply_ops(r, c.node(via), STEP, plan_drain(c, x, via), dryrun=dryrun)
+        # each part says its own "nothing to do" (an entry already drained, no brick left ...)
+        part = f"{STEP} {x.node.name}"
+        apply_ops(r, c.node(via), f"{part}: drain", plan_drain(c, x, via), dryrun=dryrun)
         _unmount(c, x, dryrun)
-        apply_ops(r, c.node(via), STEP, plan_pool(c, x, replica, via), dryrun=dryrun)
+        apply_ops(r, c.node(via), f"{part}: brick and peer", plan_pool(c, x, replica, via),
+                  dryrun=dryrun)
         if x.brick:
             replica -= 1
         _clean_node(c, x, dryrun)
-        apply_ops(r, c.node(via), STEP, plan_leave(x, via), dryrun=dryrun)
+        apply_ops(r, c.node(via), f"{part}: swarm", plan_leave(x, via), dryrun=dryrun)
         left.append(x.node.name)
     return {"left": left}
 
