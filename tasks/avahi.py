@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks import render
 from tasks.config import Cluster, Node, current
-from tasks.ops import Op, StepError, apply_ops, on_nodes, remote_task, say
+from tasks.ops import Op, StepError, apply_ops, on_nodes, put_on_nodes, remote_task
 
 if TYPE_CHECKING:
     from tasks.remote import Remote
@@ -165,19 +165,15 @@ def setup_cron(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """/etc/cron.d/haswarm-avahi on every node (when restart_cron), else make sure it is gone."""
     step = "avahi:cron"
     text = cron_text(c)
+    if text is not None:
+        return put_on_nodes(r, step, CRON_FILE, text, dryrun=dryrun)
     q = shlex.quote(CRON_FILE)
 
     def one(node: Node) -> bool:
-        if text is None:
-            exists = r.run(node, step, f"[ -e {q} ]", check=False).ok
-            ops = [Op(f"remove {CRON_FILE} (mdns.restart_cron is off)", f"rm -f {q}")] \
-                if exists else []
-            return apply_ops(r, node, step, ops, dryrun=dryrun)
-        changed = r.put(node, step, text, CRON_FILE, mode=0o644, owner="root:root",
-                        dryrun=dryrun)
-        say(node, f"{step}: {'would write' if dryrun else 'wrote'} {CRON_FILE}" if changed
-            else f"{step}: nothing to do")
-        return changed
+        exists = r.run(node, step, f"[ -e {q} ]", check=False).ok
+        ops = [Op(f"remove {CRON_FILE} (mdns.restart_cron is off)", f"rm -f {q}")] \
+            if exists else []
+        return apply_ops(r, node, step, ops, dryrun=dryrun)
 
     return {"changed": sorted(n for n, ch in on_nodes(r, step, one).items() if ch)}
 

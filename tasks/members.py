@@ -19,7 +19,7 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Cluster, Node, current
-from tasks.ops import Op, apply_ops, on_nodes, remote_task, say
+from tasks.ops import Op, apply_ops, on_nodes, put_on_nodes, remote_task
 
 if TYPE_CHECKING:
     from tasks.remote import Remote
@@ -35,17 +35,8 @@ def members_text(c: Cluster) -> str:
 
 def setup_members(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """The node list on every node (written only where it differs)."""
-    step = "members"
-    text = members_text(c)
-
-    def one(node: Node) -> bool:
-        changed = r.put(node, step, text, MEMBERS_FILE, mode=0o644, owner="root:root",
-                        dryrun=dryrun)
-        say(node, f"{step}: {'would write' if dryrun else 'wrote'} {MEMBERS_FILE} "
-                  f"({len(c.nodes)} nodes)" if changed else f"{step}: nothing to do")
-        return changed
-
-    return {"changed": sorted(n for n, ch in on_nodes(r, step, one).items() if ch)}
+    return put_on_nodes(r, "members", MEMBERS_FILE, members_text(c), dryrun=dryrun,
+                        about=f" ({len(c.nodes)} nodes)")
 
 
 def clean_members(c: Cluster, r: Remote, dryrun: bool) -> None:

@@ -127,6 +127,21 @@ def on_nodes(r: Remote, step: str, fn: Callable[[Node], Any],
     return r.on_all(step, wrapped, nodes)
 
 
+def put_on_nodes(r: Remote, step: str, path: str, text: str, *, dryrun: bool,
+                 about: str = "") -> dict[str, Any]:
+    """Make `path` (0644 root) hold `text` on every node, written only where it differs, each
+    node saying what it did (`about`: added to "wrote PATH"). Returns the step's facts: the
+    nodes changed."""
+
+    def one(node: Node) -> bool:
+        changed = r.put(node, step, text, path, mode=0o644, owner="root:root", dryrun=dryrun)
+        say(node, f"{step}: {'would write' if dryrun else 'wrote'} {path}{about}" if changed
+            else f"{step}: nothing to do")
+        return changed
+
+    return {"changed": sorted(n for n, ch in on_nodes(r, step, one).items() if ch)}
+
+
 def run_step(c: Cluster, step: str, fn: Callable[..., dict[str, Any] | None]
              ) -> TaskFailed | None:
     """Run one setup step with an open Remote; on success record its facts (tasks.state)."""

@@ -393,7 +393,9 @@ def test_the_ha_keeper_refuses_to_run_without_a_node_list(tmp_path, monkeypatch)
     assert not (tmp_path / "ready").exists()
 
 
-def test_the_mosquitto_keeper_follows_the_node_list(tmp_path):
+def isolated_broker(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path, Path]:
+    """Mosquitto's entrypoint as a container in a network namespace of its own (nothing
+    answers); (process, its script, the file that says the broker runs, the lock)."""
     import shutil
 
     needs_root_unshare_flock()
@@ -401,7 +403,11 @@ def test_the_mosquitto_keeper_follows_the_node_list(tmp_path):
         pytest.skip("needs nc (netcat-openbsd)")
     lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
     script, _, running = mosquitto_entrypoint(tmp_path, "a", lock)
-    proc = container(script, isolated=True)
+    return container(script, isolated=True), script, running, lock
+
+
+def test_the_mosquitto_keeper_follows_the_node_list(tmp_path):
+    proc, script, running, _ = isolated_broker(tmp_path)
     try:
         assert wait_file(running, 10)
         # (its namespace's loopback is down: nothing answers, but a node list of one that is
@@ -417,16 +423,7 @@ def test_the_mosquitto_keeper_follows_the_node_list(tmp_path):
 
 
 def test_the_mosquitto_keeper_fences_a_node_that_reaches_no_majority(tmp_path):
-    import shutil
-
-    import pytest
-
-    needs_root_unshare_flock()
-    if not shutil.which("nc"):
-        pytest.skip("needs nc (netcat-openbsd)")
-    lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
-    script, _, running = mosquitto_entrypoint(tmp_path, "a", lock)
-    proc = container(script, isolated=True)
+    proc, _, running, lock = isolated_broker(tmp_path)
     assert fenced_as_cut_off(proc, running) < 5.0
     assert not Path(f"{lock}.beat").read_text().startswith("released")
 
