@@ -6,6 +6,8 @@ the household feels meanwhile: `bench/grow.py`, kept out of CI for its time.)
 - grown to four: three managers and pi4 a worker (an odd raft); the volume a replica 4 with a
   brick on each, nothing to heal, a file written before on pi4's brick; pi4's db Synced in a
   Galera of 4 with a row written before; the retained message; a second setup has nothing to do;
+- neither change restarts a container of the stack on pi1-pi3 (the node list is a file the
+  keepers read, not part of the services' specs);
 - shrunk: pi4 drained and cleaned by `depart` (no stack container, no mount, no fstab line, out
   of the swarm, detached from the pool), the volume a replica 3 on pi1-pi3, a Galera of 3, the
   data all there.
