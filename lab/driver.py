@@ -17,7 +17,7 @@ exactly as to a real cluster:
 Python API (tests use it; doit tasks below wrap it):
   lab = Lab(load_cluster(LAB_CLUSTER_FILE))
   lab.up()            start every node that is not running (heal cut links), wait until sshd,
-                      dockerd and glusterd answer over SSH on every node; idempotent
+                      dockerd and glusterd answer on every node; idempotent
   lab.down(purge=False)  stop every node (SIGTERM: services stop in order; SIGKILL after a
                       timeout) and remove every host-side piece; purge also removes node disks
   lab.kill(name)      power cut: SIGKILL the node's tini (PID 1 of its PID namespace) so every
@@ -107,8 +107,9 @@ class Lab(AccessMixin, NetworkMixin, EngineMixin):
     def up(self, timeout: float = 90) -> dict[str, list[str]]:
         """Start every node that is not running, thaw frozen ones, heal cut links, start boot
         services someone stopped on a running node, then wait until sshd, dockerd and glusterd
-        answer over SSH on every node. Returns {'started': nodes, 'healed': nodes, 'running':
-        nodes that were fine, 'services': ['pi1:docker', ...] started on running nodes}."""
+        answer on every node (over SSH on the nodes it started or healed). Returns
+        {'started': nodes, 'healed': nodes, 'running': nodes that were fine, 'services':
+        ['pi1:docker', ...] started on running nodes}."""
         self.check_host()
         with self._lock():
             self._ensure_ssh_keys()
@@ -129,7 +130,9 @@ class Lab(AccessMixin, NetworkMixin, EngineMixin):
                 else:
                     self._start_node(n)
                     done["started"].append(n.name)
-        for name, services in self.wait_ready(timeout=timeout).items():
+        # Nodes that were running are checked from inside; the first SSH connection of the run
+        # (preflight) proves their sshd and host key. New or healed nodes answer over SSH here.
+        for name, services in self.wait_ready(timeout=timeout, inside=done["running"]).items():
             done["services"].extend(f"{name}:{svc}" for svc in services)
         return done
 

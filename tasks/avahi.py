@@ -144,7 +144,8 @@ def setup_hostname(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any
     step = "avahi:hostname"
 
     def one(node: Node) -> bool:
-        ops = plan_hostname(c, r.read(node, AVAHI_CONF, step), _avahi_running(r, node, step))
+        with r.reading():
+            ops = plan_hostname(c, r.read(node, AVAHI_CONF, step), _avahi_running(r, node, step))
         return apply_ops(r, node, step, ops, dryrun=dryrun)
 
     return {"changed": sorted(n for n, ch in on_nodes(r, step, one).items() if ch)}
@@ -170,7 +171,8 @@ def setup_cron(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     q = shlex.quote(CRON_FILE)
 
     def one(node: Node) -> bool:
-        exists = r.run(node, step, f"[ -e {q} ]", check=False).ok
+        with r.reading():
+            exists = r.run(node, step, f"[ -e {q} ]", check=False).ok
         ops = [Op(f"remove {CRON_FILE} (mdns.restart_cron is off)", f"rm -f {q}")] \
             if exists else []
         return apply_ops(r, node, step, ops, dryrun=dryrun)

@@ -167,7 +167,12 @@ def _unmount(c: Cluster, x: Leaver, dryrun: bool) -> None:
 def _read(c: Cluster, r: Remote) -> tuple[str, list[SwarmNode], list[Peer], Volume | None]:
     """(a listed node that answered, the swarm's node list, the pool, the volume) from the
     first listed node whose swarm lists nodes (a manager), else the first that answers."""
-    from tasks.gluster_facts import parse_peer_status, parse_volume_info
+    from tasks.gluster_facts import (
+        PEER_STATUS,
+        parse_peer_status,
+        parse_volume_info,
+        volume_info_command,
+    )
     from tasks.remote import RemoteError
     from tasks.swarm_facts import read_members
 
@@ -183,10 +188,8 @@ def _read(c: Cluster, r: Remote) -> tuple[str, list[SwarmNode], list[Peer], Volu
             break
     if not via:
         return "", [], [], None
-    q = shlex.quote(c.gluster.volume)
-    out = r.run(via, STEP, f"timeout 20 {GLUSTER} --xml peer status; echo '<!--cut-->'; "
-                           f"timeout 20 {GLUSTER} --xml volume info {q}", check=False).stdout
-    peer_xml, _, vol_xml = out.partition("<!--cut-->")
+    peer_xml = r.run(via, STEP, PEER_STATUS, check=False).stdout
+    vol_xml = r.run(via, STEP, volume_info_command(c.gluster.volume), check=False).stdout
     try:
         peers = parse_peer_status(peer_xml)
         vol = parse_volume_info(vol_xml)
@@ -206,7 +209,8 @@ def _answers(r: Remote, node: Node) -> bool:
 
 def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """Drain and clean every node the cluster file dropped that still answers (see above)."""
-    via, members, peers, vol = _read(c, r)
+    with r.reading():
+        via, members, peers, vol = _read(c, r)
     first = c.nodes[0]
     if not via:
         say(first, f"{STEP}: no listed node answers: nothing to check")

@@ -2,7 +2,8 @@
 setup (tasks/galera.py, tasks/gluster.py ...), `doit status` and `doit drill`.
 
 Several probes go to a node in one round trip: `probe_script` joins them with a header line per
-probe, `parse_sections` splits the output again, `gather` does both over SSH.
+probe, `parse_sections` splits the output again (both in tasks/fact_cache.py, which keeps each
+probe's answer for the run), `gather` does both over SSH.
 
 The facts `doit status` reads about every node and the whole cluster are in
 tasks/facts_cluster.py; a subsystem's own facts sit beside it (gluster_facts.py, stack_facts.py),
@@ -15,37 +16,17 @@ import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tasks.fact_cache import _SECTION, parse_sections, probe_script  # noqa: F401 (re-exported)
+
 if TYPE_CHECKING:
     from tasks.config import Node
     from tasks.remote import Remote
 
-_SECTION = "@@haswarm-fact@@"
-
-
-def probe_script(probes: dict[str, str]) -> str:
-    """One shell script printing every probe's output under its own header line."""
-    return "; ".join(f"echo {_SECTION}{key}; {{ {cmd}\n}} 2>&1" for key, cmd in probes.items())
-
-
-def parse_sections(stdout: str) -> dict[str, str]:
-    """Split the output of `probe_script` back into {probe: output}."""
-    out: dict[str, str] = {}
-    key = None
-    lines: list[str] = []
-    for line in stdout.splitlines(keepends=True):
-        if line.startswith(_SECTION):
-            if key is not None:
-                out[key] = "".join(lines)
-            key, lines = line[len(_SECTION):].strip(), []
-        elif key is not None:
-            lines.append(line)
-    if key is not None:
-        out[key] = "".join(lines)
-    return out
-
-
 def gather(r: Remote, node: Node, step: str, probes: dict[str, str]) -> dict[str, str]:
-    """Run every probe on `node` in one command and return {probe: output}."""
+    """Run every probe on `node` in one command and return {probe: output} (a Remote keeps
+    each probe's answer for the run's later readers: `Remote.read_probes`)."""
+    if hasattr(r, "read_probes"):  # a Remote (test doubles answer the script itself)
+        return r.read_probes(node, step, probes, timeout=60)
     res = r.run(node, step, probe_script(probes), check=False, timeout=60)
     return parse_sections(res.stdout)
 

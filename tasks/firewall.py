@@ -137,7 +137,8 @@ def setup_rules(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     step = "firewall:rules"
 
     def one(node: Node) -> bool:
-        loaded, jump, script = _facts(r, node, step)
+        with r.reading():
+            loaded, jump, script = _facts(r, node, step)
         ops = plan_rules(c, loaded, jump) if c.firewall.enabled else \
             plan_rules_clean(loaded, jump, script)
         return apply_ops(r, node, step, ops, dryrun=dryrun)

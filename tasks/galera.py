@@ -400,9 +400,10 @@ def converge(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     Raises StackError / RemoteError naming what did not converge. With `dryrun`, say what it
     would do."""
     r.redact(*secret_values(c))
-    manager = find_manager(r, c)
-    assert manager is not None
-    facts, _ = gather(r, c, manager)
+    with r.reading():
+        manager = find_manager(r, c)
+        assert manager is not None
+        facts, _ = gather(r, c, manager)
     d = decide(facts, len(c.nodes))
     progress(manager, f"galera: {d.reason}")
     if d.kind == "refuse":

@@ -44,6 +44,7 @@ from tasks.gluster_facts import (
     DAEMON_PROBES,
     GLUSTER,
     GLUSTER_CHANGE_TIMEOUT,
+    PEER_STATUS,
     GlusterOutputError,
     Peer,
     Volume,
@@ -54,6 +55,7 @@ from tasks.gluster_facts import (
     parse_peer_status,
     parse_stat_owner,
     parse_volume_info,
+    volume_info_command,
 )
 from tasks.gluster_plans import (
     START_GLUSTERD,
@@ -71,7 +73,7 @@ from tasks.gluster_plans import (
     service_dirs,
     tolerant,
 )
-from tasks.gluster_replace import clean_replace, setup_replace, wait_healed
+from tasks.gluster_replace import clean_replace, setup_replace, status_command, wait_healed
 from tasks.ops import Op, StepError, apply_ops, on_nodes, remote_task, say
 
 if TYPE_CHECKING:
@@ -102,7 +104,8 @@ def setup_daemon(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     step = "gluster:daemon"
 
     def one(node: Node) -> bool:
-        ops = plan_daemon(gather(r, node, step, DAEMON_PROBES))
+        with r.reading():
+            ops = plan_daemon(gather(r, node, step, DAEMON_PROBES))
         changed = apply_ops(r, node, step, ops, dryrun=dryrun)
         if not dryrun and any(op.cmd == START_GLUSTERD for op in ops):
             deadline = time.monotonic() + DAEMON_WAIT
@@ -131,10 +134,11 @@ def setup_peers(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     step = "gluster:peers"
 
     def status(first: Node) -> list[Peer]:
-        return parse_peer_status(r.run(first, step, f"{GLUSTER} --xml peer status").stdout)
+        return parse_peer_status(r.run(first, step, PEER_STATUS).stdout)
 
     def one(first: Node) -> dict[str, Any]:
-        peers = status(first)
+        with r.reading():
+            peers = status(first)
         ops = [Op(f"probe {n.name} ({n.address})",
                   f"{GLUSTER} peer probe {shlex.quote(n.address)}",
                   hint=f"if {n.address} is already in another trusted pool, detach it there "
@@ -168,7 +172,7 @@ def clean_peers(c: Cluster, r: Remote, dryrun: bool) -> None:
     unreachable: list[RemoteError] = []
     for node in c.nodes:
         try:
-            res = r.run(node, step, f"timeout 20 {GLUSTER} --xml peer status", check=False)
+            res = r.run(node, step, PEER_STATUS, check=False)
         except RemoteError as e:
             unreachable.append(e)  # the others are detached all the same; reported below
             continue
@@ -203,7 +207,8 @@ def setup_bricks(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     b = shlex.quote(str(c.gluster.brick_dir))
 
     def one(node: Node) -> bool:
-        exists = r.run(node, step, f"[ -d {b} ]", check=False).ok
+        with r.reading():
+            exists = r.run(node, step, f"[ -d {b} ]", check=False).ok
         ops = [] if exists else [Op(f"create brick dir {c.gluster.brick_dir}", f"mkdir -p {b}")]
         return apply_ops(r, node, step, ops, dryrun=dryrun)
 
@@ -244,8 +249,7 @@ def clean_bricks(c: Cluster, r: Remote, dryrun: bool) -> None:
 
 
 def _volume_on(r: Remote, node: Node, c: Cluster, step: str) -> Volume | None:
-    res = r.run(node, step, f"{GLUSTER} --xml volume info {shlex.quote(c.gluster.volume)}",
-                check=False)
+    res = r.run(node, step, volume_info_command(c.gluster.volume), check=False)
     try:
         return parse_volume_info(res.stdout)
     except GlusterOutputError as e:
@@ -258,7 +262,8 @@ def setup_volume(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     step = "gluster:volume"
 
     def one(first: Node) -> dict[str, Any]:
-        before = _volume_on(r, first, c, step)
+        with r.reading():
+            before = _volume_on(r, first, c, step)
         healed = partial(wait_healed, c=c, via=first.name)
         changed = apply_ops(r, first, step, plan_volume(c, before, healed), dryrun=dryrun)
         if dryrun:
@@ -280,7 +285,8 @@ def detach_departed(c: Cluster, r: Remote, first: Node, vol: Volume, step: str) 
     """Take the peers that are no node of the cluster file and hold no brick of any volume (a
     replaced Pi, once its brick moved) out of the pool (`force`: the old Pi may be dead). A peer
     with a brick of another volume of the user's stays."""
-    peers = parse_peer_status(r.run(first, step, f"{GLUSTER} --xml peer status").stdout)
+    with r.reading():
+        peers = parse_peer_status(r.run(first, step, PEER_STATUS).stdout)
     gone = departed_peers(c, peers, set(b.rsplit(":", 1)[0] for b in vol.bricks))
     if gone:  # only then: the bricks of every volume
         hosts = brick_hosts(r.run(first, step, f"{GLUSTER} --xml volume info").stdout)
@@ -295,8 +301,7 @@ def detach_departed(c: Cluster, r: Remote, first: Node, vol: Volume, step: str) 
 def _brick_processes(c: Cluster, r: Remote, node: Node, step: str) -> dict[str, BrickProcess]:
     from tasks.facts_cluster import parse_brick_processes
 
-    v = shlex.quote(c.gluster.volume)
-    res = r.run(node, step, f"{GLUSTER} volume status {v} --xml", check=False, timeout=30)
+    res = r.run(node, step, status_command(c), check=False, timeout=30)
     procs = parse_brick_processes(res.stdout)
     if procs is None:
         raise StepError(f"`gluster volume status {c.gluster.volume}` failed: "
@@ -309,7 +314,8 @@ def restart_bricks(c: Cluster, r: Remote, node: Node, step: str, *, dryrun: bool
                    settle: float = 3.0) -> list[str]:
     """Restart the volume's bricks that serve no client although their node is up (seen from
     `node`); returns the bricks that needed it. Fails when one still does not serve after."""
-    procs = _brick_processes(c, r, node, step)
+    with r.reading():
+        procs = _brick_processes(c, r, node, step)
     if all(p.serving for p in procs.values()):
         return []
     time.sleep(settle)  # a brick that is starting up serves by now
@@ -363,7 +369,8 @@ def setup_mount(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     entries = {n.name: fstab_entry(c, n) for n in c.nodes}
 
     def one(node: Node) -> bool:
-        facts = mount_facts(c, gather(r, node, step, mount_probes(c)))
+        with r.reading():
+            facts = mount_facts(c, gather(r, node, step, mount_probes(c)))
         changed = apply_ops(r, node, step, plan_mount(c, entries[node.name], facts),
                             dryrun=dryrun)
         if changed and not dryrun:
@@ -403,7 +410,8 @@ def mounted_node(c: Cluster, r: Remote, step: str) -> Node | None:
 def setup_dirs(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """Service directories on the volume (through one node's mount): HA config, Mosquitto data."""
     step = "gluster:dirs"
-    node = mounted_node(c, r, step)
+    with r.reading():
+        node = mounted_node(c, r, step)
     if node is None and dryrun:
         say(c.nodes[0], f"{step}: would create {', '.join(d.path for d in service_dirs(c))} "
                         "once the volume is mounted")
@@ -412,8 +420,9 @@ def setup_dirs(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
         raise StepError(f"the volume is mounted on no node at {c.gluster.mount_point}.\n"
                         "  what to do: run `doit gluster:mount` first")
     paths = " ".join(shlex.quote(d.path) for d in service_dirs(c))
-    owners = parse_stat_owner(r.run(node, step, f"stat -c '%n %u' {paths} 2>/dev/null",
-                                    check=False).stdout)
+    with r.reading():
+        owners = parse_stat_owner(r.run(node, step, f"stat -c '%n %u' {paths} 2>/dev/null",
+                                        check=False).stdout)
     apply_ops(r, node, step, plan_dirs(c, owners), dryrun=dryrun)
     return {"via": node.name}
 

@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from tasks.config import Cluster
 
 GLUSTER = "gluster --mode=script"
+# The pool and the volume as one node sees them: the same command in every step that reads
+# them, so that a run asks each node once (tasks/fact_cache.py).
+PEER_STATUS = f"timeout 20 {GLUSTER} --xml peer status"
+
+
+def volume_info_command(volume: str) -> str:
+    """`volume info` of `volume` as XML (parse_volume_info)."""
+    return f"timeout 20 {GLUSTER} --xml volume info {shlex.quote(volume)}"
+
 # Deadline of a change to the pool or the volume (peer probe, volume create/set/start/stop/delete):
 # the gluster CLI gives up by itself after 120 s when a peer does not answer, with its reason.
 GLUSTER_CHANGE_TIMEOUT = 150.0
@@ -145,8 +154,8 @@ DAEMON_PROBES = {
     "cli": "if command -v gluster >/dev/null; then echo yes; else echo no; fi",
     "disabled": f"if {SYSTEMD} && ! systemctl is-enabled -q glusterd 2>/dev/null; "
                 "then echo yes; else echo no; fi",
-    "answers": f"if timeout 20 {GLUSTER} peer status >/dev/null 2>&1; then echo yes; "
-               "else echo no; fi",
+    # glusterd answers when its peer status does (the pool's own read: asked once a run)
+    "peers": PEER_STATUS,
 }
 
 

@@ -45,7 +45,8 @@ START_GLUSTERD = service("glusterd", "start", enable=True, direct="glusterd")
 
 def plan_daemon(facts: dict[str, str]) -> list[Op]:
     """From `DAEMON_PROBES` output: enable glusterd (systemd), start it when it does not
-    answer. Raises StepError when GlusterFS is not installed."""
+    answer (its peer status is not an XML answer with opRet 0). Raises StepError when
+    GlusterFS is not installed."""
     def yes(key: str) -> bool:
         return facts.get(key, "").strip() == "yes"
 
@@ -55,7 +56,7 @@ def plan_daemon(facts: dict[str, str]) -> list[Op]:
     ops = []
     if yes("disabled"):
         ops.append(Op("enable glusterd at boot", "systemctl enable glusterd"))
-    if not yes("answers"):
+    if "<opRet>0</opRet>" not in facts.get("peers", ""):  # glusterd does not answer
         ops.append(Op("start glusterd", START_GLUSTERD,
                       hint="see /var/log/glusterfs/glusterd.log on the node"))
     return ops

@@ -44,6 +44,7 @@ from tasks.gluster_facts import (
     GLUSTER_CHANGE_TIMEOUT,
     GLUSTERD_DIR,
     GLUSTERD_INFO,
+    PEER_STATUS,
     GlusterOutputError,
     Peer,
     Volume,
@@ -54,6 +55,7 @@ from tasks.gluster_facts import (
     parse_peer_status,
     parse_volume_info,
     peer_file_text,
+    volume_info_command,
 )
 from tasks.gluster_plans import START_GLUSTERD
 from tasks.ops import Op, StepError, apply_ops, on_nodes, say
@@ -101,11 +103,10 @@ def replace_probes(c: Cluster) -> dict[str, str]:
     """Shell probes (one round trip, `gather`) for `node_facts`: local reads only. The volume's
     status (a pool-wide transaction: asked on every node at once, glusterd answers "Another
     transaction is in progress") is asked on one member only (`status_command`)."""
-    v = shlex.quote(c.gluster.volume)
     return {
         "info": f"cat {GLUSTERD_INFO} 2>/dev/null",
-        "peers": f"timeout 20 {GLUSTER} --xml peer status",
-        "volume": f"timeout 20 {GLUSTER} --xml volume info {v}",
+        "peers": PEER_STATUS,
+        "volume": volume_info_command(c.gluster.volume),
         "brick": brick_id_probe(str(c.gluster.brick_dir)),
     }
 
@@ -470,7 +471,9 @@ def read_facts(c: Cluster, r: Remote) -> dict[str, NodeFacts]:
 
 def setup_replace(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """A re-flashed node back in the pool under its old UUID, empty bricks reset and healed."""
-    ops = plan_replace(c, read_facts(c, r))
+    with r.reading():
+        facts = read_facts(c, r)
+    ops = plan_replace(c, facts)
     apply_ops(r, c.nodes[0], STEP, ops, dryrun=dryrun)
     return {} if dryrun else {"done": [f"{op.node}: {op.what}" for op in ops]}
 

@@ -59,7 +59,9 @@ def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
         from tasks.remote import progress
 
         if not wanted:
-            return apply_ops(r, node, step, plan_remove(_present(r, node, step),
+            with r.reading():
+                present = _present(r, node, step)
+            return apply_ops(r, node, step, plan_remove(present,
                                                         " (swarm.leader_guard is off)"),
                              dryrun=dryrun)
         changed = False

@@ -124,7 +124,8 @@ def _facts(sections: dict[str, str]) -> HAFacts:
 def setup_files(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """Write haswarm's package (when it differs) and configuration.yaml (when absent)."""
     step = "ha-files"
-    node = mounted_node(c, r, step)
+    with r.reading():
+        node = mounted_node(c, r, step)
     if node is None and dryrun:
         say(c.nodes[0], f"{step}: would write Home Assistant's files once the volume is mounted")
         return {}
@@ -132,7 +133,8 @@ def setup_files(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
         raise StepError(f"the volume is mounted on no node at {c.gluster.mount_point}: "
                         "Home Assistant's files cannot be written.\n  what to do: run "
                         "`doit gluster` first")
-    facts = _facts(gather(r, node, step, _probes(c)))
+    with r.reading():
+        facts = _facts(gather(r, node, step, _probes(c)))
     ops, warnings = plan_files(c, rendered(c, "packages/haswarm/haswarm.yaml").read_text(),
                                rendered(c, CONFIGURATION).read_text(), facts)
     apply_ops(r, node, step, ops, dryrun=dryrun)

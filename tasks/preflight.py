@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from doit.exceptions import TaskFailed
 
 from tasks.config import Cluster
+from tasks.fact_cache import SHARED, load_plan, remember_at_exit, run_key
 from tasks.images.layers import DISK_SPARE, expected_images
 from tasks.remote import Remote, RemoteError, key_values
+from tasks.state import stamp
 
 # Free space needed where Docker keeps images, when the size of an image the node lacks is not
 # known yet (not built or pulled: a first `doit setup`): the stack's images unpacked (Home
@@ -87,6 +89,7 @@ class Facts:
     brick_fs: str | None = None  # mount point of the file system holding the brick dir
     clock_skew: float | None = None
     clock_error: float = 0.0
+    read_ahead: int = 0  # facts read for the later steps (tasks/fact_cache.py)
     problems: list[str] = field(default_factory=list)
 
 
@@ -113,8 +116,10 @@ def parse_facts(facts: Facts, stdout: str) -> Facts:
     return facts
 
 
-def gather(r: Remote) -> dict[str, Facts]:
-    """Facts of every node, in parallel. Never raises for a node's problem: it is recorded."""
+def gather(r: Remote, reads: dict[str, list[str]] | None = None) -> dict[str, Facts]:
+    """Facts of every node, in parallel. Never raises for a node's problem: it is recorded.
+    `reads`: {"name@address": commands} to read up front on each node that answers, for the
+    steps after preflight (tasks/fact_cache.py)."""
     script = _FACTS + brick_fs_probe(r.cluster)
 
     def one(n):  # noqa: ANN001, ANN202 - a Node
@@ -133,7 +138,15 @@ def gather(r: Remote) -> dict[str, Facts]:
             pass  # judged as "could not read the node's clock"
         return f
 
-    return r.on_all("preflight", one)
+    facts = r.on_all("preflight", one)
+    # Then, once every node's check has run (a command outside `reading` ends what was read
+    # before it), what the steps will read, on the nodes that answered.
+    ahead = [n for n in r.cluster.nodes if facts[n.name].ssh_error is None]
+    got = r.on_all("preflight: read ahead", lambda n: r.prefetch(
+        n, (reads or {}).get(f"{n.name}@{n.address}", [])), ahead)
+    for name, count in got.items():
+        facts[name].read_ahead = count
+    return facts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,14 +305,20 @@ def preflight(c: Cluster) -> TaskFailed | None:
 
     t0 = time.monotonic()
     close_shared()  # a check of reachability opens its connections anew; the later steps keep them
+    SHARED.changed()  # nothing read before this check serves after it
+    reads = stamp(c, "reads")  # what the last run of this command line read (fact_cache)
+    key = run_key()
+    remember_at_exit(reads, key)
     with Remote(c, shared=True) as r:
-        facts = judge(c, gather(r), expected_images(c))
+        facts = judge(c, gather(r, load_plan(reads, key)), expected_images(c))
     print(table(c, facts), flush=True)
     message = report(c, facts)
     took = time.monotonic() - t0
     if message:
         return TaskFailed(message)
-    print(f"preflight: all {len(c.nodes)} nodes ready ({took:.1f} s)", flush=True)
+    ahead = sum(f.read_ahead for f in facts.values())
+    print(f"preflight: all {len(c.nodes)} nodes ready ({took:.1f} s"
+          + (f"; {ahead} facts read for the next steps)" if ahead else ")"), flush=True)
     return None
 
 

@@ -23,6 +23,9 @@
   (never in the command line, where `ps` on the node shows them) and they are scrubbed from any
   stderr quoted in an error. `Remote.redact()` registers further values to scrub.
 
+- Reads: a step reads its facts inside `with r.reading():`; the shared Remote of a doit run keeps
+  them until anything else runs (tasks.fact_cache), and `prefetch` reads them all up front.
+
 Opening one connection (host keys, key file, timeouts) and explaining why one failed live in
 `tasks.connection`; the error model in `tasks.failures`; Docker over SSH in `tasks.docker_relay`.
 """
@@ -39,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -64,6 +68,9 @@ from tasks.connection import (  # noqa: F401  (the exceptions are re-exported fo
     shared_key,
 )
 from tasks.docker_relay import _DockerRelay
+from tasks.fact_cache import SHARED as _FACTS
+from tasks.fact_cache import carry, in_reading, parse_sections, probe_script
+from tasks.fact_cache import reading as _reading
 from tasks.failures import (  # noqa: F401  (re-exported: callers import them from here)
     HIDDEN,
     STDERR_LINE_WIDTH,
@@ -172,6 +179,25 @@ class Remote:
         n = self._node(node)
         shown = HIDDEN if secret else cmd
         secrets = [*self._secrets, *([stdin] if stdin else [])]
+        if self.shared and stdin is None and sudo and not secret and in_reading():
+            res = _FACTS.read(self._key_of(n), f"{n.name}@{n.address}", cmd, lambda: (
+                self._execute(n, step, cmd, stdin, timeout, sudo, shown, hint)))
+        elif self.shared:  # may change a node: no result read before it serves after it
+            _FACTS.changed()
+            try:
+                res = self._execute(n, step, cmd, stdin, timeout, sudo, shown, hint)
+            finally:
+                _FACTS.changed()
+        else:
+            res = self._execute(n, step, cmd, stdin, timeout, sudo, shown, hint)
+        if check and not res.ok:
+            raise RemoteError([self._command_failure(n, step, shown, res, secrets, hint)])
+        return res
+
+    def _execute(self, n: Node, step: str, cmd: str, stdin: str | None, timeout: float,
+                 sudo: bool, shown: str, hint: str | None = None) -> Result:
+        """Run `cmd` on `n` now: the Result, or RemoteError for a timeout or a connection
+        problem (not for an exit code: `run` judges that)."""
         started = time.monotonic()
         kept = self._conns.get(self._key_of(n))
         reused = kept is not None and kept.is_connected  # it ran a command before
@@ -198,9 +224,37 @@ class Remote:
             self._forget(n)
             cause = e.error if isinstance(e, _ChannelRefused) else e
             raise RemoteError([self._from_exception(n, step, shown, cause)]) from cause
-        if check and not res.ok:
-            raise RemoteError([self._command_failure(n, step, shown, res, secrets, hint)])
         return res
+
+    def reading(self) -> AbstractContextManager[None]:
+        """`with r.reading():` the commands run in the block (and in `on_all` threads started
+        from it) only read. Their results may serve the rest of the run (see the module's
+        docstring); never wrap a wait or a poll in it."""
+        return _reading()
+
+    def read_probes(self, node: Node | str, step: str, probes: dict[str, str],
+                    timeout: float = COMMAND_TIMEOUT) -> dict[str, str]:
+        """{probe: its output (stdout and stderr)} of shell probes, run on `node` in one
+        command (tasks.facts.probe_script). Inside `reading()` on the shared Remote each probe
+        is kept as a read of its own: one another step asked already is not asked again."""
+        n = self._node(node)
+        if not (self.shared and in_reading()):
+            return parse_sections(self.run(n, step, probe_script(probes), check=False,
+                                           timeout=timeout).stdout)
+        return _FACTS.read_probes(self._key_of(n), f"{n.name}@{n.address}", probes, lambda s: (
+            self._execute(n, step, s, None, timeout, True, s).stdout))
+
+    def prefetch(self, node: Node | str, cmds: list[str]) -> int:
+        """Read `cmds` on `node` now, in one command, for the run's later readers (shared
+        Remote only). Returns how many were kept; on any failure 0: the steps read live."""
+        n = self._node(node)
+        if not (self.shared and cmds):
+            return 0
+        try:
+            return _FACTS.read_ahead(self._key_of(n), cmds, lambda s: self._execute(
+                n, "read facts", s, None, COMMAND_TIMEOUT, True, "(what the last run read)"))
+        except RemoteError:
+            return 0
 
     def run_all(self, step: str, cmd: str, nodes: Iterable[Node | str] | None = None, *,
                 check: bool = True, stdin: str | None = None, timeout: float = COMMAND_TIMEOUT,
@@ -224,7 +278,7 @@ class Remote:
         results: dict[str, T] = {}
         failures: list[Failure] = []
         with ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="remote") as pool:
-            futures = [(n, pool.submit(fn, n)) for n in targets]
+            futures = [(n, pool.submit(carry(fn), n)) for n in targets]
             for n, fut in futures:
                 try:
                     results[n.name] = fut.result()
@@ -301,8 +355,9 @@ class Remote:
         path = str(remote_path)
         q = shlex.quote(path)
         want = hashlib.sha256(content).hexdigest()
-        state = self.run(n, step, f"if [ -e {q} ]; then stat -L -c '%a %U %G' -- {q} && "
-                                  f"sha256sum -- {q}; else echo missing; fi").stdout.split()
+        with self.reading():
+            state = self.run(n, step, f"if [ -e {q} ]; then stat -L -c '%a %U %G' -- {q} && "
+                                      f"sha256sum -- {q}; else echo missing; fi").stdout.split()
         same_content = len(state) >= 4 and state[3] == want
         if same_content and _meta_ok(state, mode, owner):
             return False
@@ -353,6 +408,8 @@ class Remote:
         """
         import docker as docker_sdk
 
+        if self.shared:
+            _FACTS.changed()  # what the client will do is not known: as a change
         n = self._node(node)
         with self._lock(n):  # one client per node and timeout, even from many threads
             client = self._docker.get((n.name, timeout))

@@ -378,9 +378,11 @@ def setup_objects(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]
     content is a new name)."""
     r.redact(*secret_values(c))
     names = sorted(name for objs in render.docker_objects(c).values() for name, _ in objs.values())
-    manager = find_manager(r, c)
-    assert manager is not None
-    ops = plan_objects(c, read_object_names(r, manager), manager)
+    with r.reading():
+        manager = find_manager(r, c)
+        assert manager is not None
+        existing = read_object_names(r, manager)
+    ops = plan_objects(c, existing, manager)
     if ops or dryrun:  # a dry run says "nothing to do"; a converged run counts below
         # the step as the user has always read it: "stack-objects: would create secret X",
         # "stack: create secret X"

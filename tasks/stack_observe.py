@@ -34,14 +34,16 @@ POLL_INTERVAL = 1.5
 
 
 def find_manager(r: Remote, c: Cluster, required: bool = True) -> str | None:
-    """The first node (in cluster order) that answers and is a swarm manager."""
+    """The first node (in cluster order) that answers and is a swarm manager (its `docker info`
+    as the swarm step reads it)."""
+    from tasks.swarm_facts import INFO_CMD, parse_swarm_info
+
     for n in c.nodes:
         try:
-            res = r.run(n, "stack: find a manager",
-                        "docker info --format '{{.Swarm.ControlAvailable}}'", check=False)
+            res = r.run(n, "stack: find a manager", INFO_CMD, check=False)
         except RemoteError:
             continue
-        if res.ok and res.stdout.strip() == "true":
+        if res.ok and parse_swarm_info(res.stdout).manager:
             return n.name
     if required:
         raise StackError("no node answers as a swarm manager: run `doit swarm` first (and check "

@@ -435,12 +435,13 @@ def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     """Bring the swarm to the wanted state; return its facts (cluster ID, managers). Raises
     RemoteError. With `dryrun` only read the facts and say what would change."""
     addresses = {n.name: advertise_address(n) for n in c.nodes}
-    facts = read_facts(r)
-    try:
-        managers, _ = _this_swarm(c, facts, addresses)
-    except RemoteError:
-        managers = []  # `plan` raises it again, naming every node
-    members = read_members(r, managers[0]) if managers else []
+    with r.reading():
+        facts = read_facts(r)
+        try:
+            managers, _ = _this_swarm(c, facts, addresses)
+        except RemoteError:
+            managers = []  # `plan` raises it again, naming every node
+        members = read_members(r, managers[0]) if managers else []
     changed = apply_ops(r, c.nodes[0], STEP, plan(c, facts, addresses, members), dryrun=dryrun)
     if dryrun:
         return {}

@@ -346,7 +346,9 @@ def setup(c: Cluster, r: Remote, dryrun: bool = False) -> dict[str, Any]:
     validate(c, ips)
 
     def one(node: Node) -> bool:
-        ops = plan_setup(c, node, read_facts(r, node, c.vip.interface), ips)
+        with r.reading():
+            facts = read_facts(r, node, c.vip.interface)
+        ops = plan_setup(c, node, facts, ips)
         apply_ops(r, node, "vip", ops, dryrun=dryrun)
         return any(op.put is not None for op in ops)
 
@@ -403,7 +405,8 @@ def remove(c: Cluster, r: Remote, dryrun: bool) -> None:
     """Stop keepalived and remove haswarm's files on every node that answers."""
 
     def one(node: Node) -> None:
-        facts = read_facts(r, node, c.vip.interface)
+        with r.reading():
+            facts = read_facts(r, node, c.vip.interface)
         if facts.conf == "other":
             say(node, f"vip: {CONF} is not haswarm's: left alone")
         apply_ops(r, node, "vip", plan_remove(c, node, facts), dryrun=dryrun)

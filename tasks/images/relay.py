@@ -220,7 +220,8 @@ def relay(r: Remote, c: Cluster, targets: list[Node], wanted: list[Wanted],
     from tasks.remote_stream import stream
 
     try:
-        facts = r.on_all(f"{STEP}: inspect", lambda n: node_facts(r, n), targets)
+        with r.reading():
+            facts = r.on_all(f"{STEP}: inspect", lambda n: node_facts(r, n), targets)
     except RemoteError:
         return Relayed()  # the direct preload names the node that did not answer
     chain = chain_of({n.name: plan_node(wanted, facts[n.name]) for n in targets})

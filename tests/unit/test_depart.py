@@ -3,6 +3,7 @@ and the plans that drain them, take their brick and peer out, and take them out 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,7 @@ class DepartRemote:
     """A Remote for `depart.setup`: pi1 answers the node list and the pool; the leavers in
     `alive` answer, the others fail to connect; every other command is logged (node, cmd) and
     succeeds."""
+    reading = staticmethod(nullcontext)  # every read is live here
 
     def __init__(self, c: Cluster, members: str, pool: str, alive: set[str]):
         self.cluster, self.members, self.pool, self.alive = c, members, pool, alive
@@ -105,7 +107,9 @@ class DepartRemote:
         if cmd == NODES_PROBE:
             return Result(self.members if n.name == "pi1" else "", "", 0)
         if "peer status" in cmd:
-            return Result(self.pool, "", 0)
+            return Result(self.pool.partition("<!--cut-->")[0], "", 0)
+        if "volume info" in cmd:
+            return Result(self.pool.partition("<!--cut-->")[2], "", 0)
         self.log.append((n.name, cmd))
         return Result("", "", 0)
 
@@ -133,7 +137,7 @@ def test_setup_drains_and_cleans_a_leaver_that_answers_and_leaves_a_dead_one(
         f"unmount {x.node.name}"))
     monkeypatch.setattr(depart, "_clean_node", lambda c, x, dryrun: cleaned.append(
         f"clean {x.node.name}"))
-    # setup asks peer status and volume info in one command, split at <!--cut-->
+    # the pool's peer status, then <!--cut-->, then its volume info
     r = DepartRemote(c, members, with_pi4 + "<!--cut-->" + VOLUME_INFO, alive={"pi4"})
     out = depart.setup(c, r)
     assert out == {"left": ["pi4"]}

@@ -100,9 +100,10 @@ def test_parse_peer_status() -> None:
 
 
 def test_plan_daemon() -> None:
-    running = {"cli": "yes\n", "disabled": "no\n", "answers": "yes\n"}
+    running = {"cli": "yes\n", "disabled": "no\n", "peers": PEER_STATUS}
     assert gluster_plans.plan_daemon(running) == []
-    stopped = gluster_plans.plan_daemon({**running, "answers": "no\n"})
+    stopped = gluster_plans.plan_daemon({**running, "peers": "Connection failed. Please check "
+                                         "if gluster daemon is operational.\n"})
     assert [op.cmd for op in stopped] == [gluster_plans.START_GLUSTERD]
     # the start command works with systemd (a Pi) and with the lab's stand-in
     assert "systemctl enable --now glusterd" in gluster_plans.START_GLUSTERD

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -284,6 +285,7 @@ class SwarmRemote:
     """A Remote for swarm's setup and teardown: `docker info` answers from `infos` (recorded
     output per node), which init, join and leave change as Docker would; every command but
     `docker info` is logged as (node, command)."""
+    reading = staticmethod(nullcontext)  # every read is live here
 
     def __init__(self, c: Cluster, infos: dict[str, str], nodes: str = ""):
         self.cluster, self.infos, self.log = c, dict(infos), []
@@ -715,14 +717,16 @@ class ObjectsRemote:
     """A Remote for `stack-objects`: pi1 is the manager; `docker config|secret ls` answer the
     names in `existing`, which creating through the (fake) Docker API adds to; every create is
     logged as (kind, name, data, labels)."""
+    reading = staticmethod(nullcontext)  # every read is live here
 
     def __init__(self, c: Cluster, existing: dict[str, set[str]]):
         self.cluster, self.existing, self.created = c, existing, []
 
     def run(self, node, step, cmd, **kw):
         name = node if isinstance(node, str) else node.name
-        if "ControlAvailable" in cmd:
-            return Result("true" if name == "pi1" else "false", "", 0)
+        if cmd == swarm_facts.INFO_CMD:
+            return Result(manager_info("id-pi1", ADDRS["pi1"], "c1", ["pi1"]) if name == "pi1"
+                          else INACTIVE, "", 0)
         kind = cmd.split()[1]
         assert cmd.startswith(f"docker {kind} ls") and name == "pi1"
         return Result("".join(f"{n}\n" for n in sorted(self.existing[kind])), "", 0)
