@@ -30,7 +30,7 @@ if booted; then
 fi
 for i in $(seq TRIES); do
     if curl -sf --max-time 2 --unix-socket /run/docker.sock http://docker/_ping >/dev/null \
-        && gluster --mode=script pool list >/dev/null 2>&1; then
+        && GLUSTERD_ANSWERS; then
         echo "ready $(hostname)"; exit 0
     fi
     if booted; then     # booted, and a service is down: it failed to start, do not wait
@@ -47,6 +47,13 @@ done
 echo "$(hostname): $(lab-service docker status); $(lab-service glusterd status)" >&2
 exit 1
 """
+
+
+def ready_script(tries: int, running: bool = False) -> str:
+    """READY_SCRIPT waiting `tries` x 0.1 s. On a node that was `running` already, glusterd
+    running is enough (gluster:daemon asks it); a new one is waited for until it answers."""
+    answers = "true" if running else "gluster --mode=script pool list >/dev/null 2>&1"
+    return READY_SCRIPT.replace("TRIES", str(tries)).replace("GLUSTERD_ANSWERS", answers)
 
 
 def known_hosts_with(existing: str, wanted: dict[str, str]) -> str:
@@ -153,7 +160,7 @@ class AccessMixin(NodesMixin):
                     return f"{name}: sshd does not answer on {node.address}:22"
                 time.sleep(0.05)
             left = max(1, int(deadline - time.monotonic()))
-            script = READY_SCRIPT.replace("TRIES", str(left * 10))
+            script = ready_script(left * 10, running=name in inside)
             try:
                 if name in inside:
                     r = self.exec(name, script, check=False, timeout=left + 10)
@@ -199,8 +206,7 @@ class AccessMixin(NodesMixin):
                                f"{timeout:.0f} s; see {self.node_dir(name) / 'console.log'}")
             time.sleep(0.05)
         left = max(1, int(deadline - time.monotonic()))
-        r = self.exec(name, READY_SCRIPT.replace("TRIES", str(left * 10)), check=False,
-                      timeout=left + 10)
+        r = self.exec(name, ready_script(left * 10), check=False, timeout=left + 10)
         if r.returncode != 0 or f"ready {name}" not in r.stdout.splitlines():
             raise LabError(f"{name}: not ready: {(r.stderr or r.stdout).strip()}\n"
                            f"  logs: {self.node_dir(name)}/upper/var/log/haswarm-lab/ and "
