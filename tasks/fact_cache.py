@@ -5,26 +5,28 @@ once, and all of them up front: one command per node, every node at once.
   read: its result is kept for the rest of the run and serves every later step that reads the
   same command on the same node, until a command runs outside such a block (a change, a wait,
   a poll). Then every kept result is dropped: a step always applies and waits on live reads.
-- At the end of the run the commands read are written down (`build/state/reads.json`, per
-  command line: `doit setup` and `doit clean` read different things). The next run's preflight
+- A run is preflight's: it begins there and ends with preflight's teardown, after doit's last
+  task (`FactCache.begin`, `end`); a read serves MAX_AGE seconds at most. At the end the
+  commands read are written down (`build/state/reads.json`, per command line: `doit setup` and
+  `doit clean` read different things). The next run's preflight
   runs them on each node in one command, in parallel, while it checks the node (`batch_script`,
   `parse_batch`); its steps then find their facts read a few seconds earlier from the nodes
   themselves. The file says which commands to run, never what they answered: a node rebooted,
   wiped or changed by hand is seen as it is.
 
 Only the shared Remote of a doit run (the steps of `doit setup`) keeps results; `doit status`,
-the drill and the tests read live.
+the drill, and steps called outside a run (tests) read live.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import re
 import secrets
 import shlex
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +36,8 @@ from tasks.failures import Result
 
 T = TypeVar("T")
 
+# Seconds a kept read serves at most (a converged re-run needs about one).
+MAX_AGE = 10.0
 # Seconds one command of a batch may take; one that takes longer is left to its step, which
 # runs it live with its own deadline.
 BATCH_COMMAND_TIMEOUT = 10
@@ -114,30 +118,57 @@ def carry(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 class FactCache:
-    """Results of reads, by (node key, command), valid until the run changes something.
+    """Results of reads, by (node key, command), valid during one run until it changes
+    something, and for MAX_AGE seconds at most.
 
-    `changed()` starts a new epoch and drops every result; a read started in an older epoch is
-    not kept (a change may have happened while it ran). `asked` lists, per node key, each command
-    read (kept or not) in first-read order: what the next run will read up front."""
+    A run is `begin`-ning (preflight) to `end` (preflight's teardown, once doit has run every
+    task); outside one nothing is kept (steps called on their own, tests). `changed()` starts a
+    new epoch and drops every result; a read started in an older epoch is not kept (a change may
+    have happened while it ran). `asked` lists, per node, each command read (kept or not) in
+    first-read order: what the next run of the same command line reads up front."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._epoch = 0
-        self._results: dict[tuple[Any, str], Result] = {}
+        self._results: dict[tuple[Any, str], tuple[Result, float]] = {}
+        self._record: tuple[Path, str] | None = None
+        self.active = False
         self.asked: dict[str, dict[str, None]] = {}
+
+    def begin(self, record: Path | None = None, key: str = "") -> None:
+        """A run begins: reads are kept from now on, and noted for `record` (under command line
+        `key`) when it ends."""
+        with self._lock:
+            self.active, self._record, self.asked = True, (record, key) if record else None, {}
+            self._epoch += 1
+            self._results.clear()
+
+    def end(self) -> None:
+        """The run ended: nothing kept any more; what it read is written to the record."""
+        with self._lock:
+            self.active, record, asked = False, self._record, self.asked
+            self._record, self.asked = None, {}
+            self._epoch += 1
+            self._results.clear()
+        if record and asked:
+            save_plan(record[0], record[1], {who: list(cmds) for who, cmds in asked.items()})
 
     def lookup(self, key: Any, cmd: str, who: str) -> tuple[Result | None, int]:
         """The kept result of `cmd` on `key` (or None) and the epoch to pass to `keep`; the
         read is noted under `who` (the node's "name@address") for the next run."""
         with self._lock:
+            if not self.active:
+                return None, -1
             self.asked.setdefault(who, {})[cmd] = None
-            return self._results.get((key, cmd)), self._epoch
+            res, at = self._results.get((key, cmd), (None, 0.0))
+            fresh = res is not None and time.monotonic() - at <= MAX_AGE
+            return (res if fresh else None), self._epoch
 
     def keep(self, key: Any, cmd: str, res: Result, epoch: int) -> None:
         """Keep `res`, read in `epoch`, unless something changed since."""
         with self._lock:
-            if epoch == self._epoch:
-                self._results[(key, cmd)] = res
+            if self.active and epoch == self._epoch:
+                self._results[(key, cmd)] = (res, time.monotonic())
 
     def changed(self) -> None:
         """Something may have changed on a node: every kept result is dropped."""
@@ -187,7 +218,6 @@ class FactCache:
 
 
 SHARED = FactCache()
-_remembered: set[tuple[Path, str]] = set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,21 +293,6 @@ def load_plan(path: Path, key: str) -> dict[str, list[str]]:
         return {str(n): [str(c) for c in cmds] for n, cmds in plan.items()}
     except (OSError, ValueError, AttributeError, TypeError):
         return {}
-
-
-def remember_at_exit(path: Path, key: str, cache: FactCache = SHARED) -> None:
-    """When this process ends, record in `path` what it read, for the next run of `key`
-    (once per path and key)."""
-    if (path, key) in _remembered:
-        return
-    _remembered.add((path, key))
-
-    def save() -> None:
-        plan = {who: list(cmds) for who, cmds in cache.asked.items()}
-        if plan:
-            save_plan(path, key, plan)
-
-    atexit.register(save)
 
 
 def save_plan(path: Path, key: str, plan: dict[str, list[str]]) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from doit.exceptions import TaskFailed
 
 from tasks.config import Cluster
-from tasks.fact_cache import SHARED, load_plan, remember_at_exit, run_key
+from tasks.fact_cache import SHARED, load_plan, run_key
 from tasks.images.layers import DISK_SPARE, expected_images
 from tasks.remote import Remote, RemoteError, key_values
 from tasks.state import stamp
@@ -305,10 +305,9 @@ def preflight(c: Cluster) -> TaskFailed | None:
 
     t0 = time.monotonic()
     close_shared()  # a check of reachability opens its connections anew; the later steps keep them
-    SHARED.changed()  # nothing read before this check serves after it
     reads = stamp(c, "reads")  # what the last run of this command line read (fact_cache)
     key = run_key()
-    remember_at_exit(reads, key)
+    SHARED.begin(reads, key)  # the run's reads are kept from here to the task's teardown
     with Remote(c, shared=True) as r:
         facts = judge(c, gather(r, load_plan(reads, key)), expected_images(c))
     print(table(c, facts), flush=True)
@@ -334,4 +333,6 @@ def _run() -> TaskFailed | None:
 
 def task_preflight() -> dict[str, object]:
     """Check every node (SSH, Docker, architecture, disk, clock) without changing anything."""
-    return {"basename": "preflight", "actions": [_run], "uptodate": [False], "verbosity": 2}
+    return {"basename": "preflight", "actions": [_run], "uptodate": [False], "verbosity": 2,
+            # once doit has run every task: the run's reads end (and are noted for the next)
+            "teardown": [SHARED.end]}

@@ -59,6 +59,17 @@ def _fresh_doit_vars():
     reset_vars()
 
 
+@pytest.fixture(autouse=True)
+def _no_run_left_open():
+    """A test that calls preflight itself (not through doit, whose teardown ends the run) must
+    not leave the next test's steps reading what it read (tasks/fact_cache.py)."""
+    yield
+    from tasks.fact_cache import SHARED
+
+    if SHARED.active:
+        SHARED.end()
+
+
 @pytest.fixture(scope="session")
 def lab():
     from lab.driver import Lab, LabError

@@ -25,6 +25,7 @@ def cluster() -> Cluster:
 def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> fact_cache.FactCache:
     """Each test its own shared cache (the process-wide one is doit's run)."""
     cache = fact_cache.FactCache()
+    cache.begin()
     monkeypatch.setattr("tasks.remote._FACTS", cache)
     return cache
 
@@ -114,8 +115,39 @@ def test_reading_carries_into_on_all_threads_and_a_failed_read_still_fails(
     assert sorted(calls) == ["pi1", "pi2", "pi3"]
 
 
+def test_nothing_is_kept_outside_a_run_nor_longer_than_max_age(
+        cluster: Cluster, fresh_cache: fact_cache.FactCache,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    handler, seen = counting()
+    r = FakeRemote(cluster, handler, shared=True)
+    with r.reading():
+        r.run("pi1", "a", "docker ps")
+        monkeypatch.setattr(fact_cache, "MAX_AGE", 0.0)
+        time.sleep(0.01)
+        r.run("pi1", "a", "docker ps")  # too old: asked again
+        monkeypatch.setattr(fact_cache, "MAX_AGE", 10.0)
+        fresh_cache.end()  # the run is over (steps called on their own, tests)
+        r.run("pi1", "a", "docker ps")
+        r.run("pi1", "a", "docker ps")
+    assert len(seen) == 4
+
+
+def test_the_end_of_a_run_notes_what_it_read(cluster: Cluster, tmp_path: Path) -> None:
+    cache = fact_cache.FactCache()
+    record = tmp_path / "reads.json"
+    cache.begin(record, "setup")
+    cache.read("k", "pi1@10.77.0.11", "docker ps", lambda: Result("", "", 0))
+    cache.read("k", "pi1@10.77.0.11", "uname", lambda: Result("", "", 0))
+    cache.end()
+    assert fact_cache.load_plan(record, "setup") == {"pi1@10.77.0.11": ["docker ps", "uname"]}
+    cache.begin(record, "setup")
+    cache.end()  # a run that read nothing leaves the record as it was
+    assert fact_cache.load_plan(record, "setup") == {"pi1@10.77.0.11": ["docker ps", "uname"]}
+
+
 def test_a_read_begun_before_a_change_is_not_kept() -> None:
     cache = fact_cache.FactCache()
+    cache.begin()
     res, epoch = cache.lookup("k", "cmd", "pi1@a")
     assert res is None
     cache.changed()  # meanwhile, another thread changed a node
