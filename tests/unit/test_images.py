@@ -632,7 +632,7 @@ def test_builder_prefers_the_docker_plugin_then_the_fetched_binary(tmp_path, mon
 # The Galera image's tag must change with what builds it: swarm rolls a service over only when
 # its image reference changes, so an image rebuilt under the old tag never reaches the running
 # containers (seen: the buffer pool cap built and preloaded, the db still on the old image).
-GALERA_BUILD = ("haswarm/mariadb-galera:10.11-3", "5febb04d946c")
+GALERA_BUILD = ("haswarm/mariadb-galera:10.11-4", "ce1a87bd96bb")
 GALERA_CONTEXT = PROJECT_ROOT / "images" / "mariadb-galera"
 
 

@@ -127,7 +127,7 @@ def test_the_stack_names_a_digest_pinned_image_by_the_tag_the_nodes_hold(tmp_pat
     cfg.write_text(yaml.safe_dump(_lab_data(tmp_path, mosquitto={"image": f"{MOSQ}@{D1}"})))
     ctx = stack_context(load_cluster(cfg), bootstrap=False)
     assert ctx["images"]["mosquitto"] == f"{MOSQ}:sha256-{'1' * 64}"
-    assert ctx["images"]["mariadb"] == "haswarm/mariadb-galera:10.11-3"  # unchanged
+    assert ctx["images"]["mariadb"] == "haswarm/mariadb-galera:10.11-4"  # unchanged
 
 
 # ---------------------------------------------------------------------------------------------
