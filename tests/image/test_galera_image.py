@@ -517,3 +517,23 @@ def test_sigterm_stops_gracefully(cluster):
     assert "seqno:   -1" not in grastate
     docker("start", name)
     cluster.wait_synced(NODES, 3, 60)
+
+
+def test_a_second_sigterm_does_not_cut_the_shutdown_short(cluster):
+    """swarm's stop and a second signal: the container ends only once mariadbd has left the
+    cluster (10.11-3 ended it halfway, and the others blocked every commit until they evicted
+    the member). The others take a write at once after."""
+    name, other = NODES[2], NODES[0]
+    docker("kill", "-s", "TERM", name)
+    time.sleep(0.2)
+    docker("kill", "-s", "TERM", name, check=False)
+    assert exit_code(name) == "0"
+    logs = cluster.logs(name)
+    assert "mariadbd: Shutdown complete" in logs, entrypoint_lines(logs, name, 20)
+    assert logs.index("mariadbd: Shutdown complete") < logs.index("mariadbd stopped (exit 0)")
+    start = time.monotonic()
+    cluster.query(other, "INSERT INTO t (v) VALUES ('after a double stop')")
+    FIGURES["a write right after a member left (s)"] = f"{time.monotonic() - start:.2f}"
+    assert time.monotonic() - start < 2, "the others did not wait to evict the member"
+    docker("start", name)
+    cluster.wait_synced(NODES, 3, 60)
