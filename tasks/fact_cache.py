@@ -41,6 +41,8 @@ MAX_AGE = 10.0
 # Seconds one command of a batch may take; one that takes longer is left to its step, which
 # runs it live with its own deadline.
 BATCH_COMMAND_TIMEOUT = 10
+# Seconds a node may take for the whole batch: past it, the node hangs (preflight says so).
+READ_AHEAD_TIMEOUT = BATCH_COMMAND_TIMEOUT + 5
 # Commands of one batch that run one after another: glusterd serves one volume transaction at
 # a time (two at once: "Another transaction is in progress"); `peer status` and `volume info`
 # are answered from its memory and run with the others. A result saying the lock was taken

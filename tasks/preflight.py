@@ -141,11 +141,19 @@ def gather(r: Remote, reads: dict[str, list[str]] | None = None) -> dict[str, Fa
     facts = r.on_all("preflight", one)
     # Then, once every node's check has run (a command outside `reading` ends what was read
     # before it), what the steps will read, on the nodes that answered.
-    ahead = [n for n in r.cluster.nodes if facts[n.name].ssh_error is None]
-    got = r.on_all("preflight: read ahead", lambda n: r.prefetch(
-        n, (reads or {}).get(f"{n.name}@{n.address}", [])), ahead)
-    for name, count in got.items():
-        facts[name].read_ahead = count
+    # A node that answered its check but hangs now (a frozen FUSE mount, a wedged dockerd) is
+    # not ready either.
+    def ahead(n):  # noqa: ANN001, ANN202 - a Node
+        f = facts[n.name]
+        try:
+            f.read_ahead = r.prefetch(n, (reads or {}).get(f"{n.name}@{n.address}", []))
+        except RemoteError as e:
+            failure = e.failures[0]
+            f.ssh_error = f"{failure.kind}: reading its facts: {failure.detail}"
+            f.ssh_hint = failure.hint
+
+    r.on_all("preflight: read ahead", ahead,
+             [n for n in r.cluster.nodes if facts[n.name].ssh_error is None])
     return facts
 
 

@@ -68,8 +68,8 @@ from tasks.connection import (  # noqa: F401  (the exceptions are re-exported fo
     shared_key,
 )
 from tasks.docker_relay import _DockerRelay
+from tasks.fact_cache import READ_AHEAD_TIMEOUT, carry, in_reading, parse_sections, probe_script
 from tasks.fact_cache import SHARED as _FACTS
-from tasks.fact_cache import carry, in_reading, parse_sections, probe_script
 from tasks.fact_cache import reading as _reading
 from tasks.failures import (  # noqa: F401  (re-exported: callers import them from here)
     HIDDEN,
@@ -246,15 +246,15 @@ class Remote:
 
     def prefetch(self, node: Node | str, cmds: list[str]) -> int:
         """Read `cmds` on `node` now, in one command, for the run's later readers (shared
-        Remote only). Returns how many were kept; on any failure 0: the steps read live."""
+        Remote only). Returns how many were kept. RemoteError when the node does not answer
+        within READ_AHEAD_TIMEOUT s (each command has its own shorter deadline: a node that
+        does not answer by then hangs)."""
         n = self._node(node)
         if not (self.shared and cmds):
             return 0
-        try:
-            return _FACTS.read_ahead(self._key_of(n), cmds, lambda s: self._execute(
-                n, "read facts", s, None, COMMAND_TIMEOUT, True, "(what the last run read)"))
-        except RemoteError:
-            return 0
+        return _FACTS.read_ahead(self._key_of(n), cmds, lambda s: self._execute(
+            n, "preflight: read facts", s, None, READ_AHEAD_TIMEOUT, True,
+            "(the facts the last run read)"))
 
     def run_all(self, step: str, cmd: str, nodes: Iterable[Node | str] | None = None, *,
                 check: bool = True, stdin: str | None = None, timeout: float = COMMAND_TIMEOUT,
