@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tasks.fact_cache import _SECTION, parse_sections, probe_script  # noqa: F401 (re-exported)
+from tasks.fact_cache import parse_sections, probe_script  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from tasks.config import Node
@@ -25,10 +25,7 @@ if TYPE_CHECKING:
 def gather(r: Remote, node: Node, step: str, probes: dict[str, str]) -> dict[str, str]:
     """Run every probe on `node` in one command and return {probe: output} (a Remote keeps
     each probe's answer for the run's later readers: `Remote.read_probes`)."""
-    if hasattr(r, "read_probes"):  # a Remote (test doubles answer the script itself)
-        return r.read_probes(node, step, probes, timeout=60)
-    res = r.run(node, step, probe_script(probes), check=False, timeout=60)
-    return parse_sections(res.stdout)
+    return r.read_probes(node, step, probes, timeout=60)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from tasks.gluster_facts import (
     parse_peer_status,
     parse_stat_owner,
     parse_volume_info,
+    status_command,
     volume_info_command,
 )
 from tasks.gluster_plans import (
@@ -73,7 +74,7 @@ from tasks.gluster_plans import (
     service_dirs,
     tolerant,
 )
-from tasks.gluster_replace import clean_replace, setup_replace, status_command, wait_healed
+from tasks.gluster_replace import clean_replace, setup_replace, wait_healed
 from tasks.ops import Op, StepError, apply_ops, on_nodes, remote_task, say
 
 if TYPE_CHECKING:

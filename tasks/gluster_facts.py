@@ -29,6 +29,12 @@ def volume_info_command(volume: str) -> str:
     """`volume info` of `volume` as XML (parse_volume_info)."""
     return f"timeout 20 {GLUSTER} --xml volume info {shlex.quote(volume)}"
 
+
+def status_command(c: Cluster) -> str:
+    """`volume status` of the volume (brick -> online: tasks.facts_cluster.parse_volume_status;
+    the brick processes: parse_brick_processes). A pool-wide transaction: ask one node."""
+    return f"timeout 20 {GLUSTER} --xml volume status {shlex.quote(c.gluster.volume)}"
+
 # Deadline of a change to the pool or the volume (peer probe, volume create/set/start/stop/delete):
 # the gluster CLI gives up by itself after 120 s when a peer does not answer, with its reason.
 GLUSTER_CHANGE_TIMEOUT = 150.0

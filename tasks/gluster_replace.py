@@ -55,6 +55,7 @@ from tasks.gluster_facts import (
     parse_peer_status,
     parse_volume_info,
     peer_file_text,
+    status_command,
     volume_info_command,
 )
 from tasks.gluster_plans import START_GLUSTERD
@@ -109,11 +110,6 @@ def replace_probes(c: Cluster) -> dict[str, str]:
         "volume": volume_info_command(c.gluster.volume),
         "brick": brick_id_probe(str(c.gluster.brick_dir)),
     }
-
-
-def status_command(c: Cluster) -> str:
-    """`volume status` of the volume (brick -> online: tasks.facts_cluster.parse_volume_status)."""
-    return f"timeout 20 {GLUSTER} --xml volume status {shlex.quote(c.gluster.volume)}"
 
 
 def node_facts(sections: dict[str, str]) -> NodeFacts:

@@ -139,10 +139,10 @@ def gather(r: Remote, reads: dict[str, list[str]] | None = None) -> dict[str, Fa
         return f
 
     facts = r.on_all("preflight", one)
+
     # Then, once every node's check has run (a command outside `reading` ends what was read
-    # before it), what the steps will read, on the nodes that answered.
-    # A node that answered its check but hangs now (a frozen FUSE mount, a wedged dockerd) is
-    # not ready either.
+    # before it), what the steps will read, on the nodes that answered. A node that answered
+    # its check but hangs now (a frozen FUSE mount, a wedged dockerd) is not ready either.
     def ahead(n):  # noqa: ANN001, ANN202 - a Node
         f = facts[n.name]
         try:

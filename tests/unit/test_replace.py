@@ -17,7 +17,6 @@ import pytest
 
 from tasks import gluster, gluster_replace, plan, swarm
 from tasks.config import LAB_CLUSTER_FILE, Cluster, Node, load_cluster
-from tasks.facts import _SECTION
 from tasks.facts_cluster import NODES_PROBE, parse_node_inspect
 from tasks.failures import Result
 from tasks.galera import STEADY, GaleraFacts, Member, decide
@@ -345,11 +344,12 @@ class GlusterRemote:
         self.status_asked: list[str] = []
         self.heal, self.peers = list(heal or []), {k: list(v) for k, v in (peers or {}).items()}
 
+    def read_probes(self, node, step, probes, timeout=60):
+        name = node if isinstance(node, str) else node.name
+        return {key: self.facts_text[name].get(key, "") for key in probes}
+
     def run(self, node, step, cmd, **kw):
         name = node if isinstance(node, str) else node.name
-        if cmd.startswith(f"echo {_SECTION}"):
-            return Result("".join(f"{_SECTION}{k}\n{v}" for k, v in
-                                  self.facts_text[name].items()), "", 0)
         if cmd == gluster_replace.status_command(self.cluster):  # asked on one member only
             self.status_asked.append(name)
             return Result(self.facts_text[name]["status"], "", 0)
