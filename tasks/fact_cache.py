@@ -228,26 +228,37 @@ SHARED = FactCache()
 
 def batch_script(cmds: list[str], nonce: str | None = None) -> tuple[str, str]:
     """A shell script running every command of `cmds` at once (the gluster ones one after the
-    other), each under `sh -c` with no stdin and a BATCH_COMMAND_TIMEOUT deadline, then printing
-    each one's exit code, stdout and stderr between marker lines. Returns (script, nonce)."""
+    other), each in a subshell with no stdin, all within BATCH_COMMAND_TIMEOUT, then printing
+    each one's exit code, stdout and stderr between marker lines. Returns (script, nonce).
+
+    Each command costs one fork beyond its own processes (no `timeout`, `sh -c` or `cat` of its
+    own): the batch runs on every node at once, and on the lab they all share the host's CPUs.
+    A command still running at the deadline is killed with the others (`timeout` signals its
+    whole process group) and prints nothing: its step runs it live."""
     nonce = nonce or secrets.token_hex(6)
     mark = f"@@haswarm-read-{nonce}"
     serial = [i for i, c in enumerate(cmds) if _SERIAL.search(c)]
     parallel = [i for i, c in enumerate(cmds) if not _SERIAL.search(c)]
 
     def one(i: int) -> str:
-        return (f"timeout -k 1 {BATCH_COMMAND_TIMEOUT} sh -c {shlex.quote(cmds[i])} "
-                f'>"$d/{i}.o" 2>"$d/{i}.e" </dev/null; echo $? >"$d/{i}.r"')
+        f = f'"$d/{i}'
+        return (f'(eval "$c{i}") >{f}.o" 2>{f}.e" </dev/null; rc=$?; '
+                f"printf '\\n%s {i} e@@\\n' \"$m\" >{f}.x\"; "
+                f"printf '\\n%s {i} %s o@@\\n' \"$m\" $rc >{f}.h\"")
 
     jobs = [f"{{ {one(i)}; }} &" for i in parallel]
     if serial:
         jobs.append("{ " + "; ".join(one(i) for i in serial) + "; } &")
-    show = (f"for i in {' '.join(str(i) for i in range(len(cmds)))}; do "
-            f"printf '\\n{mark} %s %s o@@\\n' \"$i\" \"$(cat \"$d/$i.r\")\"; cat \"$d/$i.o\"; "
-            f"printf '\\n{mark} %s e@@\\n' \"$i\"; cat \"$d/$i.e\"; done; "
+    inner = ('d=$1 m=$2; ' + " ".join(f"c{i}={shlex.quote(c)};" for i, c in enumerate(cmds))
+             + " " + " ".join(jobs) + " wait")
+    show = (f"set --; for i in {' '.join(str(i) for i in range(len(cmds)))}; do "
+            '[ -e "$d/$i.h" ] && set -- "$@" "$d/$i.h" "$d/$i.o" "$d/$i.x" "$d/$i.e"; done; '
+            '[ $# -eq 0 ] || cat -- "$@"; '
             f"printf '\\n{mark} end@@\\n'")
     script = ("d=$(mktemp -d /tmp/.haswarm-read.XXXXXXXX) || exit 1; "
-              "trap 'rm -rf \"$d\"' EXIT; " + " ".join(jobs) + " wait; " + show)
+              "trap 'rm -rf \"$d\"' EXIT; "
+              f"timeout -k 1 {BATCH_COMMAND_TIMEOUT} sh -c {shlex.quote(inner)} sh \"$d\" "
+              f"{mark}; {show}")
     return script, nonce
 
 

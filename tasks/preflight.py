@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from doit.exceptions import TaskFailed
@@ -124,36 +125,38 @@ def gather(r: Remote, reads: dict[str, list[str]] | None = None) -> dict[str, Fa
 
     def one(n):  # noqa: ANN001, ANN202 - a Node
         f = Facts(n.name, n.address)
-        try:
-            res = r.run(n, "preflight: facts", script, check=False, timeout=COMMAND_TIMEOUT)
-        except RemoteError as e:
+
+        def unreachable(e: RemoteError, doing: str = "") -> Facts:
             failure = e.failures[0]
-            f.ssh_error = f"{failure.kind}: {failure.detail}"
+            f.ssh_error = f"{failure.kind}: {doing}{failure.detail}"
             f.ssh_hint = failure.hint
             return f
-        parse_facts(f, res.stdout)
+
         try:
-            f.clock_skew, f.clock_error = r.clock_offset(n, "preflight: clock")
-        except RemoteError:
-            pass  # judged as "could not read the node's clock"
+            r.connect(n, "preflight: connect")
+        except RemoteError as e:
+            return unreachable(e)
+        # What the steps will read (tasks/fact_cache.py), read beside the checks: the checks
+        # only read (`read_live`), so they drop nothing it keeps.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+            ahead = pool.submit(r.prefetch, n, (reads or {}).get(f"{n.name}@{n.address}", []))
+            try:
+                res = r.read_live(n, "preflight: facts", script, timeout=COMMAND_TIMEOUT)
+            except RemoteError as e:
+                return unreachable(e)
+            parse_facts(f, res.stdout)
+            try:
+                f.clock_skew, f.clock_error = r.clock_offset(n, "preflight: clock")
+            except RemoteError:
+                pass  # judged as "could not read the node's clock"
+            try:
+                f.read_ahead = ahead.result()
+            except RemoteError as e:
+                # it answered its checks but hangs now (a frozen FUSE mount, a wedged dockerd)
+                return unreachable(e, "reading its facts: ")
         return f
 
     facts = r.on_all("preflight", one)
-
-    # Then, once every node's check has run (a command outside `reading` ends what was read
-    # before it), what the steps will read, on the nodes that answered. A node that answered
-    # its check but hangs now (a frozen FUSE mount, a wedged dockerd) is not ready either.
-    def ahead(n):  # noqa: ANN001, ANN202 - a Node
-        f = facts[n.name]
-        try:
-            f.read_ahead = r.prefetch(n, (reads or {}).get(f"{n.name}@{n.address}", []))
-        except RemoteError as e:
-            failure = e.failures[0]
-            f.ssh_error = f"{failure.kind}: reading its facts: {failure.detail}"
-            f.ssh_hint = failure.hint
-
-    r.on_all("preflight: read ahead", ahead,
-             [n for n in r.cluster.nodes if facts[n.name].ssh_error is None])
     return facts
 
 

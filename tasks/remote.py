@@ -244,6 +244,18 @@ class Remote:
         return _FACTS.read_probes(self._key_of(n), f"{n.name}@{n.address}", probes, lambda s: (
             self._execute(n, step, s, None, timeout, True, s).stdout))
 
+    def connect(self, node: Node | str, step: str) -> None:
+        """Open the connection to `node` now (RemoteError naming `step` when it cannot)."""
+        self._connection(self._node(node), step, None)
+
+    def read_live(self, node: Node | str, step: str, cmd: str, *,
+                  timeout: float = COMMAND_TIMEOUT) -> Result:
+        """Run `cmd`, which only reads, live (its exit code is not judged): its result is
+        neither kept nor recorded for the next run, and it drops nothing kept. Preflight's
+        checks, which run beside the read-ahead."""
+        n = self._node(node)
+        return self._execute(n, step, cmd, None, timeout, True, cmd)
+
     def prefetch(self, node: Node | str, cmds: list[str]) -> int:
         """Read `cmds` on `node` now, in one command, for the run's later readers (shared
         Remote only). Returns how many were kept. RemoteError when the node does not answer

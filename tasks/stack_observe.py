@@ -62,7 +62,8 @@ def observe(r: Remote, c: Cluster, manager: str) -> StackState:
         res = r.run(manager, "stack: tasks",
                     f"ids=$(docker stack ps -q --no-trunc --filter desired-state=running "
                     f"{shlex.quote(c.name)} 2>/dev/null); "
-                    "[ -z \"$ids\" ] || docker inspect --format '{{json .}}' $ids", check=False)
+                    "[ -z \"$ids\" ] || docker inspect --type task --format '{{json .}}' $ids",
+                    check=False)
         tasks = parse_task_inspect(res.stdout, services) if res.ok else []
     containers, unreachable = containers_everywhere(r, c)
     return StackState(services=services, tasks=tasks, containers=containers,
