@@ -22,13 +22,11 @@
 - Secrets: `secret=True` keeps the command text out of errors; pass secret values on `stdin`
   (never in the command line, where `ps` on the node shows them) and they are scrubbed from any
   stderr quoted in an error. `Remote.redact()` registers further values to scrub.
-
 - Reads: a step reads its facts inside `with r.reading():`; the shared Remote of a doit run keeps
   them until anything else runs (tasks.fact_cache), and `prefetch` reads them all up front.
 
-Opening one connection (host keys, key file, timeouts) and explaining why one failed live in
-`tasks.connection`; the error model in `tasks.failures`; Docker over SSH in `tasks.docker_relay`.
-"""
+Opening one connection and explaining why one failed: `tasks.connection`; the error model:
+`tasks.failures`; Docker over SSH: `tasks.docker_relay`."""
 
 from __future__ import annotations
 
@@ -250,17 +248,14 @@ class Remote:
 
     def read_live(self, node: Node | str, step: str, cmd: str, *,
                   timeout: float = COMMAND_TIMEOUT) -> Result:
-        """Run `cmd`, which only reads, live (its exit code is not judged): its result is
-        neither kept nor recorded for the next run, and it drops nothing kept. Preflight's
-        checks, which run beside the read-ahead."""
-        n = self._node(node)
-        return self._execute(n, step, cmd, None, timeout, True, cmd)
+        """Run `cmd`, which only reads, live (exit code not judged): its result is not kept, and
+        it drops nothing kept (preflight's checks, which run beside the read-ahead)."""
+        return self._execute(self._node(node), step, cmd, None, timeout, True, cmd)
 
     def prefetch(self, node: Node | str, cmds: list[str]) -> int:
         """Read `cmds` on `node` now, in one command, for the run's later readers (shared
         Remote only). Returns how many were kept. RemoteError when the node does not answer
-        within READ_AHEAD_TIMEOUT s (each command has its own shorter deadline: a node that
-        does not answer by then hangs)."""
+        within READ_AHEAD_TIMEOUT s (the commands' deadline is shorter: then it hangs)."""
         n = self._node(node)
         if not (self.shared and cmds):
             return 0
@@ -597,11 +592,6 @@ class Remote:
 
 def _meta_ok(state: list[str], mode: int, owner: str | None) -> bool:
     """state = [mode in octal, user, group, sha256]: do mode and owner match the wish?"""
-    if state[0] != f"{mode:o}":
-        return False
-    if owner is None:
-        return True
-    user, _, group = owner.partition(":")
-    return state[1] == user and (not group or state[2] == group)
-
-
+    user, _, group = (owner or "").partition(":")
+    return state[0] == f"{mode:o}" and (owner is None or (
+        state[1] == user and (not group or state[2] == group)))
