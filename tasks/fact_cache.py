@@ -9,7 +9,7 @@ once, and all of them up front: one command per node, every node at once.
   task (`FactCache.begin`, `end`); a read serves MAX_AGE seconds at most.
 - At the end the commands read are written down (`build/state/reads.json`, per command line:
   `doit setup` and `doit clean` read different things). The next run's preflight runs them on
-  each node in one command, all at once, right after its checks (`batch_script`,
+  each node in one command, all at once, beside its checks (`batch_script`,
   `parse_batch`); its steps then find their facts read a second earlier from the nodes
   themselves. The file says which commands to run, never what they answered: a node rebooted,
   wiped or changed by hand is seen as it is.

@@ -242,8 +242,9 @@ def check_data_back(c, tools, node: str, token: str, topic: str) -> None:
 def test_a_dead_pi_replaced_by_another_pi_under_a_new_name(lab, ready, tools, capsys):
     """pi3 dies; the user edits `nodes:` (pi3 -> pi4 at a new address) and runs `doit setup`:
     pi3's brick moves to pi4 and heals, pi3 leaves the swarm and the pool, pi4 joins and gets
-    Galera by SST. Then the same the other way (pi3 re-flashed takes pi4's place), which also
-    leaves the lab as it was."""
+    Galera by SST. Then the other way, with the leaving Pi still running (pi3 re-flashed takes
+    the place of pi4, which `depart` drains, takes out and cleans first); this also leaves the
+    lab as it was."""
     c = ready
     token, topic = plant_data(c, tools, "moved")
 
@@ -272,19 +273,39 @@ def test_a_dead_pi_replaced_by_another_pi_under_a_new_name(lab, ready, tools, ca
             assert f": {step}: nothing to do" in again.output, [
                 line for line in again.output.splitlines() if f": {step}:" in line]
     finally:
-        say(f"back: {NODE} re-flashed takes {NEW}'s place")
+        # The way back is the other case: the Pi that leaves the cluster file (pi4) still runs
+        # (unless the way there failed: then it is switched off first).
+        swap = moved is not None and moved.ok
+        say(f"back: {NODE} re-flashed takes {NEW}'s place" + (
+            f" ({NEW} still running)" if swap else ""))
         lab.wipe(NODE)
         trust_new_key(lab, NODE)
-        forget_node(lab4, NEW)  # pi4 dies (and is gone for good)
+        if not swap:
+            forget_node(lab4, NEW)
         t1 = time.monotonic()
         back = doit("setup")
         cfg.unlink()
-    assert back.ok, back.output[-6000:]
-    status.wait_converged(c, 900, log=say)
-    t_back = time.monotonic() - t1
-    check_moved(c, tools, NEW, NEW_ADDRESS, NODE, token, topic)
+    try:
+        assert back.ok, back.output[-6000:]
+        status.wait_converged(c, 900, log=say)
+        t_back = time.monotonic() - t1
+        check_moved(c, tools, NEW, NEW_ADDRESS, NODE, token, topic)
+        if swap:  # taken out first by `depart`, then cleaned: nothing of the cluster left on it
+            for needle in (f"depart: {NEW} ({NEW_ADDRESS}) left the cluster file and still "
+                           "answers", f"drain {NEW}", f"remove brick {NEW_ADDRESS}:",
+                           f"{NEW} leaves the swarm", f"add brick {lab.node(NODE).address}:"):
+                assert needle in back.output, needle
+            left = tools4.sh(NEW, "docker info --format '{{.Swarm.LocalNodeState}}'; "
+                                  "docker ps -q | wc -l; "
+                                  f"grep -c ' {c.gluster.mount_point} ' /proc/mounts; "
+                                  "grep -c haswarm /etc/fstab; "
+                                  "gluster --mode=script pool list | grep -c Connected",
+                             check=False).split()
+            assert left == ["inactive", "0", "0", "0", "1"], left
+    finally:
+        forget_node(lab4, NEW)  # gone for good
     remove_data(c, tools, topic)
     with capsys.disabled():
         print(f"\n[replace] {NODE} dead -> {NEW} in its place: converged {t_moved:.1f} s after "
-              f"`doit setup` started (setup {moved.seconds:.1f} s); back to {NODE} re-flashed: "
-              f"converged {t_back:.1f} s (setup {back.seconds:.1f} s)")
+              f"`doit setup` started (setup {moved.seconds:.1f} s); back to {NODE} re-flashed, "
+              f"{NEW} still running: converged {t_back:.1f} s (setup {back.seconds:.1f} s)")
