@@ -35,6 +35,7 @@ from tasks.markers import insert_sql
 from tasks.mqtt_client import MQTTSession
 
 INTERVAL = 0.5  # seconds between two samples of one probe, or of one node's census
+CENSUS_TIMEOUT = 2.0  # seconds one node's census look may take
 HA_PROCESS = "[p]ython3 -m homeassistant"  # the bracket keeps pgrep's own shell out
 # Services whose second running copy is an incident: both write the same files on the volume.
 SINGLETONS = ("homeassistant", "mosquitto")
@@ -455,7 +456,7 @@ class Watch:
 
     def _census_loop(self, node: str) -> None:
         def look(t: float) -> None:
-            out = self.run_on(node, CENSUS_CMD, 2.0)
+            out = self.run_on(node, CENSUS_CMD, CENSUS_TIMEOUT)
             done = self.now()
             if out is None:
                 c = Census(t, node, False, done=done)
@@ -467,8 +468,22 @@ class Watch:
 
         self._every(look)
 
+    def _census_seen(self, timeout: float = CENSUS_TIMEOUT + 1) -> None:
+        """Wait until every node's census has looked once (at most `timeout` s): the galera
+        probe writes through the db containers it found. A probe before that found none and
+        counted a gap that was the watch's own start (every rolling upgrade showed it)."""
+        names = {n.name for n in self.c.nodes}
+        deadline = self.now() + timeout
+        while not self._stop.is_set() and self.now() < deadline:
+            with self._lock:
+                if names <= {c.node for c in self.census}:
+                    return
+            time.sleep(0.05)
+
     def _probe_loop(self, key: str) -> None:
         check = {"ha": self._ha, "mqtt": self._mqtt, "galera": self._galera}[key]
+        if key == "galera":
+            self._census_seen()
 
         def once(t: float) -> None:
             try:

@@ -551,6 +551,24 @@ def test_parse_galera_status_sections():
     assert ms[0].cluster_status == "none" and not ms[0].synced
 
 
+def test_galera_status_falls_back_to_docker_exec(tmp_path: Path) -> None:
+    """The status listener is read through nsenter; a container whose listener does not
+    answer (still starting; or no pid: `docker inspect` fails here) is asked by `docker exec`,
+    and one that answers neither way is a member with no state."""
+    from tasks.facts import galera_command
+
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\ncase $1 in inspect) exit 1 ;; exec) [ \"$2\" = c1 ] || exit 1; "
+                    f"cat {tmp_path}/status ;; esac\n")
+    fake.chmod(0o755)
+    (tmp_path / "status").write_text(STATUS)
+    out = subprocess.run(["sh", "-c", galera_command(["c1", "c2"])], capture_output=True,
+                         text=True, env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
+                         timeout=30).stdout
+    ms = galera.parse_status_sections("pi1", out, {"c1": "db", "c2": "db"})
+    assert [(m.container, m.synced) for m in ms] == [("c1", True), ("c2", False)]
+
+
 def m(node: str, service: str = "db", synced: bool = True, size: int = 3,
       phase: str = "running") -> Member:
     return Member(node=node, service=service, container=f"{service}-{node}", phase=phase,
