@@ -146,12 +146,16 @@ def move_ops(c: Cluster, moves: list[tuple[str, str]],
                     "(its own firewall keeps the new node out: 'Host NEW not connected')"),
             *_heal_ops(c, new, wait_healed),
         ]
+    return [*ops, _allow_again(c, "replace-brick added a host to it, keeping the value "
+                                  "before as old.auth.allow")]
+
+
+def _allow_again(c: Cluster, why: str) -> Op:
+    """`auth.allow` set once more after a brick change: Gluster rewrites it itself."""
     allow = allowed_clients(c)
-    ops.append(Op(f"set auth.allow={allow} again (replace-brick added a host to it, keeping "
-                  "the value before as old.auth.allow)",
-                  f"{GLUSTER} volume set {v} auth.allow {shlex.quote(allow)}",
-                  timeout=GLUSTER_CHANGE_TIMEOUT))
-    return ops
+    return Op(f"set auth.allow={allow} again ({why})",
+              f"{GLUSTER} volume set {shlex.quote(c.gluster.volume)} auth.allow "
+              f"{shlex.quote(allow)}", timeout=GLUSTER_CHANGE_TIMEOUT)
 
 
 def departed_peers(c: Cluster, peers: list[Peer], brick_hosts: set[str]) -> list[Peer]:
@@ -188,7 +192,10 @@ def grow_ops(c: Cluster, replica: int, new: list[str],
                     "the new node in the pool (gluster:peers)"),
             *_heal_ops(c, b, wait_healed),
         ]
-    return ops
+    # Seen on the lab: a Pi swapped while the old one ran (depart's remove-brick, then this
+    # add-brick, after an earlier replace-brick) left auth.allow naming the departed Pi and not
+    # the new one; the next setup had to set it.
+    return [*ops, _allow_again(c, "add-brick may rewrite it")]
 
 
 def shrink_ops(c: Cluster, replica: int, gone: list[str]) -> list[Op]:

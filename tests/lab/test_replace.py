@@ -302,6 +302,12 @@ def test_a_dead_pi_replaced_by_another_pi_under_a_new_name(lab, ready, tools, ca
                                   "gluster --mode=script pool list | grep -c Connected",
                              check=False).split()
             assert left == ["inactive", "0", "0", "0", "1"], left
+            # converged for good: once it left auth.allow naming pi4 instead of pi3
+            again = doit("setup")
+            assert again.ok, again.output[-4000:]
+            for step in QUIET:
+                assert f": {step}: nothing to do" in again.output, [
+                    line for line in again.output.splitlines() if f": {step}:" in line]
     finally:
         forget_node(lab4, NEW)  # gone for good
     remove_data(c, tools, topic)

@@ -234,7 +234,8 @@ def five(c: Cluster) -> Cluster:
 
 def test_plan_volume_grows_one_brick_at_a_time(c: Cluster) -> None:
     """Two nodes added to `nodes:`: auth.allow first, then per new node add-brick with the
-    replica count one up, wait online, heal full, wait healed."""
+    replica count one up, wait online, heal full, wait healed; auth.allow once more at the end
+    (an add-brick may rewrite it)."""
     waits = []
     ops = gluster_plans.plan_volume(five(c), gluster_facts.parse_volume_info(CONVERGED),
                                     waits.append)
@@ -244,7 +245,8 @@ def test_plan_volume_grows_one_brick_at_a_time(c: Cluster) -> None:
         f"add brick {b4}: replica 3 -> 4", f"wait until brick {b4} is online",
         f"heal the new brick {b4} from the other copies", "wait until the heal is done",
         f"add brick {b5}: replica 4 -> 5", f"wait until brick {b5} is online",
-        f"heal the new brick {b5} from the other copies", "wait until the heal is done"]
+        f"heal the new brick {b5} from the other copies", "wait until the heal is done",
+        "set auth.allow=10.77.0.11,10.77.0.12,10.77.0.13,10.77.0.14,10.77.0.15 again"]
     assert ops[1].cmd == f"gluster --mode=script volume add-brick haswarm replica 4 {b4} force"
     assert ops[5].cmd == f"gluster --mode=script volume add-brick haswarm replica 5 {b5} force"
     ops[4].call("remote")
