@@ -76,7 +76,9 @@ def _int(text: str | None) -> int | None:
         return None
 
 
-GALERA_STATUS_PORT = 4570  # the image's listener (socat), one galera-status run per connection
+# The image's status listener (socat, one galera-status run per connection): STATUS_PORT in
+# images/mariadb-galera/galera-lib.sh, which the stack does not override.
+GALERA_STATUS_PORT = 4570
 
 
 def galera_command(containers: list[str]) -> str:

@@ -156,8 +156,7 @@ def gather(r: Remote, reads: dict[str, list[str]] | None = None) -> dict[str, Fa
                 return unreachable(e, "reading its facts: ")
         return f
 
-    facts = r.on_all("preflight", one)
-    return facts
+    return r.on_all("preflight", one)
 
 
 # ---------------------------------------------------------------------------------------------
