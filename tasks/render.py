@@ -213,6 +213,7 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
         "lock_hang_probed": lock_hang_probed(c),
         "isolated_after": ISOLATED_AFTER,
         "lock_settle": lock_settle(c),
+        "client_drop": client_drop(c),
         "db_name": DB_NAME,
         "db_user": DB_USER,
         "paths": volume_paths(c),

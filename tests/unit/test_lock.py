@@ -175,9 +175,9 @@ def mosquitto_entrypoint(tmp_path: Path, name: str, lock: Path,
     return script, ready, running
 
 
-def container(script: Path, isolated: bool = False) -> subprocess.Popen:
+def container(script: Path, isolated: bool = False, **env: str) -> subprocess.Popen:
     """The script as a container's PID 1; `isolated`: also in a network namespace of its own
-    (loopback down: no node answers) with the nodes to probe (NODES_ENV)."""
+    (loopback down: no node answers) with the nodes to probe (NODES_ENV); `env` added."""
     tmp = script.with_suffix(".tmp")  # the container's own /tmp
     tmp.mkdir()
     net = ["--net"] if isolated else []
@@ -186,7 +186,7 @@ def container(script: Path, isolated: bool = False) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HASWARM_LOCK_HANG": "3",
                                  "HASWARM_LOCK_SETTLE": "2", "TMPDIR": str(tmp),
-                                 **(nodes_env(script.parent) if isolated else {})})
+                                 **(nodes_env(script.parent) if isolated else {}), **env})
 
 
 def stop(proc: subprocess.Popen) -> str:
@@ -235,6 +235,38 @@ def test_mosquitto_handover_clean_at_once_unclean_after_the_settle_time(tmp_path
         assert "the last holder has not released the lock (container" in out
     finally:
         end(*procs)
+
+
+def test_mosquitto_lock_let_go_by_a_dead_holder_sooner_than_the_bricks_drop_it(tmp_path):
+    """A killed holder's lock moves at once (its connections are reset): its broker died with
+    it, so the next one waits only until its last heartbeat is 3 s old, not the whole settle
+    time meant for a holder cut off (whose lock moves only once the bricks drop it)."""
+    needs_root_unshare_flock()
+    lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
+    waits = {}
+    for drop in ("0", "8"):  # no quick handover; the bricks drop a silent client after 8 s
+        (tmp_path / drop).mkdir()
+        scripts = [mosquitto_entrypoint(tmp_path / drop, name, lock) for name in ("a", "b")]
+        # hang 3: a holder not heard of for 6 s has surely stopped; settle 10 s at most
+        env = {"HASWARM_LOCK_SETTLE": "10", "HASWARM_LOCK_DROP": drop}
+        procs = [container(scripts[0][0], **env)]
+        try:
+            assert wait_file(scripts[0][2], 10)
+            procs.append(container(scripts[1][0], **env))
+            time.sleep(2.5)
+            procs[0].kill()  # the node dies: no clean release, the lock moves at once
+            procs[0].wait(5)
+            started = time.monotonic()
+            assert wait_file(scripts[1][2], 12)
+            waits[drop] = time.monotonic() - started
+            out = stop(procs[1])
+            assert ("sooner than the bricks drop" in out) == (drop == "8"), out
+        finally:
+            end(*procs)
+        lock.unlink()
+        Path(f"{lock}.beat").unlink()
+    assert 1.0 <= waits["8"] <= 3.5, waits  # its last beat 3 s old (whole seconds)
+    assert waits["0"] >= 4.0, waits  # its last beat 6 s old
 
 
 def _open_by(path: Path) -> list[str]:
@@ -570,3 +602,20 @@ def test_the_keeper_ends_a_connection_as_ss_k_does():
     finally:
         for s in (client, accepted, server):
             s.close()
+
+
+def test_a_successor_is_another_address_of_the_name_where_a_broker_listens():
+    """The keeper ends HA's connections to a silent broker only once another broker answers:
+    an address of the broker's name, not the silent one, that accepts a connection."""
+    import socket
+
+    lock = keeper_module()
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    try:
+        assert lock.successor("10.255.0.9", "localhost", port) == ("127.0.0.1", False)
+        assert lock.successor("127.0.0.1", "localhost", port) == (None, True)  # only the silent
+        assert lock.successor("10.255.0.9", "name.invalid", port) == (None, False)  # unresolved
+    finally:
+        server.close()
+    assert lock.successor("10.255.0.9", "localhost", port) == (None, False)  # refused: a standby
