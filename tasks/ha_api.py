@@ -24,6 +24,10 @@ do, with passwords and tokens replaced by ***. The shapes were read in Home Assi
                                  entry aborts with single_instance_allowed
   mqtt/__init__.py               websocket mqtt/subscribe (admin): an event per message HA's
                                  MQTT client receives
+  config/auth.py,                websocket config/auth/list (users: id, username, ...),
+  config/auth_provider_          config/auth/create (name, group_ids, local_only) -> user.id,
+  homeassistant.py               config/auth_provider/homeassistant/create (user_id, username,
+                                 password), .../admin_change_password (user_id, password)
 """
 
 from __future__ import annotations
@@ -286,6 +290,38 @@ class HomeAssistantAPI:
                 if msg.get("type") == "event" and (msg.get("event") or {}).get("topic") == topic:
                     return time.monotonic() - started
         return None
+
+    def _ws_command(self, token: str, what: str, command: dict[str, Any]) -> Any:
+        """One websocket command's result; an HAError when HA refuses it."""
+        with self.websocket(token, what) as ws:
+            ws.send(json.dumps({"id": 1, **command}))
+            msg = _result(ws, 1)
+        if not msg.get("success"):
+            raise self.fail(what, f"refused: {(msg.get('error') or {}).get('message', msg)}",
+                            TOKEN_HINT)
+        return msg.get("result")
+
+    def usernames(self, token: str) -> dict[str, str]:
+        """{login name: user id} of HA's users with a login (websocket config/auth/list)."""
+        users = self._ws_command(token, "websocket config/auth/list", {"type": "config/auth/list"})
+        return {u["username"]: u["id"] for u in users or [] if u.get("username")}
+
+    def add_admin(self, token: str, username: str, password: str) -> None:
+        """An administrator that logs in only from HA's own networks (local_only), with a
+        login: config/auth/create, then config/auth_provider/homeassistant/create; its password
+        set again (admin_change_password) when the user exists."""
+        self.hide(password)
+        if (user_id := self.usernames(token).get(username)) is None:
+            user = self._ws_command(token, "websocket config/auth/create", {
+                "type": "config/auth/create", "name": username, "group_ids": ["system-admin"],
+                "local_only": True})
+            self._ws_command(token, "websocket config/auth_provider/homeassistant/create", {
+                "type": "config/auth_provider/homeassistant/create",
+                "user_id": user["user"]["id"], "username": username, "password": password})
+        else:
+            self._ws_command(token, "websocket admin_change_password", {
+                "type": "config/auth_provider/homeassistant/admin_change_password",
+                "user_id": user_id, "password": password})
 
     def add_mqtt(self, token: str, fields: dict[str, Any]) -> str:
         """Configure the MQTT integration through the config flow, with `fields` for its

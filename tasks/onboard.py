@@ -13,7 +13,11 @@ person does in HA's first-run wizard, then adds the MQTT integration HA removed 
   4. the MQTT integration through the config-flow API (handler `mqtt`, step `broker`): the
      broker as Home Assistant reaches it inside the stack, the `homeassistant` MQTT user.
      Discovery is on, HA's default (2024.1 writes it into the entry's data; 2026.2 reads the
-     default from the entry's options).
+     default from the entry's options);
+  5. the user `haswarm-keeper`: an administrator that logs in from HA's own networks only, with
+     the generated password secrets/<cluster>/ha_keeper_password, which the stack passes to HA's
+     container as a Docker secret. The lock keeper there logs in as it to reload the MQTT
+     integration once a broker answers again (stack/haswarm-lock.py.j2).
 
 As every step of haswarm: facts first (GET /api/onboarding, the steps and whether each is done;
 the config entries of domain mqtt when a token is at hand), then a pure `plan`, then the calls
@@ -49,8 +53,10 @@ if TYPE_CHECKING:
     from tasks.remote import Remote
 
 STEP = "ha-onboard"
-# The plan's actions besides onboarding's steps: the owner with haswarm's token, MQTT.
-OWNER, MQTT_ACTION = "owner", "mqtt"
+# The plan's actions besides onboarding's steps: the owner with haswarm's token, MQTT, the
+# keeper's user.
+OWNER, MQTT_ACTION, KEEPER = "owner", "mqtt", "keeper"
+KEEPER_LOGIN = "haswarm-keeper"  # HASWARM_KEEPER_USER's default in stack/haswarm-lock.py.j2
 # Home Assistant reaches the broker inside the stack, on the overlay network: the service name
 # (swarm's DNS gives the running tasks) and the container's port, not the published one. A
 # waiting broker (standby) has no listener, so a connection there is refused at once and the
@@ -76,6 +82,7 @@ class Facts:
     steps: dict[str, bool]  # onboarding step -> done
     token: bool  # a long-lived access token is at hand (ours or the user's)
     mqtt: list[Entry] | None  # config entries of domain mqtt; None: not read (no token)
+    keeper: bool | None = None  # the keeper's user exists; None: not read (no token)
 
     @property
     def missing(self) -> list[str]:
@@ -95,14 +102,15 @@ def plan(facts: Facts, manual: str) -> Plan:
     """The decision table (with `homeassistant.onboard: true`; false does nothing). `manual`:
     how to add the MQTT integration by hand (`manual_mqtt`).
 
-    | user step | token | then                                                     |
-    |-----------|-------|----------------------------------------------------------|
-    | not done  | any   | owner + token, the other steps left, MQTT                |
-    | done      | none  | nothing (onboarded by someone else); say how to add MQTT |
-    | done      | yes   | the steps left; MQTT unless an entry exists              |
+    | user step | token | then                                                          |
+    |-----------|-------|---------------------------------------------------------------|
+    | not done  | any   | owner + token, the other steps left, MQTT, keeper             |
+    | done      | none  | nothing (onboarded by someone else); say how to add MQTT      |
+    | done      | yes   | the steps left; MQTT unless an entry exists; keeper unless it |
+    |           |       | exists                                                        |
     """
     if not facts.steps.get(USER, False):
-        return Plan([OWNER, *(s for s in facts.missing if s != USER), MQTT_ACTION])
+        return Plan([OWNER, *(s for s in facts.missing if s != USER), MQTT_ACTION, KEEPER])
     if not facts.token:
         return Plan(notes=["Home Assistant is onboarded and haswarm has no token for it "
                            "(onboarded by hand, or a run stopped before it stored one): left as "
@@ -110,6 +118,8 @@ def plan(facts: Facts, manual: str) -> Plan:
     actions = list(facts.missing)
     if not facts.mqtt:
         actions.append(MQTT_ACTION)
+    if facts.keeper is False:
+        actions.append(KEEPER)
     return Plan(actions)
 
 
@@ -140,8 +150,10 @@ def broker_fields(password: str) -> dict[str, Any]:
 def read_facts(api: HomeAssistantAPI, token: str | None) -> Facts:
     """Onboarding's steps; the MQTT entries when a token is at hand."""
     steps = api.onboarding()
-    mqtt = api.entries(token) if token and steps.get(USER) else None
-    return Facts(steps=steps, token=bool(token), mqtt=mqtt)
+    known = token and steps.get(USER)
+    mqtt = api.entries(token) if known else None
+    keeper = KEEPER_LOGIN in api.usernames(token) if known else None
+    return Facts(steps=steps, token=bool(token), mqtt=mqtt, keeper=keeper)
 
 
 @dataclass
@@ -183,7 +195,15 @@ def _ops(c: Cluster, api: HomeAssistantAPI, actions: list[str], session: _Sessio
         fields = broker_fields(secrets.read(c, f"mqtt_{MQTT_USER}"))
         say(api.node, f"{STEP}: {api.add_mqtt(token, fields)}")
 
+    def keeper() -> None:
+        api.add_admin(session.token or "", KEEPER_LOGIN,
+                      secrets.read(c, secrets.HA_KEEPER_PASSWORD))
+
     described: dict[str, tuple[str, Callable[[], None]]] = {
+        KEEPER: (f"add the user {KEEPER_LOGIN!r} (an administrator that logs in from Home "
+                 "Assistant's own networks only; password in "
+                 f"{secrets.path(c, secrets.HA_KEEPER_PASSWORD)}), for the keeper that "
+                 "reloads the MQTT integration after a failover", keeper),
         OWNER: (f"create the owner account {OWNER_LOGIN!r} (password in "
                 f"{secrets.path(c, secrets.HA_OWNER_PASSWORD)}) and a long-lived token for "
                 f"haswarm ({where}" + (", replacing a token of an earlier Home Assistant)"

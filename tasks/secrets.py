@@ -48,6 +48,13 @@ HA_OWNER_PASSWORD = "ha_owner_password"
 HA_TOKEN = "ha_token"
 
 
+# The Home Assistant user `haswarm-keeper` (made by onboarding: an administrator that logs in
+# from its own host only): its password is a Docker secret of the HA service, for the lock
+# keeper in HA's container, which reloads the MQTT integration once a broker answers again (HA's
+# own client waits 10 s after a lost connection).
+HA_KEEPER_PASSWORD = "ha_keeper_password"
+
+
 # Portainer's admin account (with `portainer.enabled`): set from this file when Portainer first
 # starts, so no visitor can claim the admin account first.
 PORTAINER_ADMIN_PASSWORD = "portainer_admin_password"
@@ -57,6 +64,7 @@ def names(c: Cluster) -> list[str]:
     """Every secret the stack uses (each becomes a Docker secret), by file name."""
     return ["db_root_password", "db_password", "galera_sst_password",
             *(f"mqtt_{u}" for u in mqtt_users(c)),
+            *([HA_KEEPER_PASSWORD] if c.homeassistant.onboard else []),
             *([PORTAINER_ADMIN_PASSWORD] if c.portainer.enabled else [])]
 
 
@@ -151,6 +159,8 @@ def _record(c: Cluster, fingerprints: dict[str, str]) -> None:
 def _used_by(name: str) -> str:
     if name == HA_OWNER_PASSWORD:
         return "Home Assistant's owner account keeps the old password"
+    if name == HA_KEEPER_PASSWORD:
+        return "Home Assistant's user haswarm-keeper keeps the old password"
     if name == PORTAINER_ADMIN_PASSWORD:
         return "Portainer's admin account keeps the old password"
     if name.startswith("mqtt_"):

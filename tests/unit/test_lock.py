@@ -619,3 +619,73 @@ def test_a_successor_is_another_address_of_the_name_where_a_broker_listens():
     finally:
         server.close()
     assert lock.successor("10.255.0.9", "localhost", port) == (None, False)  # refused: a standby
+
+
+def test_the_keeper_reloads_the_mqtt_entry_as_its_user_and_logs_out():
+    """HA's API as the keeper uses it (shapes read in HA 2026.2.3's auth/login_flow.py,
+    auth/__init__.py, config/config_entries.py; checked on the lab): log in as the keeper's
+    user, reload the loaded MQTT entry, revoke the refresh token; an entry not loaded is left."""
+    import http.server
+    import json
+    import threading
+
+    lock = keeper_module()
+    calls, state = [], {"entry": "loaded", "password": "right"}
+
+    class HA(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def reply(self, code, body=None):
+            raw = json.dumps(body).encode() if body is not None else b""
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self):
+            calls.append(f"GET {self.path} {self.headers.get('Authorization')}")
+            self.reply(200, [{"entry_id": "E1", "domain": "mqtt", "state": state["entry"]}])
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+            calls.append(f"POST {self.path}")
+            if self.path == "/auth/login_flow":
+                assert json.loads(body)["handler"] == ["homeassistant", None]
+                return self.reply(200, {"type": "form", "flow_id": "F1"})
+            if self.path == "/auth/login_flow/F1":
+                ok = json.loads(body) == {"client_id": lock.CLIENT_ID, "username":
+                                          "haswarm-keeper", "password": state["password"]}
+                return self.reply(200, {"type": "create_entry", "result": "CODE"} if ok
+                                  else {"type": "form", "errors": {"base": "invalid_auth"}})
+            if self.path == "/auth/token":
+                assert "code=CODE" in body
+                return self.reply(200, {"access_token": "A", "refresh_token": "R"})
+            if self.path == "/auth/revoke":
+                assert body == "token=R"
+                return self.reply(200)
+            assert self.path == "/api/config/config_entries/entry/E1/reload"
+            return self.reply(200, {"require_restart": False})
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HA)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    lock.HA_PORT = server.server_address[1]
+    try:
+        assert lock.reload_mqtt("right") == (True, "reloaded its MQTT entry (HTTP 200)")
+        assert calls == ["POST /auth/login_flow", "POST /auth/login_flow/F1",
+                         "POST /auth/token", "GET /api/config/config_entries/entry?domain=mqtt "
+                         "Bearer A", "POST /api/config/config_entries/entry/E1/reload",
+                         "POST /auth/revoke"]
+        state["entry"] = "setup_in_progress"
+        reloaded, said = lock.reload_mqtt("right", wait=0)
+        assert not reloaded and "not loaded (setup_in_progress)" in said
+        assert calls[-1] == "POST /auth/revoke"  # logged out again
+        state["entry"] = "loaded"
+        assert lock.reload_mqtt("right", still_down=lambda: False) == (
+            False, "its MQTT client connected by itself")
+        assert calls[-1] == "POST /auth/revoke"  # logged out again
+        state["password"] = "changed"
+        with pytest.raises(ValueError, match="haswarm-keeper refused.*doit ha-onboard"):
+            lock.reload_mqtt("right")
+    finally:
+        server.shutdown()

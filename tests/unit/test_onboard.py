@@ -58,7 +58,24 @@ class FakeHA:
 
     def changes(self) -> list[str]:
         """Every call that was not a read."""
-        return [c for c in self.calls if not c.startswith("GET ")]
+        return [c for c in self.calls if not c.startswith("GET ") and c != "WS config/auth/list"]
+
+    def auth_command(self, msg: dict[str, Any]) -> Any:
+        """HA's websocket config/auth commands, on `users` (a user's id: "id-" + login)."""
+        kind = msg["type"]
+        if kind == "config/auth/list":
+            return [{"id": "id-system", "username": None, "name": "Home Assistant Content"},
+                    *({"id": f"id-{u}", "username": u, "name": u} for u in self.users)]
+        if kind == "config/auth/create":
+            assert msg["group_ids"] == ["system-admin"] and msg["local_only"] is True
+            return {"user": {"id": f"id-{msg['name']}", "name": msg["name"]}}
+        if kind == "config/auth_provider/homeassistant/create":
+            assert msg["user_id"] == f"id-{msg['username']}"
+            self.users[msg["username"]] = msg["password"]
+            return None
+        assert kind == "config/auth_provider/homeassistant/admin_change_password"
+        self.users[msg["user_id"].removeprefix("id-")] = msg["password"]
+        return None
 
     def deliver(self, topic: str, payload: str) -> None:
         """The broker sends HA a message: subscribers over the websocket API get an event."""
@@ -272,7 +289,11 @@ def handler_for(ha: FakeHA) -> type[BaseHTTPRequestHandler]:
                 with ha.lock:
                     ha.calls.append(f"WS {msg.get('type')}")
                     name, days = msg.get("client_name"), msg.get("lifespan")
-                    if msg.get("type") == "mqtt/subscribe":
+                    kind = msg.get("type", "")
+                    if kind.startswith("config/auth"):
+                        reply = {"id": msg["id"], "type": "result", "success": True,
+                                 "result": ha.auth_command(msg)}
+                    elif msg.get("type") == "mqtt/subscribe":
                         ha.subscribers[msg["topic"]] = (self.wfile, msg["id"])
                         reply = {"id": msg["id"], "type": "result", "success": True,
                                  "result": None}
@@ -374,7 +395,8 @@ def test_first_run_onboards_and_adds_mqtt_then_a_rerun_does_nothing(ha, tmp_path
     facts = onboard.setup(c, None)
 
     assert ha.done == STEPS
-    assert ha.users == {"owner": secrets.read(c, secrets.HA_OWNER_PASSWORD)}
+    assert ha.users == {"owner": secrets.read(c, secrets.HA_OWNER_PASSWORD),
+                        "haswarm-keeper": secrets.read(c, secrets.HA_KEEPER_PASSWORD)}
     token = secrets.token_path(c)
     assert token.read_text().strip() == ha.llat["haswarm"]
     assert token.stat().st_mode & 0o777 == 0o600
@@ -422,7 +444,9 @@ def test_a_token_the_user_provides_adds_mqtt_to_a_hand_onboarded_ha(ha, tmp_path
     c = cluster(tmp_path, ha.port, token_file=theirs)
     onboard.setup(c, None)
     assert [e["state"] for e in ha.entries] == ["loaded"]
-    assert ha.users == {"alice": "hers"} and list(ha.llat) == ["alice's laptop"]
+    assert ha.users == {"alice": "hers",  # and the keeper's user, added with her token
+                        "haswarm-keeper": secrets.read(c, secrets.HA_KEEPER_PASSWORD)}
+    assert list(ha.llat) == ["alice's laptop"]
     assert "haswarm" not in ha.llat
     assert not shown_secrets(c, capsys.readouterr().out, ha)
     assert status_state(c) == "loaded"
@@ -576,11 +600,24 @@ def test_parsers_read_home_assistants_shapes():
         parse_entries({"message": "401: Unauthorized"})
 
 
+def test_the_keepers_user_is_added_again_when_it_is_gone(ha, tmp_path, capsys):
+    c = cluster(tmp_path, ha.port)
+    onboard.setup(c, None)
+    del ha.users["haswarm-keeper"]  # removed in HA's UI
+    capsys.readouterr()
+    onboard.setup(c, None)
+    assert "add the user 'haswarm-keeper'" in capsys.readouterr().out
+    assert ha.users["haswarm-keeper"] == secrets.read(c, secrets.HA_KEEPER_PASSWORD)
+    assert Facts({s: True for s in STEPS}, True, [], keeper=False) and plan(
+        Facts({s: True for s in STEPS}, True, [Entry("b", "m", "loaded")], keeper=False),
+        "HOW").actions == ["keeper"]
+
+
 @pytest.mark.parametrize(("steps", "token", "mqtt", "actions", "note"), [
     ({s: False for s in STEPS}, False, None,
-     ["owner", "core_config", "analytics", "integration", "mqtt"], False),
+     ["owner", "core_config", "analytics", "integration", "mqtt", "keeper"], False),
     ({s: False for s in STEPS}, True, None,  # a token of an earlier HA: onboard anew
-     ["owner", "core_config", "analytics", "integration", "mqtt"], False),
+     ["owner", "core_config", "analytics", "integration", "mqtt", "keeper"], False),
     ({s: True for s in STEPS}, False, None, [], True),  # by hand: left alone
     ({"user": True, "core_config": False, "analytics": True, "integration": False}, False,
      None, [], True),
