@@ -56,7 +56,7 @@ STEP = "ha-onboard"
 # The plan's actions besides onboarding's steps: the owner with haswarm's token, MQTT, the
 # keeper's user.
 OWNER, MQTT_ACTION, KEEPER = "owner", "mqtt", "keeper"
-KEEPER_LOGIN = "haswarm-keeper"  # HASWARM_KEEPER_USER's default in stack/haswarm-lock.py.j2
+KEEPER_LOGIN = secrets.HA_KEEPER_LOGIN
 # Home Assistant reaches the broker inside the stack, on the overlay network: the service name
 # (swarm's DNS gives the running tasks) and the container's port, not the published one. A
 # waiting broker (standby) has no listener, so a connection there is refused at once and the

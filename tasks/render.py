@@ -214,6 +214,7 @@ def stack_context(c: Cluster, *, bootstrap: bool) -> dict[str, Any]:
         "isolated_after": ISOLATED_AFTER,
         "lock_settle": lock_settle(c),
         "client_drop": client_drop(c),
+        "keeper_login": secrets.HA_KEEPER_LOGIN,
         "db_name": DB_NAME,
         "db_user": DB_USER,
         "paths": volume_paths(c),

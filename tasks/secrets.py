@@ -48,10 +48,11 @@ HA_OWNER_PASSWORD = "ha_owner_password"
 HA_TOKEN = "ha_token"
 
 
-# The Home Assistant user `haswarm-keeper` (made by onboarding: an administrator that logs in
-# from its own host only): its password is a Docker secret of the HA service, for the lock
-# keeper in HA's container, which reloads the MQTT integration once a broker answers again (HA's
-# own client waits 10 s after a lost connection).
+# The Home Assistant user `haswarm-keeper` (made by onboarding: an administrator that may log in
+# only from HA's own networks): its login name goes to HA's container as HASWARM_KEEPER_USER, its
+# password as a Docker secret, for the lock keeper there, which reloads the MQTT integration once
+# a broker answers again (HA's own client waits 10 s after a lost connection).
+HA_KEEPER_LOGIN = "haswarm-keeper"
 HA_KEEPER_PASSWORD = "ha_keeper_password"
 
 
@@ -160,7 +161,7 @@ def _used_by(name: str) -> str:
     if name == HA_OWNER_PASSWORD:
         return "Home Assistant's owner account keeps the old password"
     if name == HA_KEEPER_PASSWORD:
-        return "Home Assistant's user haswarm-keeper keeps the old password"
+        return f"Home Assistant's user {HA_KEEPER_LOGIN} keeps the old password"
     if name == PORTAINER_ADMIN_PASSWORD:
         return "Portainer's admin account keeps the old password"
     if name.startswith("mqtt_"):

@@ -682,7 +682,8 @@ def test_the_keeper_reloads_the_mqtt_entry_as_its_user_and_logs_out():
         assert calls[-1] == "POST /auth/revoke"  # logged out again
         state["entry"] = "loaded"
         assert lock.reload_mqtt("right", still_down=lambda: False) == (
-            False, "its MQTT client connected by itself")
+            True, "its MQTT client connected by itself")
+        assert calls[-1] == "POST /auth/revoke"  # no reload: nothing to do
         assert calls[-1] == "POST /auth/revoke"  # logged out again
         state["password"] = "changed"
         with pytest.raises(ValueError, match="haswarm-keeper refused.*doit ha-onboard"):
