@@ -201,6 +201,38 @@ def test_cut_another_node(cv, lab):
     assert result.figures["mqtt"] is not None and result.figures["vip"] is not None
 
 
+def test_bricks_restarted_in_turn_never_two_home_assistants_or_brokers(cv, lab):
+    """A brick that restarts forgets every lock and Gluster never takes one again on it: once
+    every brick has restarted (rolling reboots, a Gluster upgrade), the locks are held nowhere
+    while HA and Mosquitto run (before: a second HA 0.2 s later, and a second broker). Now the
+    waiting keepers see the holders' heartbeats and do not take the free locks, and the holders
+    take them again. Census every 0.5 s: never two of either, neither restarted, HA answers."""
+    st = status.wait_converged(cv, 600, log=say)
+    ha, broker = st.ha_nodes()[0], st.mqtt_nodes()[0]
+    watch = drill.start_watch(cv, LabFaults(cv, lab), say)
+    try:
+        time.sleep(3)
+        watch.mark_fault()
+        # the holders' own nodes last: their mounts keep the lock longest
+        for node in sorted(cv.names, key=lambda n: (n == broker, n == ha)):
+            say(f"{node}: its brick restarted")
+            lab.exec(node, f"kill -9 $(pgrep -x glusterfsd); sleep 1; gluster --mode=script "
+                           f"volume start {cv.gluster.volume} force >/dev/null")
+            time.sleep(6)
+        time.sleep(10)  # (the holders look every second)
+    finally:
+        report = watch.stop()
+    print("\n".join(report.lines()))
+    assert report.overlaps == [], report.overlaps
+    assert report.started("homeassistant") == [] and report.started("mosquitto") == []
+    assert report.probes["ha"].down == 0.0, report.probes["ha"].gaps
+    logs = {n: lab.exec(n, f"for c in $(docker ps -q -f name={cv.name}_homeassistant -f "
+                           f"name={cv.name}_mosquitto); do docker logs --since 3m $c 2>&1; done",
+                        check=False).stdout for n in (ha, broker)}
+    assert "Home Assistant's lock (each restarted since it was taken): taken again" in logs[ha]
+    assert "Mosquitto's lock (each restarted since it was taken): taken again" in logs[broker]
+
+
 def test_drill_refuses_a_real_cluster_fault_without_the_lab(cv):
     real = cv.model_copy(update={"lab": False})
     with pytest.raises(drill.DrillError, match="needs the lab"):

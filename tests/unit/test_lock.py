@@ -862,7 +862,7 @@ def test_the_holder_takes_its_lock_again_once_no_brick_holds_it(tmp_path, monkey
 
 def test_a_mosquitto_takes_its_lock_again_once_no_brick_holds_it(tmp_path):
     """Here the lock file is replaced under the holder (a new file: held by nobody), as the
-    bricks forget a lock: within two looks (every 5 s) the holder holds the new one too."""
+    bricks forget a lock: within a few looks (every second) the holder holds the new one too."""
     needs_root_unshare_flock()
     lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
     script, _, running = mosquitto_entrypoint(tmp_path, "one", lock)
