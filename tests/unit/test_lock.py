@@ -270,7 +270,8 @@ def test_mosquitto_lock_let_go_by_a_dead_holder_sooner_than_the_bricks_drop_it(t
             end(*procs)
         lock.unlink()
         Path(f"{lock}.beat").unlink()
-    assert 1.0 <= waits["8"] <= 3.5, waits  # its last beat 3 s old (whole seconds)
+    # its last beat 3 s old (whole seconds) and seen standing still for 3 s
+    assert 1.0 <= waits["8"] <= 4.5, waits
     assert waits["0"] >= 4.0, waits  # its last beat 6 s old
 
 
@@ -395,8 +396,10 @@ def test_a_mosquitto_whose_volume_fails_is_fenced(tmp_path):
         end(*procs)
 
 
-def test_a_mosquitto_starts_at_once_after_an_old_unclean_end(tmp_path):
-    """The last holder's heartbeat is older than HANG + 3 s: it has surely stopped."""
+def test_a_mosquitto_starts_soon_after_an_old_unclean_end(tmp_path):
+    """The last holder's heartbeat is older than HANG + 3 s: it has surely stopped, once this
+    keeper has seen it stand still for 3 s (an old heartbeat may be an old copy, read right
+    after this node's brick restarted)."""
     needs_root_unshare_flock()
     lock = tmp_path / "data" / ".haswarm" / "mosquitto.lock"
     lock.parent.mkdir(parents=True)
@@ -406,7 +409,7 @@ def test_a_mosquitto_starts_at_once_after_an_old_unclean_end(tmp_path):
     try:
         started = time.monotonic()
         assert wait_file(running, 10)
-        assert time.monotonic() - started < 1.5
+        assert 2.5 <= time.monotonic() - started < 4.5
         assert "has not released" not in stop(proc)
     finally:
         end(proc)
