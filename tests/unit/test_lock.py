@@ -275,18 +275,24 @@ def test_mosquitto_lock_let_go_by_a_dead_holder_sooner_than_the_bricks_drop_it(t
     assert waits["0"] >= 4.0, waits  # its last beat 6 s old
 
 
-def test_a_mosquitto_that_beats_keeps_a_forgotten_lock_from_being_taken(tmp_path):
-    """The bricks forgot the holder's flock (each restarted since it was taken), here: two lock
-    files with one heartbeat file. The second does not even try the lock while the holder's
-    heartbeat moves, however long; once the holder is gone (killed: no release), it runs."""
-    needs_root_unshare_flock()
+def two_mosquittos_one_heartbeat(tmp_path: Path) -> tuple[tuple[Path, Path, Path], ...]:
+    """Two Mosquitto entrypoints (as mosquitto_entrypoint) with a lock file each and one
+    heartbeat file: as two keepers both granted the lock."""
     first_lock = tmp_path / "first" / ".haswarm" / "mosquitto.lock"
     later_lock = tmp_path / "later" / ".haswarm" / "mosquitto.lock"
     later_lock.parent.mkdir(parents=True)
     first_lock.parent.mkdir(parents=True)
     Path(f"{later_lock}.beat").symlink_to(Path(f"{first_lock}.beat"))
-    first = mosquitto_entrypoint(tmp_path, "a", first_lock)
-    later = mosquitto_entrypoint(tmp_path, "b", later_lock)
+    return (mosquitto_entrypoint(tmp_path, "a", first_lock),
+            mosquitto_entrypoint(tmp_path, "b", later_lock))
+
+
+def test_a_mosquitto_that_beats_keeps_a_forgotten_lock_from_being_taken(tmp_path):
+    """The bricks forgot the holder's flock (each restarted since it was taken), here: two lock
+    files with one heartbeat file. The second does not even try the lock while the holder's
+    heartbeat moves, however long; once the holder is gone (killed: no release), it runs."""
+    needs_root_unshare_flock()
+    first, later = two_mosquittos_one_heartbeat(tmp_path)
     env = {"HASWARM_LOCK_SETTLE": "3", "HASWARM_LOCK_DROP": "8"}  # settle 3 s: passed, still no
     procs = [container(first[0], **env)]
     try:
@@ -307,13 +313,7 @@ def test_of_two_mosquittos_that_both_hold_the_lock_the_later_one_fences(tmp_path
     heartbeat's grace, then went on), two keepers hold the lock: each finds the other's beats
     between its own; the one that took the lock later fences, the other runs on."""
     needs_root_unshare_flock()
-    first_lock = tmp_path / "first" / ".haswarm" / "mosquitto.lock"
-    later_lock = tmp_path / "later" / ".haswarm" / "mosquitto.lock"
-    later_lock.parent.mkdir(parents=True)
-    first_lock.parent.mkdir(parents=True)
-    Path(f"{later_lock}.beat").symlink_to(Path(f"{first_lock}.beat"))
-    first = mosquitto_entrypoint(tmp_path, "a", first_lock)
-    later = mosquitto_entrypoint(tmp_path, "b", later_lock)
+    first, later = two_mosquittos_one_heartbeat(tmp_path)
     env = {"HASWARM_LOCK_SETTLE": "3", "HASWARM_LOCK_DROP": "8", "HASWARM_LOCK_HANG": "30"}
     procs = [container(first[0], host="first", **env)]
     try:
