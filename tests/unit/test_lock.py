@@ -547,7 +547,9 @@ def test_of_two_keepers_that_both_hold_the_lock_the_later_one_fences(tmp_path):
     finally:
         end(first, later)
     assert "FENCING: another keeper beats beside this one" in out, out
-    assert "it took the lock later and fences itself" in first.stdout.read()
+    # (the first one says "it took the lock later and fences itself" only if it saw the later
+    # one's heartbeat change twice before that one fenced: a race, so not asserted)
+    assert "FENCING" not in first.stdout.read()
 
 
 def test_a_keeper_counts_another_only_once_it_has_beaten_twice():
