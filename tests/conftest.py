@@ -210,7 +210,7 @@ def _trim_engine() -> str:
 # its own; overlayfs copies a file up before changing it), so the identical files of the nodes'
 # layers can share one inode, as a copy-on-write disk would let them. Done after a lab module
 # that took 1 GiB or more (a preload, a node wiped and loaded again), with TRIM_ENV only.
-_free_when_linked: list[float] = []
+_free_when_linked: float | None = None  # GiB free right after the last link
 
 
 def _link_node_layers() -> str:
@@ -222,8 +222,9 @@ def _link_node_layers() -> str:
 
     from lab.base import STATE_DIR
 
+    global _free_when_linked
     free = _free_gib()
-    if _free_when_linked and free > _free_when_linked[-1] - 1.0:
+    if _free_when_linked is not None and free > _free_when_linked - 1.0:
         return ""
     layers = []
     pattern = "nodes/*/docker/image/overlay2/layerdb/sha256/*/cache-id"
@@ -236,7 +237,7 @@ def _link_node_layers() -> str:
     t0 = time.monotonic()
     subprocess.run(["hardlink", "--quiet", "--respect-xattrs", *layers], capture_output=True,
                    timeout=600)
-    _free_when_linked.append(_free_gib())
-    return (f" (the nodes' image layers linked: {_free_when_linked[-1] - free:.1f} GiB freed in "
+    _free_when_linked = _free_gib()
+    return (f" (the nodes' image layers linked: {_free_when_linked - free:.1f} GiB freed in "
             f"{time.monotonic() - t0:.0f} s)")
 
