@@ -755,12 +755,33 @@ def test_a_successor_is_another_address_of_the_name_where_a_broker_listens():
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
     try:
-        assert lock.successor("10.255.0.9", "localhost", port) == ("127.0.0.1", False)
-        assert lock.successor("127.0.0.1", "localhost", port) == (None, True)  # only the silent
-        assert lock.successor("10.255.0.9", "name.invalid", port) == (None, False)  # unresolved
+        assert lock.successor("10.255.0.9", "localhost", port) == "127.0.0.1"
+        assert lock.successor("127.0.0.1", "localhost", port) is None  # only the silent one
+        assert lock.successor("10.255.0.9", "name.invalid", port) is None  # unresolved
     finally:
         server.close()
-    assert lock.successor("10.255.0.9", "localhost", port) == (None, False)  # refused: a standby
+    assert lock.successor("10.255.0.9", "localhost", port) is None  # refused: a standby
+    assert lock.successor.__defaults__[0] == "tasks.mosquitto"  # swarm's DNS, never the pin
+
+
+def test_the_broker_name_is_pinned_in_the_hosts_file_and_moved_in_place(tmp_path):
+    """HA's client resolves the broker's name in /etc/hosts first: the keeper pins it to the
+    broker that answers, rewrites only its own line (the file is Docker's bind mount: rewritten
+    in place, the same inode), and reads the pin back; a file it cannot write is said."""
+    lock = keeper_module()
+    hosts = tmp_path / "hosts"
+    docker = "127.0.0.1\tlocalhost\n10.0.1.7\tabc123\n"
+    hosts.write_text(docker)
+    inode = hosts.stat().st_ino
+    assert lock.pinned(hosts) is None
+    lock.pin("10.0.1.20", "mosquitto", hosts)
+    assert lock.pinned(hosts) == "10.0.1.20"
+    lock.pin("10.0.1.9", "mosquitto", hosts)  # shorter: nothing of the old line is left
+    assert lock.pinned(hosts) == "10.0.1.9"
+    assert hosts.read_text() == docker + f"10.0.1.9\tmosquitto\t{lock.PIN_NOTE}\n"
+    assert hosts.stat().st_ino == inode
+    lock.pin("10.0.1.5", "mosquitto", tmp_path / "missing")  # said, not raised
+    assert lock.pinned(tmp_path / "missing") is None
 
 
 def test_the_keeper_reloads_the_mqtt_entry_as_its_user_and_logs_out():
