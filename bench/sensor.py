@@ -23,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURE = re.compile(r"\[sensor\] (\w+) of (\w+)'s node (\w+): HA without a new state for "
-                    r"([\d.]+) s at most( \(it ran both\))?")
+                    r"([\d.]+) s at most( \(it ran both\))?(?: \(by HA's own time of each state; "
+                    r"seen from this machine: ([\d.]+) s\))?")
 
 
 def main() -> int:
@@ -43,8 +44,9 @@ def main() -> int:
         for m in FIGURE.finditer(proc.stdout):
             role = "both" if m[5] else m[2]  # Mosquitto's node ran Home Assistant too
             figures.append((m[1], role, m[3], float(m[4])))
+            seen = f"; {float(m[6]):.1f} s as seen from here" if m[6] else ""
             print(f"  {m[1]:4} of {m[2]}'s node {m[3]}: {float(m[4]):5.1f} s without a new "
-                  f"state{' (it ran both)' if m[5] else ''}", flush=True)
+                  f"state in HA{seen}{' (it ran both)' if m[5] else ''}", flush=True)
         if proc.returncode:
             status = 1
             print(proc.stdout[-3000:], proc.stderr[-2000:], sep="\n")
